@@ -1,0 +1,27 @@
+"""cifar10-cnn: train, evaluate, explain and serve convolutional image classifiers for CIFAR-10."""
+
+from .checkpoint import load_model
+from .config import RECIPES, TrainConfig, recipe_config
+from .data import CLASSES, load_cifar10, make_splits
+from .evaluate import classification_metrics, evaluate_logits, evaluate_run
+from .models import count_params, create_model, list_models
+from .train import fit, train
+
+__version__ = "0.1.0"
+__all__ = [
+    "CLASSES",
+    "RECIPES",
+    "TrainConfig",
+    "classification_metrics",
+    "count_params",
+    "create_model",
+    "evaluate_logits",
+    "evaluate_run",
+    "fit",
+    "list_models",
+    "load_cifar10",
+    "load_model",
+    "make_splits",
+    "recipe_config",
+    "train",
+]

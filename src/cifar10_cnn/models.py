@@ -1,0 +1,205 @@
+"""CIFAR-10 architectures and a small registry: create_model("seed_cnn"), create_model("resnet18"), ...
+
+Every model takes normalised float images (B, 3, 32, 32) and returns logits (B, num_classes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Add a model factory to the registry under its function name."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
+    """Build a registered architecture by name."""
+    if name not in _REGISTRY:
+        raise UserError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    return _REGISTRY[name](num_classes=num_classes, **kwargs)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe_model(name: str) -> str:
+    doc = (_REGISTRY[name].__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+# --- the classic CNN ------------------------------------------------------------------------------------
+
+
+class SeedCNN(nn.Module):
+    """Three conv 3x3 layers (32/64/128), each ReLU + 2x2 max-pool, then FC 2048->512->10."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(128 * 4 * 4, 512),
+            nn.ReLU(inplace=True),
+            nn.Linear(512, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register
+def seed_cnn(num_classes: int = 10) -> nn.Module:
+    """The classic CIFAR-10 CNN: 3 conv layers 32/64/128 with max-pool, FC 512, FC 10 (1.1M params)."""
+    return SeedCNN(num_classes)
+
+
+# --- VGG ---------------------------------------------------------------------------------------------------
+
+
+def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
+    """3x3 conv (no bias) -> batch norm -> ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+    )
+
+
+class VGG(nn.Module):
+    """VGG with batch norm for 32x32 inputs: the conv stages of the config, then one linear layer."""
+
+    def __init__(self, cfg: list[int | str], num_classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 3
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers.append(conv_bn(c, int(v)))
+                c = int(v)
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register
+def vgg11(num_classes: int = 10) -> nn.Module:
+    """VGG-11 with batch norm, CIFAR variant (one linear head; 9.2M params)."""
+    return VGG([64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], num_classes)
+
+
+# --- ResNets -------------------------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet for CIFAR: 3x3 stem without max-pool, four stages of basic blocks, global average pool."""
+
+    def __init__(self, blocks: tuple[int, ...], num_classes: int = 10, width: int = 64):
+        super().__init__()
+        self.stem = conv_bn(3, width)
+        stages, c = [], width
+        for i, n in enumerate(blocks):
+            c_out = width * 2**i
+            for j in range(n):
+                stages.append(BasicBlock(c, c_out, stride=2 if i > 0 and j == 0 else 1))
+                c = c_out
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)))
+
+
+@register
+def resnet18(num_classes: int = 10) -> nn.Module:
+    """ResNet-18, CIFAR variant: 3x3 stem, no initial max-pool (11.2M params)."""
+    return ResNet((2, 2, 2, 2), num_classes)
+
+
+class Residual(nn.Module):
+    """x + f(x)."""
+
+    def __init__(self, *layers: nn.Module):
+        super().__init__()
+        self.f = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x)
+
+
+class Scale(nn.Module):
+    """Multiply by a constant (keeps the logits of ResNet-9 in a good range)."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+@register
+def resnet9(num_classes: int = 10) -> nn.Module:
+    """ResNet-9, the DAWNBench-style residual net: 64-128-256-512 with two residual blocks (6.6M params)."""
+
+    def down(c_in: int, c_out: int) -> nn.Sequential:
+        return nn.Sequential(conv_bn(c_in, c_out), nn.MaxPool2d(2))
+
+    return nn.Sequential(
+        conv_bn(3, 64),
+        down(64, 128),
+        Residual(conv_bn(128, 128), conv_bn(128, 128)),
+        down(128, 256),
+        down(256, 512),
+        Residual(conv_bn(512, 512), conv_bn(512, 512)),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(512, num_classes, bias=False),
+        Scale(0.125),
+    )

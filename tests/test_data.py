@@ -1,0 +1,329 @@
+"""Data sources, verification, caching, splits and batch augmentation, on the real CIFAR-10."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cifar10_cnn import data as D
+from cifar10_cnn.errors import DataError
+
+# --- archives in the real format, built by the tests ---------------------------------------------------------
+
+
+def batch_bytes(images: np.ndarray, labels: np.ndarray, name: str) -> bytes:
+    """One batch as the original files hold it: a protocol-2 pickle of a dict with bytes keys."""
+    batch = {
+        b"batch_label": name.encode(),
+        b"labels": [int(v) for v in labels],
+        b"data": images.transpose(0, 3, 1, 2).reshape(len(images), 3072).copy(),
+        b"filenames": [f"img_{i}.png".encode() for i in range(len(images))],
+    }
+    return pickle.dumps(batch, protocol=2)
+
+
+def add_bytes(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def write_archive(path: Path, train_images, train_labels, test_images, test_labels) -> Path:
+    """A cifar-10-python.tar.gz with the original member names and layout."""
+    chunks = np.array_split(np.arange(len(train_images)), 5)
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        for i, idx in enumerate(chunks, 1):
+            add_bytes(tar, f"{D.BATCHES_DIR}/data_batch_{i}", batch_bytes(train_images[idx], train_labels[idx], f"b{i}"))
+        add_bytes(tar, f"{D.BATCHES_DIR}/test_batch", batch_bytes(test_images, test_labels, "test"))
+        meta = {b"label_names": [c.encode() for c in D.CLASSES], b"num_cases_per_batch": len(chunks[0])}
+        add_bytes(tar, f"{D.BATCHES_DIR}/batches.meta", pickle.dumps(meta, protocol=2))
+    return path
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def full_archive(cifar, tmp_path_factory) -> Path:
+    """The whole real dataset repacked in the official archive format."""
+    path = tmp_path_factory.mktemp("served") / D.ARCHIVE
+    return write_archive(path, cifar.train_images, cifar.train_labels, cifar.test_images, cifar.test_labels)
+
+
+@pytest.fixture(scope="session")
+def small_archive(cifar, tmp_path_factory) -> Path:
+    """A real-format archive of a real subset (1,000 train, 200 test): unverified by design."""
+    path = tmp_path_factory.mktemp("small") / D.ARCHIVE
+    return write_archive(path, cifar.train_images[:1000], cifar.train_labels[:1000], cifar.test_images[:200],
+                         cifar.test_labels[:200])
+
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves files, and /truncated/<name>: the right Content-Length but only half the bytes."""
+
+    def do_GET(self):
+        if self.path.startswith("/truncated/"):
+            payload = (Path(self.directory) / self.path.split("/")[-1]).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload[: len(payload) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def server(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www."""
+    www = tmp_path / "www"
+    www.mkdir()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(www)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# --- sources -----------------------------------------------------------------------------------------------
+
+
+def test_shared_npz_is_verified_real_cifar10(cifar):
+    assert cifar.verified and cifar.source.startswith("npz:")
+    assert cifar.train_images.shape == (50000, 32, 32, 3) and cifar.train_images.dtype == np.uint8
+    assert cifar.test_images.shape == (10000, 32, 32, 3) and cifar.test_labels.dtype == np.int64
+    assert np.bincount(cifar.train_labels).tolist() == [5000] * 10
+    # True statistics, not the widely copied wrong std.
+    x = cifar.train_images[:10000].reshape(-1, 3) / 255.0
+    assert np.allclose(x.std(0), D.STD, atol=0.01)
+    assert not np.allclose(D.STD, (0.2023, 0.1994, 0.2010), atol=0.01)
+
+
+def test_cache_makes_the_second_load_fast_and_identical(data_dir, tmp_path):
+    t0 = time.perf_counter()
+    first = D.load_cifar10(data_dir, cache_dir=tmp_path, progress=False)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    second = D.load_cifar10(data_dir, cache_dir=tmp_path, progress=False)
+    warm = time.perf_counter() - t0
+    assert len(list(tmp_path.glob("*/meta.json"))) == 1
+    assert second.verified and second.sha256 == first.sha256
+    assert np.array_equal(first.test_images, second.test_images)
+    assert warm < cold
+
+
+def test_download_from_local_server_extracts_and_verifies(server, full_archive, tmp_path):
+    www, url = server
+    os.link(full_archive, www / D.ARCHIVE)
+    root = tmp_path / "data"
+    data = D.load_cifar10(root, url=f"{url}/{D.ARCHIVE}", md5=md5(full_archive), cache_dir="off", progress=False)
+    assert data.verified and data.source.startswith("archive:")
+    assert (root / D.ARCHIVE).is_file() and (root / D.BATCHES_DIR / "data_batch_5").is_file()
+    assert not [n for n in leftovers(root) if n.startswith(".")]  # no temporary files left
+    # The extracted folder is a source of its own now.
+    again = D.load_cifar10(root, download=False, cache_dir="off", progress=False)
+    assert again.source.startswith("batches:") and again.verified
+
+
+def test_wrong_checksum_keeps_nothing(server, small_archive, tmp_path):
+    www, url = server
+    os.link(small_archive, www / D.ARCHIVE)
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match="md5"):
+        D.load_cifar10(root, url=f"{url}/{D.ARCHIVE}", md5="0" * 32, cache_dir="off", progress=False)
+    assert leftovers(root) == []
+
+
+def test_truncated_download_keeps_nothing(server, small_archive, tmp_path):
+    www, url = server
+    os.link(small_archive, www / D.ARCHIVE)
+    root = tmp_path / "data"
+    with pytest.raises(DataError) as err:
+        D.load_cifar10(root, url=f"{url}/truncated/{D.ARCHIVE}", md5=md5(small_archive), cache_dir="off",
+                       progress=False)
+    assert "\n" not in str(err.value)
+    assert leftovers(root) == []
+
+
+def test_no_network_and_no_data_is_one_clear_line(tmp_path):
+    with pytest.raises(DataError, match="cannot download") as err:
+        D.load_cifar10(tmp_path / "empty", url="http://127.0.0.1:9/none.tar.gz", cache_dir="off", progress=False)
+    assert "--data-dir" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_local_archive_subset_loads_only_when_unverified_is_allowed(small_archive, tmp_path, cifar):
+    root = tmp_path / "data"
+    root.mkdir()
+    os.link(small_archive, root / D.ARCHIVE)
+    with pytest.raises(DataError, match="not the real CIFAR-10"):
+        D.load_cifar10(root, cache_dir="off", progress=False)
+    data = D.load_cifar10(root, allow_unverified=True, cache_dir="off", progress=False)
+    assert not data.verified
+    assert np.array_equal(data.train_images, cifar.train_images[:1000])
+    assert np.array_equal(data.test_labels, cifar.test_labels[:200])
+
+
+def test_corrupt_archive_is_refused(tmp_path, small_archive):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / D.ARCHIVE).write_bytes(small_archive.read_bytes()[:5000])  # cut short
+    with pytest.raises(DataError, match="not a readable CIFAR-10 archive"):
+        D.load_cifar10(root, cache_dir="off", progress=False)
+    (root / D.ARCHIVE).write_bytes(b"this is not gzip at all" * 100)
+    with pytest.raises(DataError, match="not a readable CIFAR-10 archive"):
+        D.load_cifar10(root, cache_dir="off", progress=False)
+    assert leftovers(root) == [D.ARCHIVE]
+
+
+@pytest.mark.parametrize("name", ["../escape.txt", "/tmp/absolute-escape.txt", f"{D.BATCHES_DIR}/../../up.txt"])
+def test_member_escaping_the_target_is_refused(tmp_path, name):
+    root = tmp_path / "deep" / "data"
+    root.mkdir(parents=True)
+    with tarfile.open(root / D.ARCHIVE, "w:gz") as tar:
+        add_bytes(tar, f"{D.BATCHES_DIR}/test_batch", b"x")
+        add_bytes(tar, name, b"evil")
+    with pytest.raises(DataError, match="outside the target folder"):
+        D.load_cifar10(root, cache_dir="off", progress=False)
+    assert leftovers(root) == [D.ARCHIVE]
+    assert not (tmp_path / "deep" / "escape.txt").exists() and not (tmp_path / "up.txt").exists()
+    assert not Path("/tmp/absolute-escape.txt").exists()
+
+
+def test_symlink_member_is_refused(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    with tarfile.open(root / D.ARCHIVE, "w:gz") as tar:
+        link = tarfile.TarInfo(f"{D.BATCHES_DIR}/data_batch_1")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    with pytest.raises(DataError, match="outside the target folder"):
+        D.load_cifar10(root, cache_dir="off", progress=False)
+
+
+def test_batch_pickle_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    folder = tmp_path / D.BATCHES_DIR
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}, protocol=2))
+    with pytest.raises(DataError, match="refusing to load"):
+        D.read_batch(folder / "data_batch_1")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_modified_npz_fails_verification(tmp_path, cifar):
+    root = tmp_path / "data"
+    root.mkdir()
+    train = cifar.train_images.copy()
+    train[0, 0, 0, 0] ^= 1  # one bit
+    np.savez(root / "train.npz", images=train, labels=cifar.train_labels)
+    np.savez(root / "test.npz", images=cifar.test_images, labels=cifar.test_labels)
+    with pytest.raises(DataError, match="train_images differ"):
+        D.load_cifar10(root, cache_dir=tmp_path / "c", progress=False)
+    # Cached as unverified, and still refused from the cache.
+    with pytest.raises(DataError, match="train_images differ"):
+        D.load_cifar10(root, cache_dir=tmp_path / "c", progress=False)
+    assert not D.load_cifar10(root, cache_dir=tmp_path / "c", allow_unverified=True, progress=False).verified
+
+
+def test_npz_of_wrong_shape_is_one_clear_error(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    np.savez(root / "train.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4, np.int64))
+    np.savez(root / "test.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4, np.int64))
+    with pytest.raises(DataError, match=r"expected uint8 \(N,32,32,3\)"):
+        D.load_cifar10(root, cache_dir="off", progress=False)
+
+
+# --- splits --------------------------------------------------------------------------------------------------
+
+
+def test_stratified_split_is_balanced_disjoint_and_seeded(cifar):
+    labels = cifar.train_labels
+    train, val = D.stratified_split(labels, 5000, seed=0)
+    assert len(val) == 5000 and len(train) == 45000
+    assert np.intersect1d(train, val).size == 0
+    assert np.bincount(labels[val]).tolist() == [500] * 10
+    assert np.array_equal(val, D.stratified_split(labels, 5000, seed=0)[1])
+    assert not np.array_equal(val, D.stratified_split(labels, 5000, seed=1)[1])
+    # Uneven sizes still add up exactly, classes in proportion.
+    _, odd = D.stratified_split(labels[:1003], 101, seed=3)
+    assert len(odd) == 101 and np.abs(np.bincount(labels[odd], minlength=10) - 10.1).max() <= 2
+    assert len(D.stratified_split(labels, 0, seed=0)[1]) == 0
+    with pytest.raises(DataError):
+        D.stratified_split(labels[:100], 100, seed=0)
+
+
+def test_make_splits_keeps_test_set_apart(cifar):
+    splits = D.make_splits(cifar, val_size=200, split_seed=0, subset=2000)
+    assert len(splits.train) == 1800 and len(splits.val) == 200 and len(splits.test) == 10000
+    assert splits.train.images.shape == (1800, 3, 32, 32)
+    assert splits.train.images.is_contiguous(memory_format=torch.channels_last)
+    # Images are the real ones, in channel-first view.
+    assert torch.equal(splits.test.images[0], torch.from_numpy(cifar.test_images[0]).permute(2, 0, 1))
+
+
+# --- augmentation ------------------------------------------------------------------------------------------------
+
+
+def test_random_crop_takes_windows_of_the_padded_image(cifar):
+    x = torch.from_numpy(cifar.train_images[:64]).permute(0, 3, 1, 2)
+    out = D.random_crop(x, 4, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(len(x)):
+        windows = [(dy, dx) for dy in range(9) for dx in range(9)
+                   if torch.equal(padded[i, :, dy : dy + 32, dx : dx + 32], out[i])]
+        assert windows, f"image {i} is not a crop"
+    assert not torch.equal(out, x)  # some offsets differ from the centre
+
+
+def test_flip_mirrors_about_half_and_is_seeded(cifar):
+    x = torch.from_numpy(cifar.train_images[:1000]).permute(0, 3, 1, 2)
+    out = D.random_flip(x, torch.Generator().manual_seed(1))
+    flipped = torch.tensor([torch.equal(o, xi.flip(2)) for o, xi in zip(out, x, strict=True)])
+    same = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x, strict=True)])
+    assert bool((flipped | same).all()) and 400 < int(flipped.sum()) < 600
+    assert torch.equal(out, D.random_flip(x, torch.Generator().manual_seed(1)))
+
+
+def test_cutout_zeroes_one_square(cifar):
+    x = torch.from_numpy(cifar.train_images[:16]).permute(0, 3, 1, 2).clone()
+    x[x == 0] = 1  # so that zeros can only come from cutout
+    out = D.cutout(x, 8, torch.Generator().manual_seed(2))
+    zeros = (out == 0).all(1)  # (B, H, W)
+    counts = zeros.flatten(1).sum(1)
+    assert bool((counts > 0).all()) and bool((counts <= 64).all())
+
+
+def test_normalize_uses_true_statistics(cifar):
+    x = torch.from_numpy(cifar.train_images[:5000]).permute(0, 3, 1, 2)
+    z = D.normalize(x)
+    assert z.dtype == torch.float32
+    assert torch.allclose(z.mean((0, 2, 3)), torch.zeros(3), atol=0.05)
+    assert torch.allclose(z.std((0, 2, 3)), torch.ones(3), atol=0.05)
