@@ -37,10 +37,18 @@ def cifar(data_dir, cache_dir):
 def run_cli(*args: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     """`python -m cifar10_cnn ARGS` in a subprocess, the way a user runs it."""
     env = {**os.environ, "CIFAR10_DATA": str(DATA_DIR), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "cifar10_cnn", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, **kw)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifar10_cnn", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **kw,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"cifar10 {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"cifar10 {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 

@@ -46,7 +46,11 @@ def write_archive(path: Path, train_images, train_labels, test_images, test_labe
     chunks = np.array_split(np.arange(len(train_images)), 5)
     with tarfile.open(path, "w:gz", compresslevel=1) as tar:
         for i, idx in enumerate(chunks, 1):
-            add_bytes(tar, f"{D.BATCHES_DIR}/data_batch_{i}", batch_bytes(train_images[idx], train_labels[idx], f"b{i}"))
+            add_bytes(
+                tar,
+                f"{D.BATCHES_DIR}/data_batch_{i}",
+                batch_bytes(train_images[idx], train_labels[idx], f"b{i}"),
+            )
         add_bytes(tar, f"{D.BATCHES_DIR}/test_batch", batch_bytes(test_images, test_labels, "test"))
         meta = {b"label_names": [c.encode() for c in D.CLASSES], b"num_cases_per_batch": len(chunks[0])}
         add_bytes(tar, f"{D.BATCHES_DIR}/batches.meta", pickle.dumps(meta, protocol=2))
@@ -68,8 +72,13 @@ def full_archive(cifar, tmp_path_factory) -> Path:
 def small_archive(cifar, tmp_path_factory) -> Path:
     """A real-format archive of a real subset (1,000 train, 200 test): unverified by design."""
     path = tmp_path_factory.mktemp("small") / D.ARCHIVE
-    return write_archive(path, cifar.train_images[:1000], cifar.train_labels[:1000], cifar.test_images[:200],
-                         cifar.test_labels[:200])
+    return write_archive(
+        path,
+        cifar.train_images[:1000],
+        cifar.train_labels[:1000],
+        cifar.test_images[:200],
+        cifar.test_labels[:200],
+    )
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
@@ -139,7 +148,9 @@ def test_download_from_local_server_extracts_and_verifies(server, full_archive, 
     www, url = server
     os.link(full_archive, www / D.ARCHIVE)
     root = tmp_path / "data"
-    data = D.load_cifar10(root, url=f"{url}/{D.ARCHIVE}", md5=md5(full_archive), cache_dir="off", progress=False)
+    data = D.load_cifar10(
+        root, url=f"{url}/{D.ARCHIVE}", md5=md5(full_archive), cache_dir="off", progress=False
+    )
     assert data.verified and data.source.startswith("archive:")
     assert (root / D.ARCHIVE).is_file() and (root / D.BATCHES_DIR / "data_batch_5").is_file()
     assert not [n for n in leftovers(root) if n.startswith(".")]  # no temporary files left
@@ -162,15 +173,18 @@ def test_truncated_download_keeps_nothing(server, small_archive, tmp_path):
     os.link(small_archive, www / D.ARCHIVE)
     root = tmp_path / "data"
     with pytest.raises(DataError) as err:
-        D.load_cifar10(root, url=f"{url}/truncated/{D.ARCHIVE}", md5=md5(small_archive), cache_dir="off",
-                       progress=False)
+        D.load_cifar10(
+            root, url=f"{url}/truncated/{D.ARCHIVE}", md5=md5(small_archive), cache_dir="off", progress=False
+        )
     assert "\n" not in str(err.value)
     assert leftovers(root) == []
 
 
 def test_no_network_and_no_data_is_one_clear_line(tmp_path):
     with pytest.raises(DataError, match="cannot download") as err:
-        D.load_cifar10(tmp_path / "empty", url="http://127.0.0.1:9/none.tar.gz", cache_dir="off", progress=False)
+        D.load_cifar10(
+            tmp_path / "empty", url="http://127.0.0.1:9/none.tar.gz", cache_dir="off", progress=False
+        )
     assert "--data-dir" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -198,7 +212,9 @@ def test_corrupt_archive_is_refused(tmp_path, small_archive):
     assert leftovers(root) == [D.ARCHIVE]
 
 
-@pytest.mark.parametrize("name", ["../escape.txt", "/tmp/absolute-escape.txt", f"{D.BATCHES_DIR}/../../up.txt"])
+@pytest.mark.parametrize(
+    "name", ["../escape.txt", "/tmp/absolute-escape.txt", f"{D.BATCHES_DIR}/../../up.txt"]
+)
 def test_member_escaping_the_target_is_refused(tmp_path, name):
     root = tmp_path / "deep" / "data"
     root.mkdir(parents=True)
@@ -297,8 +313,12 @@ def test_random_crop_takes_windows_of_the_padded_image(cifar):
     assert out.shape == x.shape and out.dtype == torch.uint8
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for i in range(len(x)):
-        windows = [(dy, dx) for dy in range(9) for dx in range(9)
-                   if torch.equal(padded[i, :, dy : dy + 32, dx : dx + 32], out[i])]
+        windows = [
+            (dy, dx)
+            for dy in range(9)
+            for dx in range(9)
+            if torch.equal(padded[i, :, dy : dy + 32, dx : dx + 32], out[i])
+        ]
         assert windows, f"image {i} is not a crop"
     assert not torch.equal(out, x)  # some offsets differ from the centre
 

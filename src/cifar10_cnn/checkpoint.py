@@ -6,6 +6,7 @@ never runs code from it.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
 from .data import CLASSES, MEAN, STD
@@ -23,18 +24,25 @@ from .errors import CheckpointError, UserError
 from .models import create_model, list_models
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside path, fsync, then rename: path is always whole or old."""
+def write_bytes_atomic(path: Path, payload: bytes | memoryview) -> None:
+    """Write to a temporary file beside path, fsync, then rename: path is always whole, new or old."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save, atomically; serialised in memory first so that a full disk is a plain OSError."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(path, buffer.getbuffer())
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -71,13 +79,7 @@ def save_weights(
         **{k: json.dumps(v) for k, v in (extra or {}).items()},
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, save(tensors, metadata=metadata))
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

@@ -128,6 +128,7 @@ def fetch_archive(root: Path, *, url: str = URL, md5: str = MD5, progress: bool 
     import requests
 
     root.mkdir(parents=True, exist_ok=True)
+    pooch.get_logger().setLevel("WARNING")  # the progress bar says it; errors are ours to word
     try:
         path = pooch.retrieve(url, known_hash=f"md5:{md5}", fname=ARCHIVE, path=root, progressbar=progress)
     except ValueError as e:  # pooch's hash mismatch
@@ -136,7 +137,7 @@ def fetch_archive(root: Path, *, url: str = URL, md5: str = MD5, progress: bool 
         ) from None
     except (requests.RequestException, OSError) as e:
         raise DataError(
-            f"cannot download {url} ({_first_line(e)}); check the network, or put the data in {root} "
+            f"cannot download {url} ({_first_line(_root_cause(e))}); check the network, or put the data in {root} "
             f"(or pass --data-dir / set {DATA_ENV})"
         ) from None
     return Path(path)
@@ -289,6 +290,13 @@ def _write_cache(path: Path, data: CIFAR10) -> None:
         os.replace(path / ".meta.tmp", path / "meta.json")  # written last: marks the entry complete
     except OSError:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception of a chain (a refused connection rather than the retry wrapper around it)."""
+    while e.__cause__ or e.__context__:
+        e = e.__cause__ or e.__context__
+    return e
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,0 +1,274 @@
+"""Training end to end on real CIFAR-10 subsets: learning, run directory, resume, reproducibility, errors."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cifar10_cnn import data as D
+from cifar10_cnn.checkpoint import load_checkpoint, load_model, read_metadata
+from cifar10_cnn.config import TrainConfig, recipe_config
+from cifar10_cnn.errors import CheckpointError, TrainingDiverged
+from cifar10_cnn.evaluate import evaluate_logits
+from cifar10_cnn.models import count_params, create_model, list_models
+from cifar10_cnn.train import fit, lr_factor
+
+from .conftest import DATA_DIR, error_line, run_cli
+
+SMALL = ["--subset", "1000", "--val-size", "200", "--no-progress"]
+
+
+def metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def quiet(*_):
+    pass
+
+
+# --- models ------------------------------------------------------------------------------------------------
+
+
+def test_registry_builds_every_model():
+    assert {"seed_cnn", "resnet18", "vgg11", "resnet9"} <= set(list_models())
+    x = torch.randn(2, 3, 32, 32)
+    for name in list_models():
+        assert create_model(name).eval()(x).shape == (2, 10), name
+    # The classic architecture, exactly: convs 32/64/128 and FC 2048 -> 512 -> 10.
+    assert count_params(create_model("seed_cnn")) == 896 + 18_496 + 73_856 + 1_049_088 + 5_130
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(epochs=10, schedule="cosine", warmup_epochs=1)
+    factors = [lr_factor(cfg, s, 10) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0
+    assert factors[10] == pytest.approx(1.0) and factors[-1] < 0.01
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
+    step = TrainConfig(epochs=10, schedule="step", step_size=3, step_gamma=0.1)
+    assert [lr_factor(step, e * 10, 10) for e in (0, 2, 3, 6)] == pytest.approx([1, 1, 0.1, 0.01])
+    one = TrainConfig(epochs=4, schedule="onecycle")
+    peak = max(range(40), key=lambda s: lr_factor(one, s, 10))
+    assert peak == 9 and lr_factor(one, 39, 10) < 0.05
+
+
+# --- learning ------------------------------------------------------------------------------------------------
+
+
+def test_seed_cnn_learns_in_one_epoch(cifar, tmp_path):
+    """1 epoch (70 steps) on 4,500 real images: held-out accuracy clearly above chance (10%).
+
+    With 500 validation and 10,000 test images, 18% is more than 6 standard deviations above chance.
+    """
+    cfg = recipe_config("seed", epochs=1, subset=4500, val_size=500)
+    splits = D.make_splits(cifar, val_size=500, split_seed=0, subset=4500)
+    result = fit(cfg, splits, tmp_path, progress=False, echo=quiet)
+    logits = evaluate_logits(result.model, splits.test)
+    test_acc = (logits.argmax(1) == splits.test.labels).float().mean().item()
+    assert result.history[0]["val_acc"] > 0.18
+    assert test_acc > 0.18, test_acc
+
+
+# --- the CLI end to end ----------------------------------------------------------------------------------------
+
+
+def test_train_cli_writes_a_complete_run(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("train", "--epochs", "2", *SMALL, "--out", str(run), "--schedule", "cosine")
+    assert "model seed_cnn (1,147,466 params) | device cpu" in proc.stdout
+    assert "verified" in proc.stdout and "train 800 / val 200 / test 10000" in proc.stdout
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "seed_cnn" and config["schedule"] == "cosine" and config["epochs"] == 2
+
+    rows = metrics(run)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+
+    results = json.loads((run / "results.json").read_text())
+    assert 0 <= results["test_accuracy"] <= 1 and results["test_loss"] > 0
+    assert list(results["per_class_accuracy"]) == list(D.CLASSES)
+    cm = np.array(results["confusion_matrix"])
+    assert cm.shape == (10, 10) and cm.sum() == 10000 and (cm.sum(1) == 1000).all()
+    assert np.trace(cm) / 10000 == pytest.approx(results["test_accuracy"])
+    assert results["epochs_run"] == 2 and results["train_seconds"] > 0
+    assert results["data"]["verified"] is True
+
+    for name in ("last.pt", "best.pt"):
+        assert load_checkpoint(run / "checkpoints" / name)["epoch"] in (1, 2)
+    meta = read_metadata(run / "model.safetensors")
+    assert meta["architecture"] == "seed_cnn" and meta["classes"] == list(D.CLASSES)
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    for plot in ("curves", "confusion", "per_class", "predictions", "augmentations"):
+        assert (run / "plots" / f"{plot}.png").stat().st_size > 5000, plot
+    report = (run / "report.md").read_text()
+    assert f"{results['test_accuracy'] * 100:.2f}" in report
+    assert "data:image/png;base64," in (run / "report.html").read_text()
+
+    # The weights reload into the same predictions, and `evaluate` reproduces the figures.
+    model, _ = load_model(run)
+    test = D.to_split(*np.load(DATA_DIR / "test.npz").values())
+    acc = (evaluate_logits(model, test).argmax(1) == test.labels).float().mean().item()
+    assert acc == pytest.approx(results["test_accuracy"])
+    (run / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "test_accuracy"}))
+    run_cli("evaluate", str(run), "--no-progress")
+    assert json.loads((run / "results.json").read_text())["test_accuracy"] == pytest.approx(acc)
+
+
+def test_config_file_reproduces_a_run_and_seeds_are_deterministic(tmp_path):
+    first, second, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    run_cli("train", "--epochs", "2", *SMALL, "--seed", "3", "--out", str(first))
+    run_cli("train", "--config", str(first / "config.json"), "--no-progress", "--out", str(second))
+    run_cli("train", "--epochs", "2", *SMALL, "--seed", "4", "--out", str(other))
+
+    def numbers(run):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in metrics(run)]
+
+    assert numbers(first) == numbers(second)
+    assert numbers(first) != numbers(other)
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    """A 4-epoch run killed mid-way (SIGKILL) and resumed ends with the same weights as one never stopped."""
+    args = ["train", "--epochs", "4", "--subset", "3500", "--val-size", "500", "--no-progress", "--seed", "1"]
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    env = {**os.environ, "CIFAR10_DATA": str(DATA_DIR)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifar10_cnn", *args, "--out", str(killed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (killed / "metrics.csv").exists() and len(metrics(killed)) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
+    done = load_checkpoint(killed / "checkpoints" / "last.pt")["epoch"]
+    assert 2 <= done < 4
+
+    run_cli("train", "--resume", str(killed), "--no-progress")
+    run_cli(*args, "--out", str(straight))
+    a, b = load_file(killed / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(metrics(killed)) == 4
+    assert [r["val_acc"] for r in metrics(killed)] == [r["val_acc"] for r in metrics(straight)]
+
+
+def test_early_stopping_restores_the_best_weights(cifar, tmp_path):
+    # A learning rate so small that validation accuracy cannot improve after the first epoch.
+    cfg = recipe_config("seed", epochs=6, lr=1e-9, patience=2, subset=600, val_size=100)
+    splits = D.make_splits(cifar, val_size=100, split_seed=0, subset=600)
+    result = fit(cfg, splits, tmp_path, progress=False, echo=quiet)
+    assert result.stopped_early and len(result.history) == 3 and result.best_epoch == 1
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")["model"]
+    assert all(torch.equal(v, best[k]) for k, v in result.model.state_dict().items())
+
+
+def test_divergence_stops_with_the_last_good_checkpoint_intact(cifar, tmp_path):
+    splits = D.make_splits(cifar, val_size=100, split_seed=0, subset=1100)
+    fit(
+        recipe_config("seed", epochs=1, subset=1100, val_size=100),
+        splits,
+        tmp_path,
+        progress=False,
+        echo=quiet,
+    )
+    good = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    # Blow the learning rate up inside the checkpoint so that epoch 2 diverges.
+    blown = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    blown["scheduler"]["base_lrs"] = [1e8] * len(blown["scheduler"]["base_lrs"])
+    torch.save(blown, tmp_path / "checkpoints" / "last.pt")
+    good_bytes = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    cfg = recipe_config("seed", epochs=2, subset=1100, val_size=100)
+    with pytest.raises(TrainingDiverged, match="checkpoint of epoch 1 is intact"):
+        fit(cfg, splits, tmp_path, resume=True, progress=False, echo=quiet)
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == good_bytes
+    after = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert after["epoch"] == 1 and all(torch.equal(good["model"][k], v) for k, v in after["model"].items())
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+# --- errors: one line each, nothing lost ---------------------------------------------------------------------------
+
+
+def test_refuses_to_overwrite_a_run_unless_forced(tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", "--epochs", "1", *SMALL, "--out", str(run))
+    before = (run / "model.safetensors").read_bytes()
+    line = error_line(run_cli("train", "--epochs", "1", *SMALL, "--out", str(run), check=False))
+    assert "already holds a run" in line and "--force" in line
+    assert (run / "model.safetensors").read_bytes() == before
+    run_cli("train", "--epochs", "1", *SMALL, "--lr", "0.02", "--out", str(run), "--force")
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.02
+
+
+def test_resume_errors(tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", "--epochs", "1", *SMALL, "--out", str(run))
+    line = error_line(run_cli("train", "--resume", str(run), "--lr", "0.5", check=False))
+    assert "conflicts with --lr 0.5" in line
+    ckpt = run / "checkpoints" / "last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    line = error_line(run_cli("train", "--resume", str(run), "--epochs", "1", check=False))
+    assert "unreadable or truncated" in line
+    with pytest.raises(CheckpointError):
+        load_checkpoint(ckpt)
+
+
+def test_unknown_names_list_the_known_ones(tmp_path):
+    line = error_line(run_cli("train", "--model", "resnet1000", "--out", str(tmp_path / "x"), check=False))
+    assert "unknown model 'resnet1000'" in line and "seed_cnn" in line and "resnet18" in line
+    line = error_line(run_cli("train", "--recipe", "nope", "--out", str(tmp_path / "y"), check=False))
+    assert "unknown recipe 'nope'" in line and "seed" in line
+
+
+def test_missing_data_without_network(tmp_path):
+    env = {**os.environ, "CIFAR10_DATA": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifar10_cnn", "train", "--data-dir", str(tmp_path / "nodata"), "--out",
+         str(tmp_path / "run"), "--no-progress"],
+        capture_output=True, text=True, env={**env, "HTTPS_PROXY": "http://127.0.0.1:9"}, timeout=120,
+    )  # fmt: skip
+    line = error_line(proc)
+    assert "cannot download" in line and "--data-dir" in line
+
+
+def test_evaluate_a_run_without_a_model(tmp_path):
+    (tmp_path / "run").mkdir()
+    line = error_line(run_cli("evaluate", str(tmp_path / "run"), check=False))
+    assert "no finished model" in line and "--resume" in line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        # Each checkpoint of seed_cnn is about 9 MB: the first one cannot fit.
+        proc = run_cli("train", "--epochs", "2", *SMALL, "--out", str(mnt / "run"), check=False)
+        line = error_line(proc)
+        assert "no space left on device" in line
+        assert not [p for p in (mnt / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+    finally:
+        subprocess.run(["umount", str(mnt)])
