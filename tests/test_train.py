@@ -239,6 +239,9 @@ def test_unknown_names_list_the_known_ones(tmp_path):
     assert "unknown model 'resnet1000'" in line and "seed_cnn" in line and "resnet18" in line
     line = error_line(run_cli("train", "--recipe", "nope", "--out", str(tmp_path / "y"), check=False))
     assert "unknown recipe 'nope'" in line and "seed" in line
+    if not torch.cuda.is_available():
+        line = error_line(run_cli("train", "--device", "cuda", "--out", str(tmp_path / "z"), check=False))
+        assert "no CUDA GPU is available" in line
 
 
 def test_missing_data_without_network(tmp_path):

@@ -12,9 +12,9 @@ from .errors import UserError
 
 # Options that map one-to-one onto TrainConfig fields; None means "not given".
 TRAIN_FIELDS = (
-    "model", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs",
-    "label_smoothing", "crop_padding", "flip", "cutout", "seed", "split_seed", "val_size", "subset", "patience",
-    "tta", "device", "amp",
+    "model", "epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule",
+    "warmup_epochs", "label_smoothing", "crop_padding", "crop_mode", "flip", "alternate_flip", "cutout", "seed",
+    "split_seed", "val_size", "subset", "patience", "tta", "device", "amp",
 )  # fmt: skip
 # Options that may differ on --resume without changing what the run computes.
 RESUME_FREE = ("device",)
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help=f"architecture: {', '.join(list_models())}")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
+    t.add_argument(
+        "--optimizer", choices=("sgd", "muon"), help="sgd, or muon (Muon on conv filters, SGD on the rest)"
+    )
     t.add_argument("--lr", type=float, help="peak learning rate")
     t.add_argument("--momentum", type=float)
     t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
@@ -44,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-epochs", type=float, help="linear warm-up length (fractions allowed)")
     t.add_argument("--label-smoothing", type=float)
     t.add_argument("--crop-padding", type=int, help="random-crop padding in pixels (0: no crop)")
+    t.add_argument("--crop-mode", choices=("zeros", "reflect"), help="padding of the random crop")
+    t.add_argument(
+        "--alternate-flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="flip each image on alternate epochs instead of at random",
+    )
     t.add_argument(
         "--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flip"
     )
@@ -54,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--subset", type=int, help="train on the first N training images only")
     t.add_argument("--patience", type=int, help="stop after N epochs without a better validation accuracy")
     t.add_argument(
-        "--tta", action=argparse.BooleanOptionalAction, default=None, help="flip TTA in the final test"
+        "--tta",
+        type=int,
+        nargs="?",
+        const=1,
+        choices=(0, 1, 2),
+        help="test-time augmentation of the final test: 1 mirror, 2 mirror + shifts (--tta alone: 1)",
     )
     t.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
     t.add_argument(
@@ -71,7 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", type=Path, help="a run directory")
     e.add_argument("--data-dir")
     e.add_argument("--allow-unverified", action="store_true")
-    e.add_argument("--tta", action="store_true", help="average with mirrored images")
+    e.add_argument(
+        "--tta",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        choices=(0, 1, 2),
+        help="test-time augmentation: 1 mirror, 2 mirror + 1-pixel shifts",
+    )
     e.add_argument("--no-progress", action="store_true")
     return parser
 

@@ -387,11 +387,12 @@ def _randint(high: int, size: int, generator: torch.Generator, device: torch.dev
     return torch.randint(0, high, (size,), generator=generator).to(device, non_blocking=True)
 
 
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Pad every image with zeros by `padding` and take a random crop of the original size (one gather)."""
+def random_crop(
+    x: torch.Tensor, padding: int, generator: torch.Generator, mode: str = "zeros"
+) -> torch.Tensor:
+    """Pad every image by `padding` (zeros or reflection) and take a random crop of the original size."""
     b, c, h, w = x.shape
-    padded = torch.zeros((b, c, h + 2 * padding, w + 2 * padding), dtype=x.dtype, device=x.device)
-    padded[:, :, padding : padding + h, padding : padding + w] = x
+    padded = torch.nn.functional.pad(x, (padding,) * 4, mode="constant" if mode == "zeros" else mode)
     dy = _randint(2 * padding + 1, b, generator, x.device)
     dx = _randint(2 * padding + 1, b, generator, x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
@@ -401,10 +402,13 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     return padded[batch, chan, rows, cols].contiguous(memory_format=torch.channels_last)
 
 
-def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror a random half of the images left-right."""
-    mask = _randint(2, len(x), generator, x.device).bool()[:, None, None, None]
-    return torch.where(mask, x.flip(3), x)
+def random_flip(
+    x: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mirror the images where mask is true (default: a random half) left-right."""
+    if mask is None:
+        mask = _randint(2, len(x), generator, x.device).bool()
+    return torch.where(mask.to(x.device)[:, None, None, None], x.flip(3), x)
 
 
 def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -424,17 +428,24 @@ def augment(
     generator: torch.Generator,
     *,
     crop_padding: int = 4,
+    crop_mode: str = "zeros",
     flip: bool = True,
+    flip_mask: torch.Tensor | None = None,
     cutout_size: int = 0,
 ) -> torch.Tensor:
     """The training augmentation of one uint8 batch, as a few batched tensor ops."""
     if crop_padding:
-        x = random_crop(x, crop_padding, generator)
+        x = random_crop(x, crop_padding, generator, crop_mode)
     if flip:
-        x = random_flip(x, generator)
+        x = random_flip(x, generator, flip_mask)
     if cutout_size:
         x = cutout(x, cutout_size, generator)
     return x
+
+
+def alternating_flips(n: int, seed: int) -> torch.Tensor:
+    """A fixed random half of n images, to be flipped on odd epochs and the other half on even epochs."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed + 0x5EED)) < 0.5
 
 
 def batch_indices(

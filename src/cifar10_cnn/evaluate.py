@@ -23,13 +23,22 @@ def evaluate_logits(
     split: D.Split,
     *,
     batch_size: int = 1000,
-    tta: bool = False,
+    tta: int = 0,
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Logits for a whole split (float32, on CPU), optionally averaged with the mirrored images."""
+    """Logits for a whole split (float32, on CPU), with test-time augmentation at level tta.
+
+    Level 1 averages each image with its mirror; level 2 also averages that with the two views shifted by
+    one pixel (up-left and down-right, reflect padding), with the unshifted views weighted one half.
+    """
     model.eval()
     device = next(model.parameters()).device
     out = []
+
+    def mirrored(x: torch.Tensor) -> torch.Tensor:
+        logits = model(x).float()
+        return 0.5 * (logits + model(x.flip(3)).float()) if tta else logits
+
     with (
         torch.inference_mode(),
         torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None),
@@ -37,9 +46,13 @@ def evaluate_logits(
         for idx in D.batch_indices(len(split), batch_size):
             x = D.normalize(split.images[idx.to(split.images.device)]).to(device, non_blocking=True)
             x = x.contiguous(memory_format=torch.channels_last)
-            logits = model(x).float()
-            if tta:
-                logits = 0.5 * (logits + model(x.flip(3)).float())
+            logits = mirrored(x)
+            if tta == 2:
+                padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+                shifted = [padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]]
+                logits = 0.5 * logits + 0.25 * sum(
+                    mirrored(v.contiguous(memory_format=torch.channels_last)) for v in shifted
+                )
             out.append(logits.cpu())
     return torch.cat(out) if out else torch.zeros(0, 10)
 
@@ -144,18 +157,18 @@ def write_plots(
     )
 
 
-def augmentation_preview(
-    train: D.Split, out: Path, *, crop_padding: int, flip: bool, cutout_size: int, seed: int = 0
-) -> Path:
-    """A grid of training images after the run's augmentation."""
+def augmentation_preview(train: D.Split, out: Path, cfg, seed: int = 0) -> Path:
+    """A grid of training images after the run's augmentation (cfg: the run's TrainConfig)."""
     gen = torch.Generator().manual_seed(seed)
     x = train.images[: min(32, len(train))].cpu()
-    aug = D.augment(x, gen, crop_padding=crop_padding, flip=flip, cutout_size=cutout_size)
+    aug = D.augment(
+        x, gen, crop_padding=cfg.crop_padding, crop_mode=cfg.crop_mode, flip=cfg.flip, cutout_size=cfg.cutout
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     return plots.plot_image_grid(
         aug.permute(0, 2, 3, 1).numpy(),
         train.labels[: len(x)].cpu().numpy(),
         list(D.CLASSES),
         out,
-        title="Training images after augmentation",
+        title=f"Training images after augmentation ({cfg.augment})",
     )

@@ -203,3 +203,87 @@ def resnet9(num_classes: int = 10) -> nn.Module:
         nn.Linear(512, num_classes, bias=False),
         Scale(0.125),
     )
+
+
+# --- the fast net (hlb-CIFAR10 / airbench lineage) ------------------------------------------------------------
+
+
+class FrozenScaleBatchNorm(nn.BatchNorm2d):
+    """Batch norm with the scale frozen at 1 (only the bias learns) and fast-moving running statistics."""
+
+    def __init__(self, channels: int, momentum: float = 0.4, eps: float = 1e-12):
+        super().__init__(channels, eps=eps, momentum=momentum)
+        self.weight.requires_grad_(False)
+
+
+class DiracConv(nn.Conv2d):
+    """3x3 'same' conv without bias whose first in_channels filters start as the identity."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(c_in, c_out, kernel_size=3, padding="same", bias=False)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.dirac_(self.weight.data[: self.in_channels])
+
+
+class ConvGroup(nn.Module):
+    """conv -> max-pool 2 -> BN -> GELU -> conv -> BN -> GELU."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1 = DiracConv(c_in, c_out)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = FrozenScaleBatchNorm(c_out)
+        self.conv2 = DiracConv(c_out, c_out)
+        self.norm2 = FrozenScaleBatchNorm(c_out)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        return self.act(self.norm2(self.conv2(x)))
+
+
+class FastNet(nn.Module):
+    """A 2x2 whitening conv (frozen, set from the data), three conv groups, max-pool and a scaled linear head."""
+
+    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256)):
+        super().__init__()
+        self.whiten = nn.Conv2d(3, 24, kernel_size=2, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        self.layers = nn.Sequential(
+            nn.GELU(),
+            ConvGroup(24, widths[0]),
+            ConvGroup(widths[0], widths[1]),
+            ConvGroup(widths[1], widths[2]),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(widths[2], num_classes, bias=False)
+        with torch.no_grad():
+            self.head.weight /= self.head.weight.std()
+        self.head_scale = 1 / widths[2]
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the whitening filters from the eigenvectors of the 2x2 patch covariance of normalised images."""
+        patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+        cov = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(12, 3, 2, 2)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.whiten(x))) * self.head_scale
+
+
+@register
+def airbench(num_classes: int = 10) -> nn.Module:
+    """The fast net of airbench94: whitening conv, conv groups 64/256/256, GELU, frozen-scale BN (2.0M params)."""
+    return FastNet(num_classes, (64, 256, 256))
+
+
+@register
+def airbench_small(num_classes: int = 10) -> nn.Module:
+    """A narrower fast net, conv groups 32/64/128, for quick CPU runs."""
+    return FastNet(num_classes, (32, 64, 128))

@@ -28,6 +28,7 @@ from .config import TrainConfig
 from .errors import TrainingDiverged, UserError
 from .evaluate import augmentation_preview, evaluate_logits, evaluate_run, loss_and_accuracy
 from .models import count_params, create_model
+from .optim import Muon
 from .runs import default_run_dir, prepare_run_dir, write_json, write_metrics_csv
 
 # --- device and precision ---------------------------------------------------------------------------------
@@ -57,12 +58,49 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 # --- optimizer and schedule -----------------------------------------------------------------------------------
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum; weight decay on weights only, not on biases and norm scales."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer with its parameter groups, and the per-step LR schedule of each group.
+
+    Biases and norm shifts get lr * bias_lr_scale; with optimizer=muon, conv filters get Muon. Weight decay
+    is coupled (PyTorch's, weights only) unless decoupled_wd, where every group shrinks by weight_decay per
+    step at peak LR. A whitening layer's bias has its own schedule, decaying to 0 over whiten_bias_epochs.
+    """
+    whiten_bias = getattr(getattr(model, "whiten", None), "bias", None)
+    trainable = [p for p in model.parameters() if p.requires_grad and p is not whiten_bias]
+    muon = cfg.optimizer == "muon"
+    filters = [p for p in trainable if p.ndim == 4]
+    weights = [p for p in trainable if p.ndim > 1 and not (muon and p.ndim == 4)]
+    biases = [p for p in trainable if p.ndim <= 1]
+    bias_lr = cfg.lr * cfg.bias_lr_scale
+
+    def decay(lr: float, is_weight: bool) -> float:
+        if cfg.decoupled_wd:
+            return cfg.weight_decay / lr
+        return cfg.weight_decay if is_weight else 0.0
+
+    def main(step: int) -> float:
+        return lr_factor(cfg, step, steps_per_epoch)
+
+    groups = [
+        {"params": weights, "lr": cfg.lr, "weight_decay": decay(cfg.lr, True)},
+        {"params": biases, "lr": bias_lr, "weight_decay": decay(bias_lr, False)},
+    ]
+    schedules = [main, main]
+    if whiten_bias is not None and whiten_bias.requires_grad:
+        whiten_steps = max(1, round(cfg.whiten_bias_epochs * steps_per_epoch))
+        groups.append({"params": [whiten_bias], "lr": bias_lr, "weight_decay": decay(bias_lr, False)})
+        schedules.append((lambda s: max(0.0, 1 - s / whiten_steps)) if cfg.whiten_bias_epochs else main)
+    if muon:
+        groups.append({"params": filters, "lr": cfg.muon_lr, "momentum": cfg.muon_momentum, "muon": True})
+        schedules.append(main)
+        optimizer: torch.optim.Optimizer = Muon(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
+        )
+    else:
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -76,7 +114,7 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     progress = (step - warmup) / max(1, total - warmup)
     if cfg.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.schedule == "onecycle":
+    if cfg.schedule in ("onecycle", "linear"):
         return max(0.0, 1 - progress)
     if cfg.schedule == "step":
         return cfg.step_gamma ** (step // (cfg.step_size * steps_per_epoch))
@@ -159,12 +197,14 @@ def fit(
 
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model).to(device, memory_format=memory_format)
-    optimizer = build_optimizer(model, cfg)
     steps_per_epoch = max(1, len(splits.train) // cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps_per_epoch))
+    optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction=cfg.loss_reduction)
     data_gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation
+    base_flips = D.alternating_flips(len(splits.train), cfg.seed) if cfg.alternate_flip else None
+    if hasattr(model, "init_whitening"):  # set from the data before any step (a resume overwrites it)
+        model.init_whitening(D.normalize(splits.train.images[:5000]).to(device))
 
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -222,8 +262,15 @@ def fit(
             for step, idx in enumerate(batches, 1):
                 x = train_set.images[idx.to(train_set.images.device)]
                 y = train_set.labels[idx.to(train_set.labels.device)]
+                flips = None if base_flips is None else base_flips[idx] ^ (epoch % 2 == 0)
                 x = D.augment(
-                    x, data_gen, crop_padding=cfg.crop_padding, flip=cfg.flip, cutout_size=cfg.cutout
+                    x,
+                    data_gen,
+                    crop_padding=cfg.crop_padding,
+                    crop_mode=cfg.crop_mode,
+                    flip=cfg.flip,
+                    flip_mask=flips,
+                    cutout_size=cfg.cutout,
                 )
                 x = D.normalize(x).contiguous(memory_format=memory_format)
                 with torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -234,7 +281,7 @@ def fit(
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                loss_sum += loss.detach() * len(y)
+                loss_sum += loss.detach() * (len(y) if cfg.loss_reduction == "mean" else 1)
                 correct += (out.argmax(1) == y).sum()
                 seen += len(y)
                 if step % 25 == 0 or step == steps_per_epoch:
@@ -325,13 +372,7 @@ def train(
         data, val_size=cfg.resolved_val_size, split_seed=cfg.split_seed, subset=cfg.subset, device=device
     )
     if resume is None:
-        augmentation_preview(
-            splits.train,
-            run_dir / "plots" / "augmentations.png",
-            crop_padding=cfg.crop_padding,
-            flip=cfg.flip,
-            cutout_size=cfg.cutout,
-        )
+        augmentation_preview(splits.train, run_dir / "plots" / "augmentations.png", cfg)
     params = count_params(create_model(cfg.model))
     echo(
         f"model {cfg.model} ({params:,} params) | device {device} | data {data.source} "

@@ -1,0 +1,171 @@
+"""Training and inference throughput of every registered model on this machine, and the seed recipe's epoch.
+
+    python benchmarks/throughput.py                      # all models, ~3 minutes on 2 CPU cores
+    python benchmarks/throughput.py --models seed_cnn --seconds 5
+
+Figures are images/s measured in this run. The machine is shared and noisy, so the seed recipe is also
+compared, as a ratio, against a naive baseline measured in the same run: a plain PyTorch loop with a
+DataLoader and per-image augmentation (the classic tutorial loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from cifar10_cnn import data as D  # noqa: E402
+from cifar10_cnn.config import recipe_config  # noqa: E402
+from cifar10_cnn.models import count_params, create_model, list_models  # noqa: E402
+from cifar10_cnn.train import build_optimizer, fit  # noqa: E402
+
+
+def timed(step, seconds: float, images_per_step: int, warmup: int = 3) -> float:
+    """images/s of step(), run for about `seconds` after a warm-up."""
+    for _ in range(warmup):
+        step()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        n += 1
+    return n * images_per_step / (time.perf_counter() - t0)
+
+
+def matmul_gflops(seconds: float = 3.0, n: int = 2048) -> float:
+    """The machine's fp32 matrix-multiply rate, the practical peak for convolutions."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    rate = timed(lambda: a @ b, seconds, 1)
+    return rate * 2 * n**3 / 1e9
+
+
+def forward_flops(model: nn.Module) -> int:
+    """FLOPs of one image's forward pass."""
+    with FlopCounterMode(display=False) as counter:
+        model.eval()(torch.randn(1, 3, 32, 32))
+    return counter.get_total_flops()
+
+
+def model_rates(name: str, images: torch.Tensor, batch_size: int, seconds: float) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = create_model(name).to(memory_format=torch.channels_last)
+    # Each net with the optimizer its recipe uses (Muon for the airbench nets).
+    cfg = recipe_config("fast" if name.startswith("airbench") else "seed", model=name, batch_size=batch_size)
+    opt, _ = build_optimizer(model, cfg, steps_per_epoch=100)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (batch_size,))
+
+    def train_step():
+        model.train()
+        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+        x = D.normalize(D.augment(images[idx], gen)).contiguous(memory_format=torch.channels_last)
+        loss = loss_fn(model(x), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    eval_x = D.normalize(images[:500]).contiguous(memory_format=torch.channels_last)
+
+    def infer_step():
+        model.eval()
+        with torch.inference_mode():
+            model(eval_x)
+
+    flops = forward_flops(create_model(name))
+    train = timed(train_step, seconds, batch_size)
+    infer = timed(infer_step, seconds, len(eval_x))
+    return {"params": count_params(model), "flops": flops, "train": train, "infer": infer,
+            "train_gflops": 3 * flops * train / 1e9, "infer_gflops": flops * infer / 1e9}
+
+
+class NaiveDataset(torch.utils.data.Dataset):
+    """The tutorial way: one image at a time, random crop and flip in numpy, normalise per image."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+        self.mean = np.array(D.MEAN, np.float32) * 255
+        self.std = np.array(D.STD, np.float32) * 255
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = np.pad(self.images[i], ((4, 4), (4, 4), (0, 0)))
+        y, x = np.random.randint(0, 9, 2)
+        img = img[y : y + 32, x : x + 32]
+        if np.random.rand() < 0.5:
+            img = img[:, ::-1]
+        img = (img.astype(np.float32) - self.mean) / self.std
+        return torch.from_numpy(img.transpose(2, 0, 1).copy()), int(self.labels[i])
+
+
+def naive_epoch_seconds(images: np.ndarray, labels: np.ndarray) -> float:
+    """One epoch of the seed recipe as a plain PyTorch tutorial loop (DataLoader, per-image transforms)."""
+    torch.manual_seed(0)
+    model = create_model("seed_cnn")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loader = torch.utils.data.DataLoader(NaiveDataset(images, labels), batch_size=64, shuffle=True)
+    loss_fn = nn.CrossEntropyLoss()
+    t0 = time.perf_counter()
+    model.train()
+    for x, y in loader:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def ours_epoch_seconds(data: D.CIFAR10, n: int, tmp: str) -> float:
+    """One epoch of the seed recipe through the library's fit() (training only, no validation set)."""
+    cfg = recipe_config("seed", epochs=1, subset=n, val_size=0)
+    splits = D.make_splits(data, val_size=0, split_seed=0, subset=n)
+    return fit(cfg, splits, __import__("pathlib").Path(tmp), progress=False, echo=lambda *_: None).train_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list_models())
+    parser.add_argument("--seconds", type=float, default=8.0, help="time per measurement")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="training batch (default: 64, and 500 for the airbench nets)")
+    parser.add_argument("--epoch-images", type=int, default=10_000, help="images in the timed seed epochs")
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args()
+
+    import tempfile
+
+    data = D.load_cifar10(args.data_dir, progress=False)
+    images = torch.from_numpy(data.train_images[:5000]).permute(0, 3, 1, 2)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    peak = matmul_gflops()
+    print(f"fp32 matmul peak: {peak:.0f} GFLOP/s\n")
+    print(f"{'model':<14} {'params':>10} {'MFLOP/img':>10} {'train img/s':>12} {'train GFLOP/s':>14} "
+          f"{'% peak':>7} {'infer img/s':>12} {'infer GFLOP/s':>14}")
+    for name in args.models:
+        batch = args.batch_size or (500 if name.startswith("airbench") else 64)
+        r = model_rates(name, images, batch, args.seconds)
+        print(f"{name:<14} {r['params']:>10,} {r['flops'] / 1e6:>10.1f} {r['train']:>12.0f} "
+              f"{r['train_gflops']:>14.1f} {r['train_gflops'] / peak:>7.0%} {r['infer']:>12.0f} "
+              f"{r['infer_gflops']:>14.1f}")
+
+    n = args.epoch_images
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = ours_epoch_seconds(data, n, tmp)
+    naive = naive_epoch_seconds(data.train_images[:n], data.train_labels[:n])
+    scale = 45_000 / n
+    print(f"\nseed recipe, one epoch of {n} images (batch 64, crop+flip):")
+    print(f"  naive tutorial loop : {naive:6.1f} s  ({n / naive:.0f} img/s; 45,000 images ~ {naive * scale:.0f} s)")
+    print(f"  cifar10-cnn fit()   : {ours:6.1f} s  ({n / ours:.0f} img/s; 45,000 images ~ {ours * scale:.0f} s)")
+    print(f"  speed-up            : {naive / ours:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
