@@ -12,7 +12,7 @@ from .errors import UserError
 
 # Options that map one-to-one onto TrainConfig fields; None means "not given".
 TRAIN_FIELDS = (
-    "model", "epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule",
+    "model", "epochs", "batch_size", "micro_batch", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule",
     "warmup_epochs", "label_smoothing", "crop_padding", "crop_mode", "flip", "alternate_flip", "cutout", "seed",
     "split_seed", "val_size", "subset", "patience", "tta", "device", "amp",
 )  # fmt: skip
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help=f"architecture: {', '.join(list_models())}")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
+    t.add_argument("--micro-batch", type=int, help="accumulate each batch from micro-batches of this size")
     t.add_argument(
         "--optimizer", choices=("sgd", "muon"), help="sgd, or muon (Muon on conv filters, SGD on the rest)"
     )
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="replace the run already in --out")
     t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run exactly where it stopped")
     t.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+    t.add_argument("--seeds", type=int, help="N runs with seeds seed..seed+N-1, and a summary (mean ± std)")
 
     e = sub.add_parser("evaluate", help="test-set metrics and plots for a finished run")
     e.add_argument("run", type=Path, help="a run directory")
@@ -128,18 +130,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .train import train, train_seeds
 
     cfg = config_from_args(args)
-    train(
-        cfg,
-        out=args.out,
-        resume=args.resume,
+    common = dict(
         data_dir=args.data_dir,
         allow_unverified=args.allow_unverified,
         force=args.force,
         progress=not args.no_progress,
     )
+    if args.seeds is not None:
+        if args.resume is not None or args.seeds < 1:
+            raise UserError("--seeds takes a number of runs (1 or more) and cannot be combined with --resume")
+        train_seeds(cfg, args.seeds, out=args.out, **common)
+    else:
+        train(cfg, out=args.out, resume=args.resume, **common)
     return 0
 
 

@@ -29,7 +29,7 @@ from .errors import TrainingDiverged, UserError
 from .evaluate import augmentation_preview, evaluate_logits, evaluate_run, loss_and_accuracy
 from .models import count_params, create_model
 from .optim import Muon
-from .runs import default_run_dir, prepare_run_dir, write_json, write_metrics_csv
+from .runs import default_run_dir, prepare_run_dir, read_json, write_json, write_metrics_csv
 
 # --- device and precision ---------------------------------------------------------------------------------
 
@@ -260,30 +260,36 @@ def fit(
             bar = logger.epoch_bar(epoch, cfg.epochs, steps_per_epoch)
             batches = D.batch_indices(len(train_set), cfg.batch_size, data_gen, drop_last=True)
             for step, idx in enumerate(batches, 1):
-                x = train_set.images[idx.to(train_set.images.device)]
-                y = train_set.labels[idx.to(train_set.labels.device)]
-                flips = None if base_flips is None else base_flips[idx] ^ (epoch % 2 == 0)
-                x = D.augment(
-                    x,
-                    data_gen,
-                    crop_padding=cfg.crop_padding,
-                    crop_mode=cfg.crop_mode,
-                    flip=cfg.flip,
-                    flip_mask=flips,
-                    cutout_size=cfg.cutout,
-                )
-                x = D.normalize(x).contiguous(memory_format=memory_format)
-                with torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    out = model(x)
-                    loss = criterion(out, y)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                # Micro-batches accumulate gradients: the same step in smaller tensors (faster on CPU), with
+                # batch-norm statistics per micro-batch.
+                for part in idx.split(cfg.micro_batch or cfg.batch_size):
+                    x = train_set.images[part.to(train_set.images.device)]
+                    y = train_set.labels[part.to(train_set.labels.device)]
+                    flips = None if base_flips is None else base_flips[part] ^ (epoch % 2 == 0)
+                    x = D.augment(
+                        x,
+                        data_gen,
+                        crop_padding=cfg.crop_padding,
+                        crop_mode=cfg.crop_mode,
+                        flip=cfg.flip,
+                        flip_mask=flips,
+                        cutout_size=cfg.cutout,
+                    )
+                    x = D.normalize(x).contiguous(memory_format=memory_format)
+                    with torch.autocast(
+                        device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None
+                    ):
+                        out = model(x)
+                        loss = criterion(out, y)
+                    share = len(part) / len(idx) if cfg.loss_reduction == "mean" else 1.0
+                    scaler.scale(loss * share if share != 1.0 else loss).backward()
+                    loss_sum += loss.detach() * (len(y) if cfg.loss_reduction == "mean" else 1)
+                    correct += (out.argmax(1) == y).sum()
+                    seen += len(y)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                loss_sum += loss.detach() * (len(y) if cfg.loss_reduction == "mean" else 1)
-                correct += (out.argmax(1) == y).sum()
-                seen += len(y)
                 if step % 25 == 0 or step == steps_per_epoch:
                     mean_loss = loss_sum.item() / seen
                     if not math.isfinite(mean_loss):
@@ -359,6 +365,7 @@ def train(
     echo: Callable[[str], None] = print,
 ) -> Path:
     """The whole job: load data, fit, write final weights, evaluate on the test set once, write the report."""
+    t_start = time.perf_counter()
     if resume is not None:
         run_dir = Path(resume)
     else:
@@ -401,5 +408,60 @@ def train(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     )
-    evaluate_run(run_dir, splits.test, tta=cfg.tta, model=result.model, echo=echo)
+    results = evaluate_run(run_dir, splits.test, tta=cfg.tta, model=result.model, echo=echo)
+    # Every second from the call to the finished report, data loading and evaluation included.
+    write_json(run_dir / "results.json", {**results, "total_seconds": time.perf_counter() - t_start})
     return run_dir
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation, min and max."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": n}
+
+
+def train_seeds(
+    cfg: TrainConfig,
+    seeds: int,
+    *,
+    out: Path | None = None,
+    data: D.CIFAR10 | None = None,
+    data_dir: str | os.PathLike | None = None,
+    allow_unverified: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> Path:
+    """`seeds` runs of cfg with seeds cfg.seed, cfg.seed + 1, ...; writes summary.json beside their run dirs."""
+    out = Path(out) if out else default_run_dir(cfg).with_name(default_run_dir(cfg).name + f"-{seeds}seeds")
+    if data is None:
+        data = D.load_cifar10(data_dir, allow_unverified=allow_unverified, progress=progress)
+    runs = []
+    for k in range(seeds):
+        run_cfg = TrainConfig.from_dict({**cfg.to_dict(), "seed": cfg.seed + k})
+        echo(f"--- seed {run_cfg.seed} ({k + 1}/{seeds})")
+        runs.append(
+            train(
+                run_cfg, out=out / f"seed{run_cfg.seed}", data=data, force=force, progress=progress, echo=echo
+            )
+        )
+    results = [read_json(run / "results.json") for run in runs]
+    summary = {
+        "recipe": cfg.recipe,
+        "model": cfg.model,
+        "runs": [str(run) for run in runs],
+        "seeds": [cfg.seed + k for k in range(seeds)],
+        **{
+            key: summarize([r[key] for r in results])
+            for key in ("test_accuracy", "train_seconds", "total_seconds")
+        },
+    }
+    write_json(out / "summary.json", summary)
+    acc, secs = summary["test_accuracy"], summary["total_seconds"]
+    echo(
+        f"{cfg.recipe}: test accuracy {acc['mean']:.2%} ± {acc['std']:.2%} (min {acc['min']:.2%}, max "
+        f"{acc['max']:.2%}) over {seeds} seeds; {secs['mean']:.0f} ± {secs['std']:.0f} s per run -> {out}"
+    )
+    return out
