@@ -22,10 +22,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from cifar10_cnn import data as D  # noqa: E402
-from cifar10_cnn.config import recipe_config  # noqa: E402
-from cifar10_cnn.models import count_params, create_model, list_models  # noqa: E402
-from cifar10_cnn.train import build_optimizer, fit  # noqa: E402
+from cifar10_cnn import data as D
+from cifar10_cnn.config import recipe_config
+from cifar10_cnn.models import count_params, create_model, list_models
+from cifar10_cnn.train import build_optimizer, fit
 
 
 def timed(step, seconds: float, images_per_step: int, warmup: int = 3) -> float:
@@ -82,8 +82,14 @@ def model_rates(name: str, images: torch.Tensor, batch_size: int, seconds: float
     flops = forward_flops(create_model(name))
     train = timed(train_step, seconds, batch_size)
     infer = timed(infer_step, seconds, len(eval_x))
-    return {"params": count_params(model), "flops": flops, "train": train, "infer": infer,
-            "train_gflops": 3 * flops * train / 1e9, "infer_gflops": flops * infer / 1e9}
+    return {
+        "params": count_params(model),
+        "flops": flops,
+        "train": train,
+        "infer": infer,
+        "train_gflops": 3 * flops * train / 1e9,
+        "infer_gflops": flops * infer / 1e9,
+    }
 
 
 class NaiveDataset(torch.utils.data.Dataset):
@@ -127,15 +133,21 @@ def ours_epoch_seconds(data: D.CIFAR10, n: int, tmp: str) -> float:
     """One epoch of the seed recipe through the library's fit() (training only, no validation set)."""
     cfg = recipe_config("seed", epochs=1, subset=n, val_size=0)
     splits = D.make_splits(data, val_size=0, split_seed=0, subset=n)
-    return fit(cfg, splits, __import__("pathlib").Path(tmp), progress=False, echo=lambda *_: None).train_seconds
+    return fit(
+        cfg, splits, __import__("pathlib").Path(tmp), progress=False, echo=lambda *_: None
+    ).train_seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list_models())
     parser.add_argument("--seconds", type=float, default=8.0, help="time per measurement")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="training batch (default: 64, and 500 for the airbench nets)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="training batch (default: 64, and 500 for the airbench nets)",
+    )
     parser.add_argument("--epoch-images", type=int, default=10_000, help="images in the timed seed epochs")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
@@ -147,14 +159,18 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     peak = matmul_gflops()
     print(f"fp32 matmul peak: {peak:.0f} GFLOP/s\n")
-    print(f"{'model':<14} {'params':>10} {'MFLOP/img':>10} {'train img/s':>12} {'train GFLOP/s':>14} "
-          f"{'% peak':>7} {'infer img/s':>12} {'infer GFLOP/s':>14}")
+    print(
+        f"{'model':<14} {'params':>10} {'MFLOP/img':>10} {'train img/s':>12} {'train GFLOP/s':>14} "
+        f"{'% peak':>7} {'infer img/s':>12} {'infer GFLOP/s':>14}"
+    )
     for name in args.models:
         batch = args.batch_size or (500 if name.startswith("airbench") else 64)
         r = model_rates(name, images, batch, args.seconds)
-        print(f"{name:<14} {r['params']:>10,} {r['flops'] / 1e6:>10.1f} {r['train']:>12.0f} "
-              f"{r['train_gflops']:>14.1f} {r['train_gflops'] / peak:>7.0%} {r['infer']:>12.0f} "
-              f"{r['infer_gflops']:>14.1f}")
+        print(
+            f"{name:<14} {r['params']:>10,} {r['flops'] / 1e6:>10.1f} {r['train']:>12.0f} "
+            f"{r['train_gflops']:>14.1f} {r['train_gflops'] / peak:>7.0%} {r['infer']:>12.0f} "
+            f"{r['infer_gflops']:>14.1f}"
+        )
 
     n = args.epoch_images
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,8 +178,12 @@ def main() -> None:
     naive = naive_epoch_seconds(data.train_images[:n], data.train_labels[:n])
     scale = 45_000 / n
     print(f"\nseed recipe, one epoch of {n} images (batch 64, crop+flip):")
-    print(f"  naive tutorial loop : {naive:6.1f} s  ({n / naive:.0f} img/s; 45,000 images ~ {naive * scale:.0f} s)")
-    print(f"  cifar10-cnn fit()   : {ours:6.1f} s  ({n / ours:.0f} img/s; 45,000 images ~ {ours * scale:.0f} s)")
+    print(
+        f"  naive tutorial loop : {naive:6.1f} s  ({n / naive:.0f} img/s; 45,000 images ~ {naive * scale:.0f} s)"
+    )
+    print(
+        f"  cifar10-cnn fit()   : {ours:6.1f} s  ({n / ours:.0f} img/s; 45,000 images ~ {ours * scale:.0f} s)"
+    )
     print(f"  speed-up            : {naive / ours:.2f}x")
 
 

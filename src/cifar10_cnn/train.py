@@ -187,8 +187,13 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
 ) -> FitResult:
-    """Train cfg.model on splits.train, validating on splits.val after every epoch; checkpoints in run_dir."""
+    """Train cfg.model on splits.train, validating on splits.val after every epoch; checkpoints in run_dir.
+
+    on_epoch_end(epoch, model) runs after each epoch's checkpoint, outside the epoch's timing (benchmarks use
+    it to follow test accuracy; training itself never sees the test set).
+    """
     device = select_device(cfg.device)
     amp_dtype = autocast_dtype(cfg.amp, device)
     if device.type == "cuda":
@@ -331,6 +336,8 @@ def fit(
             if improved or not has_val:
                 save_atomic(state, ckpt_dir / "best.pt")
             logger.log_epoch(row, history, cfg.epochs)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, model)
     finally:
         logger.close()
 
