@@ -1,0 +1,94 @@
+"""The fast recipe's parts: whitening init, Muon, alternating flips, TTA, and a short learning run."""
+
+from __future__ import annotations
+
+import torch
+
+from cifar10_cnn import data as D
+from cifar10_cnn.config import recipe_config
+from cifar10_cnn.evaluate import evaluate_logits
+from cifar10_cnn.models import create_model
+from cifar10_cnn.optim import Muon, orthogonalize
+from cifar10_cnn.train import build_optimizer, fit
+
+
+def test_whitening_layer_decorrelates_real_patches(cifar):
+    model = create_model("airbench")
+    x = D.normalize(torch.from_numpy(cifar.train_images[:2000]).permute(0, 3, 1, 2))
+    model.init_whitening(x)
+    out = torch.nn.functional.conv2d(x, model.whiten.weight[:12])  # the 12 positive filters
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = flat.T @ flat / len(flat)
+    # Unit variance along every direction but the faintest (where eps matters) and no correlations.
+    assert torch.allclose(cov.diagonal()[-8:], torch.ones(8), atol=0.05)
+    off = cov - torch.diag(cov.diagonal())
+    assert off.abs().max() < 0.05
+    assert not model.whiten.weight.requires_grad
+
+
+def test_orthogonalize_flattens_the_spectrum():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(64, 64))
+    v, _ = torch.linalg.qr(torch.randn(576, 64))
+    g = u @ torch.diag(torch.logspace(-1, 1, 64)) @ v.T  # singular values 0.1 ... 10: condition number 100
+    s = torch.linalg.svdvals(orthogonalize(g, steps=5))
+    assert s.min() > 0.5 and s.max() < 1.5  # all near one: condition number below 3
+    assert torch.linalg.svdvals(orthogonalize(g.T, steps=5)).max() < 1.5  # tall matrices too
+
+
+def test_muon_sgd_groups_match_torch_sgd():
+    torch.manual_seed(0)
+    a, b = torch.randn(10, 5, requires_grad=True), None
+    b = a.detach().clone().requires_grad_(True)
+    ours = Muon([{"params": [a]}], lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    ref = torch.optim.SGD([b], lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    for _ in range(3):
+        for p, opt in ((a, ours), (b, ref)):
+            opt.zero_grad()
+            (p**2).sum().backward()
+            opt.step()
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_fast_recipe_groups_and_schedules():
+    cfg = recipe_config("fast")
+    model = create_model(cfg.model)
+    opt, sched = build_optimizer(model, cfg, steps_per_epoch=25)
+    muon = [g for g in opt.param_groups if g.get("muon")]
+    assert len(muon) == 1 and all(p.ndim == 4 for p in muon[0]["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
+    whiten = next(g for g in opt.param_groups if any(p is model.whiten.bias for p in g["params"]))
+    for _ in range(75):  # three epochs: the whitening bias has stopped learning
+        opt.step()
+        sched.step()
+    assert whiten["lr"] == 0 and opt.param_groups[0]["lr"] > 0
+
+
+def test_alternating_flips_flip_every_image_every_other_epoch():
+    base = D.alternating_flips(1000, seed=0)
+    odd, even = base ^ False, base ^ True
+    assert bool((odd != even).all()) and 400 < int(base.sum()) < 600
+    assert torch.equal(base, D.alternating_flips(1000, seed=0))
+
+
+def test_tta_levels_on_a_symmetric_model(cifar):
+    """TTA views only average predictions: on a model that ignores mirroring, level 1 changes nothing."""
+    model = torch.nn.Sequential(
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 10)
+    ).eval()
+    split = D.to_split(cifar.test_images[:100], cifar.test_labels[:100])
+    plain, mirrored = evaluate_logits(model, split, tta=0), evaluate_logits(model, split, tta=1)
+    assert torch.allclose(plain, mirrored, atol=1e-5)
+    assert evaluate_logits(model, split, tta=2).shape == (100, 10)
+
+
+def test_fast_recipe_learns_in_one_short_epoch(cifar, tmp_path):
+    """The whole fast recipe (whitening, Muon, alternating flip, label smoothing) on 4,500 images, 9 steps."""
+    cfg = recipe_config("fast", epochs=1, subset=5000, val_size=500, batch_size=500, micro_batch=None, tta=0)
+    splits = D.make_splits(cifar, val_size=500, split_seed=0, subset=5000)
+    result = fit(cfg, splits, tmp_path, progress=False, echo=lambda *_: None)
+    test = D.to_split(cifar.test_images[:2000], cifar.test_labels[:2000])
+    acc = (evaluate_logits(result.model, test).argmax(1) == test.labels).float().mean().item()
+    assert result.history[0]["val_acc"] > 0.25 and acc > 0.25, (result.history, acc)
