@@ -144,6 +144,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         model="airbench",
         epochs=8,
         batch_size=2000,
+        micro_batch=500,
         optimizer="muon",
         lr=0.67,
         bias_lr_scale=0.053 / 0.67,
@@ -163,6 +164,15 @@ RECIPES: dict[str, dict[str, Any]] = {
         tta=2,
         val_size=0,
     ),
+}
+# The same tricks on the narrow net (32/64/128) for a few epochs: the short-budget recipe for CPUs.
+RECIPES["quick"] = {
+    **RECIPES["fast"],
+    "model": "airbench_small",
+    "epochs": 4,
+    "batch_size": 1000,
+    "weight_decay": 2e-6 * 1000,
+    "whiten_bias_epochs": 1,
 }
 DEFAULT_RECIPE = "seed"
 
