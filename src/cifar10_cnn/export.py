@@ -1,0 +1,300 @@
+"""Export a trained model as safetensors (weights + metadata), ONNX (dynamic batch) or TorchScript, verified.
+
+ONNX and TorchScript exports take what predict.preprocess returns: uint8 RGB images (N, 32, 32, 3), N any;
+the normalisation is inside the graph and the output is raw logits (N, 10). Divide them by the `temperature`
+in the model's metadata before the softmax. Every export is loaded back and run on real CIFAR-10 test images;
+it is kept only if its logits match PyTorch's within ATOL (max absolute difference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import load_model, save_weights, weights_path
+from .errors import DataError, UserError
+from .models import count_params
+from .predict import ModelInfo, describe
+
+FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "torchscript": ".pt"}
+ATOL = 1e-4
+VERIFY_IMAGES = 256
+INPUT_DOC = (
+    "images: uint8 RGB (N, 32, 32, 3), preprocessed as cifar10_cnn.predict.preprocess does "
+    "(EXIF orientation, RGB on white, centre square crop, antialiased bicubic resize to 32x32); "
+    "output logits: float32 (N, C); probabilities = softmax(logits / temperature)"
+)
+
+
+class ExportError(UserError):
+    """An exported model does not reproduce the PyTorch model."""
+
+
+class UInt8Classifier(nn.Module):
+    """The model behind the preprocessing contract: uint8 RGB images (N, 32, 32, 3) in, logits out."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.model = model
+        # The same float32 constants and operations as data.normalize, so the results are identical.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+        self.register_buffer("inv_std", 1 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).to(torch.float32)
+        return self.model((x - self.mean) * self.inv_std)
+
+
+def wrap(model: nn.Module, meta: dict[str, Any]) -> UInt8Classifier:
+    """A copy of the model, contiguous fp32 in eval mode, behind the uint8 input."""
+    from .data import MEAN, STD
+
+    inner = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
+    return UInt8Classifier(inner, list(meta.get("mean", MEAN)), list(meta.get("std", STD))).eval()
+
+
+def torch_logits(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The reference: the PyTorch model's logits for uint8 NHWC images, normalised as in training."""
+    from .data import normalize
+
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2)
+            out.append(model(normalize(x)).float().numpy())
+    return np.concatenate(out)
+
+
+def export_metadata(meta: dict[str, Any], info: ModelInfo) -> dict[str, Any]:
+    """What a deployed model needs to be used and identified, for every format's metadata."""
+    from .data import MEAN, STD
+
+    return {
+        "architecture": info.architecture,
+        "classes": info.classes,
+        "mean": list(meta.get("mean", MEAN)),
+        "std": list(meta.get("std", STD)),
+        "temperature": info.temperature,
+        "name": info.name,
+        "version": info.version,
+        "params": info.params,
+        "test_accuracy": info.test_accuracy,
+        "config": meta.get("config", {}),
+        "input": INPUT_DOC,
+        "producer": f"cifar10-cnn {__version__}",
+    }
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' progress prints, deprecation warnings and missing-torchvision log lines."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def onnx_bytes(model: nn.Module, meta: dict[str, Any], info: ModelInfo) -> bytes:
+    """The model as an ONNX graph (opset 20) with a dynamic batch dimension and the metadata as properties."""
+    wrapper = wrap(model, meta)
+    example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                wrapper,
+                (example,),
+                dynamo=True,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}},
+                verbose=False,
+                optimize=True,
+            )
+            proto = program.model_proto
+    except Exception as e:  # the exporter's errors are many and internal; one line says which model failed
+        raise ExportError(
+            f"ONNX export of {info.architecture} failed ({str(e).strip().splitlines()[0][:200]})"
+        ) from None
+    proto.doc_string = INPUT_DOC
+    for key, value in export_metadata(meta, info).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    return proto.SerializeToString()
+
+
+def verification_images(
+    data_dir: str | os.PathLike | None = None, *, required: bool = True, n: int = VERIFY_IMAGES
+) -> tuple[np.ndarray, str]:
+    """The first n CIFAR-10 test images (never downloaded here); random images when not required."""
+    from .data import load_cifar10, resolve_data_dir
+
+    try:
+        data = load_cifar10(data_dir, download=False, progress=False)
+        return data.test_images[:n], "CIFAR-10 test images"
+    except DataError:
+        if required:
+            raise UserError(
+                f"export checks the exported model on real CIFAR-10 test images, and none were found in "
+                f"{resolve_data_dir(data_dir)}; pass --data-dir (or set CIFAR10_DATA)"
+            ) from None
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), "random images (CIFAR-10 not found)"
+
+
+def _check(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
+    if got.shape != want.shape:
+        raise ExportError(f"the {name} export gives logits of shape {got.shape}, PyTorch {want.shape}")
+    diff = float(np.abs(got.astype(np.float64) - want).max()) if want.size else 0.0
+    if not diff <= atol:  # also catches NaN
+        raise ExportError(
+            f"the {name} export does not reproduce the PyTorch model: max |logit difference| {diff:.3g} > {atol:g}"
+        )
+    return diff
+
+
+def verify_onnx(
+    data: bytes | str | os.PathLike, model: nn.Module, images: np.ndarray, atol: float = ATOL
+) -> float:
+    """Max |logit difference| of the ONNX model against PyTorch, at the full batch and at batch size 1."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(
+        data if isinstance(data, bytes) else str(data), opts, providers=["CPUExecutionProvider"]
+    )
+    want = torch_logits(model, images)
+    got = session.run(None, {"images": np.ascontiguousarray(images)})[0]
+    one = session.run(None, {"images": np.ascontiguousarray(images[:1])})[0]
+    return max(_check("ONNX", got, want, atol), _check("ONNX (batch 1)", one, want[:1], atol))
+
+
+def verify_torchscript(path: Path, model: nn.Module, images: np.ndarray, atol: float = ATOL) -> float:
+    with _quiet():
+        scripted = torch.jit.load(str(path), map_location="cpu")  # the file this process just wrote
+    with torch.inference_mode():
+        got = scripted(torch.from_numpy(np.ascontiguousarray(images))).numpy()
+        one = scripted(torch.from_numpy(np.ascontiguousarray(images[:1]))).numpy()
+    want = torch_logits(model, images)
+    return max(_check("TorchScript", got, want, atol), _check("TorchScript (batch 1)", one, want[:1], atol))
+
+
+def verify_safetensors(path: Path, model: nn.Module, images: np.ndarray, atol: float = ATOL) -> float:
+    loaded, _ = load_model(path)
+    return _check("safetensors", torch_logits(loaded, images), torch_logits(model, images), atol)
+
+
+def _write(fmt: str, tmp: Path, model: nn.Module, meta: dict[str, Any], info: ModelInfo) -> None:
+    data = export_metadata(meta, info)
+    if fmt == "safetensors":
+        extra = {
+            k: v for k, v in data.items() if k not in ("architecture", "classes", "mean", "std", "config")
+        }
+        save_weights(
+            model,
+            tmp,
+            architecture=info.architecture,
+            config=data["config"],
+            classes=tuple(info.classes),
+            extra=extra,
+        )
+    elif fmt == "onnx":
+        tmp.write_bytes(onnx_bytes(model, meta, info))
+    else:
+        with _quiet():
+            traced = torch.jit.trace(wrap(model, meta), torch.zeros(2, 32, 32, 3, dtype=torch.uint8))
+            torch.jit.save(traced, str(tmp), _extra_files={"cifar10_cnn.json": json.dumps(data)})
+
+
+def export_model(
+    source: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    fmt: str = "safetensors",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    atol: float = ATOL,
+    images: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Export a run's model (or a .safetensors file) to out, verified; nothing is left behind if it fails."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    source = Path(source)
+    if source.suffix.lower() == ".onnx":
+        raise UserError(f"{source} is already exported; export from a run directory or a .safetensors file")
+    weights = weights_path(source)
+    model, meta = load_model(weights)
+    info = describe(source, meta, weights, count_params(model))
+    out = Path(out) if out is not None else Path(f"{info.name}{FORMATS[fmt]}")
+    if out.is_dir():
+        raise UserError(
+            f"--out {out} is a directory; give a file name such as {out / ('model' + FORMATS[fmt])}"
+        )
+    if out.exists() and out.resolve() == weights.resolve():
+        raise UserError(f"--out {out} is the model being exported; choose another file")
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise UserError(f"the folder {out.parent} does not exist")
+    what = "given images"
+    if images is None:
+        images, what = verification_images(data_dir)
+    t0 = time.perf_counter()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        _write(fmt, tmp, model, meta, info)
+        verify = {"safetensors": verify_safetensors, "onnx": verify_onnx, "torchscript": verify_torchscript}[
+            fmt
+        ]
+        diff = verify(tmp, model, images, atol)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {
+        "format": fmt,
+        "path": str(out),
+        "bytes": out.stat().st_size,
+        "model": info.name,
+        "architecture": info.architecture,
+        "max_abs_diff": diff,
+        "atol": atol,
+        "verified_on": f"{len(images)} {what}",
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def export_command(
+    source: str | os.PathLike,
+    out: str | os.PathLike | None,
+    fmt: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    force: bool = False,
+) -> int:
+    """`cifar10 export`: export, verify, and say what was written."""
+    r = export_model(source, out, fmt, data_dir=data_dir, force=force)
+    print(
+        f"exported {r['model']} ({r['architecture']}) as {r['format']} to {r['path']} ({r['bytes'] / 1e6:.1f} MB); "
+        f"verified on {r['verified_on']}: max |logit difference| {r['max_abs_diff']:.2g} <= {r['atol']:g}"
+    )
+    return 0

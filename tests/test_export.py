@@ -1,0 +1,149 @@
+"""Export: every format round-trips (the exported model reproduces PyTorch on real test images), or fails."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cifar10_cnn import export as E
+from cifar10_cnn.checkpoint import load_model, read_metadata, save_weights
+from cifar10_cnn.models import create_model
+from tests.conftest import error_line, run_cli
+
+
+@pytest.fixture(scope="module")
+def held_out(cifar) -> np.ndarray:
+    """Test images other than the ones the export verifies on."""
+    return cifar.test_images[5000:5100]
+
+
+@pytest.fixture(scope="module")
+def fast_net(cifar, tmp_path_factory) -> Path:
+    """The fast net (whitening conv, frozen-scale batch norm, GELU) with data-set whitening and non-trivial
+    batch-norm statistics, saved as a weights file: the hardest of the registry to export exactly."""
+    torch.manual_seed(0)
+    model = create_model("airbench_small")
+    from cifar10_cnn.data import normalize
+
+    x = normalize(torch.from_numpy(cifar.train_images[:500]).permute(0, 3, 1, 2))
+    model.init_whitening(x)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.2, 0.2)
+    path = tmp_path_factory.mktemp("fast") / "airbench_small.safetensors"
+    save_weights(model.eval(), path, architecture="airbench_small", extra={"temperature": 1.3})
+    return path
+
+
+def torch_reference(source: Path, images: np.ndarray) -> np.ndarray:
+    model, _ = load_model(source)
+    return E.torch_logits(model, images)
+
+
+def onnx_session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_onnx_export_round_trips_with_a_dynamic_batch(trained_run, tmp_path, held_out):
+    out = tmp_path / "model.onnx"
+    proc = run_cli("export", str(trained_run), "--format", "onnx", "--out", str(out))
+    assert "verified on 256 CIFAR-10 test images" in proc.stdout and out.is_file()
+    session = onnx_session(out)
+    (inp,) = session.get_inputs()
+    assert inp.name == "images" and inp.type == "tensor(uint8)" and inp.shape[1:] == [32, 32, 3]
+    assert isinstance(inp.shape[0], str)  # the batch dimension is symbolic
+    want = torch_reference(trained_run, held_out)
+    for n in (1, 3, 100):
+        got = session.run(None, {"images": held_out[:n]})[0]
+        assert got.shape == (n, 10)
+        assert np.abs(got - want[:n]).max() < E.ATOL
+    meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    source = read_metadata(trained_run / "model.safetensors")
+    assert meta["architecture"] == "seed_cnn" and meta["classes"][3] == "cat"
+    assert meta["temperature"] == pytest.approx(source.get("temperature", 1.0))
+    assert meta["mean"] == source["mean"] and meta["std"] == source["std"]
+    assert meta["name"] == "seed-small" and meta["params"] == 1_147_466 and 0 <= meta["test_accuracy"] <= 1
+
+
+def test_safetensors_export_keeps_weights_and_adds_metadata(trained_run, tmp_path, held_out):
+    out = tmp_path / "model.safetensors"
+    run_cli("export", str(trained_run), "--out", str(out))  # safetensors is the default format
+    meta = read_metadata(out)
+    assert {"architecture", "classes", "mean", "std", "temperature", "name", "version", "params"} <= set(meta)
+    assert np.array_equal(torch_reference(out, held_out), torch_reference(trained_run, held_out))
+
+
+@pytest.mark.filterwarnings("ignore:.*is deprecated:DeprecationWarning")  # TorchScript is, in torch 2.13
+def test_torchscript_export_round_trips(trained_run, tmp_path, held_out):
+    out = tmp_path / "model.pt"
+    run_cli("export", str(trained_run), "--format", "torchscript", "--out", str(out))
+    extra = {"cifar10_cnn.json": ""}
+    scripted = torch.jit.load(str(out), _extra_files=extra)  # our own file, just written
+    assert json.loads(extra["cifar10_cnn.json"])["architecture"] == "seed_cnn"
+    with torch.inference_mode():
+        got = scripted(torch.from_numpy(held_out[:7])).numpy()
+    assert np.abs(got - torch_reference(trained_run, held_out[:7])).max() < E.ATOL
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "safetensors", "torchscript"])
+def test_the_fast_net_exports_exactly(fast_net, tmp_path, held_out, cifar, fmt):
+    out = tmp_path / f"fast{E.FORMATS[fmt]}"
+    report = E.export_model(fast_net, out, fmt, images=cifar.test_images[:128])
+    assert report["max_abs_diff"] < E.ATOL and out.is_file()
+    if fmt == "onnx":
+        got = onnx_session(out).run(None, {"images": held_out})[0]
+        assert np.abs(got - torch_reference(fast_net, held_out)).max() < E.ATOL
+
+
+def test_a_failed_verification_keeps_nothing(trained_run, tmp_path, monkeypatch, cifar):
+    real = E.onnx_bytes
+
+    def perturbed(model, meta, info):
+        model = create_model(info.architecture)  # different weights: the export cannot match
+        return real(model, meta, info)
+
+    monkeypatch.setattr(E, "onnx_bytes", perturbed)
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(E.ExportError, match="does not reproduce the PyTorch model"):
+        E.export_model(trained_run, out, "onnx", images=cifar.test_images[:32])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_onnx_checks_batch_one_too(trained_run, cifar):
+    model, meta = load_model(trained_run)
+    info = E.describe(trained_run, meta, trained_run / "model.safetensors", 1)
+    data = E.onnx_bytes(model, meta, info)
+    assert E.verify_onnx(data, model, cifar.test_images[:16]) < E.ATOL
+    with torch.no_grad():
+        model.classifier[-1].bias += 1e-3  # now the reference differs by 1e-3
+    with pytest.raises(E.ExportError, match=r"max \|logit difference\| 0\.001"):
+        E.verify_onnx(data, model, cifar.test_images[:16])
+
+
+def test_export_cli_errors_are_one_line(trained_run, tmp_path):
+    out = tmp_path / "m.onnx"
+    out.write_text("already here")
+    assert "--force" in error_line(
+        run_cli("export", str(trained_run), "--format", "onnx", "--out", str(out), check=False)
+    )
+    assert "does not exist" in error_line(run_cli("export", str(tmp_path / "nope"), check=False))
+    assert "already exported" in error_line(run_cli("export", str(out), check=False))
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    proc = run_cli("export", str(trained_run), "--out", str(tmp_path / "x.onnx"), "--format", "onnx",
+                   "--data-dir", str(empty), check=False)  # fmt: skip
+    assert "real CIFAR-10 test images" in error_line(proc)
+    assert not (tmp_path / "x.onnx").exists()
+    proc = run_cli(
+        "export", str(trained_run), "--out", str(trained_run / "model.safetensors"), "--force", check=False
+    )
+    assert "is the model being exported" in error_line(proc)

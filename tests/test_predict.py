@@ -1,0 +1,328 @@
+"""Predict: the one preprocessing over every odd kind of image file, predictors for each model format, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar10_cnn.predict import (
+    ImageError,
+    find_images,
+    load_image,
+    load_predictor,
+    preprocess,
+    read_image_file,
+    softmax,
+)
+from tests.conftest import error_line, run_cli
+
+
+@pytest.fixture(scope="module")
+def test_images(cifar) -> np.ndarray:
+    return cifar.test_images[:64]
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims a huge size: signature, IHDR and IEND, no pixel data (a decompression-bomb header)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+# --- preprocessing -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fmt, kw", [("PNG", {}), ("BMP", {}), ("WEBP", {"lossless": True}), ("TIFF", {}), ("PPM", {})]
+)
+def test_a_cifar_image_in_a_lossless_format_passes_unchanged(test_images, fmt, kw):
+    for image in test_images[:4]:
+        assert np.array_equal(load_image(encode(Image.fromarray(image), fmt, **kw)), image)
+
+
+def test_lossy_formats_decode_close_to_the_original(test_images):
+    image = test_images[0]
+    big = Image.fromarray(image).resize((320, 320), Image.Resampling.NEAREST)
+    for fmt in ("JPEG", "WEBP"):
+        out = load_image(encode(big, fmt, quality=95))
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+        assert np.abs(out.astype(int) - image).mean() < 6, fmt
+
+
+def test_non_square_images_are_centre_cropped_before_the_resize(test_images):
+    square = Image.fromarray(test_images[1]).resize((64, 64), Image.Resampling.NEAREST)
+    wide = Image.new("RGB", (100, 64), (255, 0, 0))
+    wide.paste(square, (18, 0))  # (100 - 64) // 2
+    tall = Image.new("RGB", (64, 101), (0, 0, 255))
+    tall.paste(square, (0, 18))  # (101 - 64) // 2
+    expected = preprocess(square)
+    assert np.array_equal(preprocess(wide), expected)  # no red bleeds in from outside the square
+    assert np.array_equal(preprocess(tall), expected)
+
+
+def test_grayscale_one_bit_and_palette_images_become_rgb():
+    gray = Image.linear_gradient("L").resize((64, 64))
+    out = load_image(encode(gray, "PNG"))
+    assert (
+        out.shape == (32, 32, 3) and (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+    )
+    assert out.min() < 30 and out.max() > 220
+    one_bit = load_image(encode(gray.convert("1"), "PNG"))
+    assert set(np.unique(one_bit)) <= set(range(256)) and one_bit.shape == (32, 32, 3)
+    palette = Image.new("RGB", (40, 40), (10, 200, 30)).convert("P", palette=Image.Palette.ADAPTIVE)
+    assert np.abs(load_image(encode(palette, "PNG")).astype(int) - (10, 200, 30)).max() <= 2
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits():
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    img16 = Image.fromarray(ramp)  # mode I;16
+    data = encode(img16, "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    got = load_image(data)[..., 0].astype(int)
+    want = preprocess(Image.fromarray(np.rint(ramp / 257).astype(np.uint8), "L"))[..., 0].astype(int)
+    assert np.abs(got - want).max() <= 1
+    # 48-bit RGB PNG: Pillow reads it as 8-bit RGB already
+    mid = Image.fromarray(np.full((8, 8), 32768, np.uint16))
+    assert abs(int(load_image(encode(mid, "PNG")).mean()) - 128) <= 1
+
+
+def test_transparency_is_composited_on_white():
+    rgba = Image.new("RGBA", (32, 32), (255, 0, 0, 255))
+    rgba.paste((0, 0, 255, 0), (0, 0, 16, 32))  # left half fully transparent
+    rgba.paste((0, 0, 0, 128), (16, 0, 24, 32))  # a half-transparent black band
+    out = load_image(encode(rgba, "PNG")).astype(int)
+    assert (out[:, :16] == 255).all()  # white, not the hidden blue
+    assert np.abs(out[:, 16:24] - 127).max() <= 1  # half black over white
+    assert (out[:, 24:] == (255, 0, 0)).all()
+    la = Image.new("LA", (8, 8), (0, 0))  # transparent black -> white
+    assert (load_image(encode(la, "PNG")) == 255).all()
+    # a palette PNG with a transparent index
+    pal = Image.new("P", (32, 32), 0)
+    pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    pal.paste(1, (16, 0, 32, 32))
+    out = load_image(encode(pal, "PNG", transparency=0))
+    assert (out[:, :16] == 255).all() and (out[:, 16:] == (0, 255, 0)).all()
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (64, 64), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 32, 64, 64))  # stored: red top, blue bottom
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    out = load_image(encode(img, "JPEG", exif=exif, quality=95)).astype(int)
+    left, right = out[:, :16].mean((0, 1)), out[:, 16:].mean((0, 1))
+    assert left[2] > 200 and left[0] < 50  # displayed: blue on the left
+    assert right[0] > 200 and right[2] < 50  # and red on the right
+
+
+def test_gif_uses_the_first_frame():
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+    assert (load_image(data) == (255, 0, 0)).all()
+
+
+def test_cmyk_tiny_and_large_jpegs():
+    cmyk = Image.new("CMYK", (20, 20), (0, 255, 255, 0))  # red in CMYK
+    out = load_image(encode(cmyk, "JPEG", quality=95)).astype(int)
+    assert out[..., 0].mean() > 200 and out[..., 1:].mean() < 60
+    assert load_image(encode(Image.new("RGB", (1, 1), (9, 8, 7)), "PNG")).tolist() == [[[9, 8, 7]] * 32] * 32
+    assert load_image(encode(Image.new("RGB", (7, 3)), "PNG")).shape == (32, 32, 3)
+    # a 12-megapixel photo is decoded at a reduced JPEG scale: same result as the full decode, closely
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    big = Image.fromarray(small).resize((4000, 3000), Image.Resampling.BILINEAR)
+    via_jpeg = load_image(encode(big, "JPEG", quality=95)).astype(int)
+    full = preprocess(big).astype(int)
+    assert np.abs(via_jpeg - full).mean() < 3
+
+
+@pytest.mark.parametrize(
+    "data, status, words",
+    [
+        (b"", 400, "empty"),
+        (b"this is not an image, it is text\n" * 10, 415, "not an image"),
+        (png_header_only(100_000, 100_000), 413, "pixels"),
+    ],
+)
+def test_bad_image_bytes_are_refused_with_a_reason(data, status, words):
+    with pytest.raises(ImageError, match=words) as e:
+        load_image(data)
+    assert e.value.status == status
+
+
+def test_formats_that_run_external_programs_are_refused():
+    eps = encode(Image.new("RGB", (10, 10)), "EPS")  # Pillow would run Ghostscript to decode it
+    with pytest.raises(ImageError, match="not an image in a supported format"):
+        load_image(eps)
+
+
+def test_truncated_images_are_refused(test_images):
+    big = Image.fromarray(test_images[0]).resize((256, 256))
+    for fmt in ("PNG", "JPEG"):
+        data = encode(big, fmt)
+        with pytest.raises(ImageError, match="truncated or corrupt") as e:
+            load_image(data[: len(data) // 2])
+        assert e.value.status == 422
+
+
+def test_the_pixel_limit_is_enforced_before_decoding():
+    data = encode(Image.new("RGB", (300, 200)), "PNG")
+    with pytest.raises(ImageError, match="over the limit of 50,000 pixels"):
+        load_image(data, max_pixels=50_000)
+    assert load_image(data, max_pixels=60_000).shape == (32, 32, 3)
+
+
+def test_read_image_file_errors(tmp_path):
+    with pytest.raises(ImageError, match="no such file"):
+        read_image_file(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match="directory"):
+        read_image_file(tmp_path)
+
+
+# --- predictors and files ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory, test_images) -> Path:
+    """A folder tree of real CIFAR-10 test images in several formats, one broken file, one text file."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "a" / "b").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    for i, image in enumerate(test_images[:12]):
+        folder = [root, root / "a", root / "a" / "b"][i % 3]
+        Image.fromarray(image).save(folder / f"img{i:02d}.{['png', 'bmp', 'webp'][i % 3]}", lossless=True)
+    Image.fromarray(test_images[0]).save(root / ".hidden" / "skipped.png")
+    (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (root / "notes.txt").write_text("not an image, and not picked up from a folder")
+    return root
+
+
+def test_find_images_walks_folders_recursively(image_tree):
+    files = find_images([image_tree])
+    names = sorted(p.name for p in files)
+    assert len(files) == 13 and "broken.png" in names
+    assert "notes.txt" not in names and "skipped.png" not in names
+    assert find_images([image_tree / "notes.txt"]) == [image_tree / "notes.txt"]  # named files always count
+
+
+def test_predictions_match_the_model_on_the_arrays(trained_run, test_images):
+    from cifar10_cnn.checkpoint import load_model
+    from cifar10_cnn.export import torch_logits
+
+    predictor = load_predictor(trained_run)
+    model, meta = load_model(trained_run)
+    want = softmax(torch_logits(model, test_images), meta.get("temperature", 1.0))  # calibrated, when it is
+    got = predictor.probabilities(test_images)
+    assert np.abs(got - want).max() < 1e-6
+    assert np.allclose(got.sum(1), 1, atol=1e-5)
+    tops = predictor.top_k(test_images[:3], 3)
+    assert [t[0][0] for t in tops] == [predictor.info.classes[i] for i in want[:3].argmax(1)]
+    assert all(t[0][1] >= t[1][1] >= t[2][1] for t in tops)
+    assert predictor.info.architecture == "seed_cnn" and predictor.info.params == 1_147_466
+    assert predictor.info.test_accuracy is not None and len(predictor.info.version) == 12
+
+
+def test_temperature_scales_the_probabilities(trained_run, test_images, tmp_path, cifar):
+    from cifar10_cnn.checkpoint import load_model, read_metadata, save_weights
+    from cifar10_cnn.export import export_model, torch_logits
+
+    model, meta = load_model(trained_run)
+    hot = tmp_path / "hot.safetensors"
+    save_weights(
+        model, hot, architecture=meta["architecture"], config=meta["config"], extra={"temperature": 2.5}
+    )
+    assert read_metadata(hot)["temperature"] == 2.5
+    logits = torch_logits(model, test_images)
+    for path in (hot, Path(export_model(hot, tmp_path / "hot.onnx", "onnx", images=test_images)["path"])):
+        predictor = load_predictor(path)
+        assert predictor.info.temperature == 2.5
+        assert np.abs(predictor.probabilities(test_images) - softmax(logits / 2.5)).max() < 1e-5
+        assert not np.allclose(softmax(logits), softmax(logits / 2.5), atol=1e-3)
+
+
+def test_every_model_format_predicts_the_same(trained_run, test_images, tmp_path):
+    from cifar10_cnn.export import export_model
+
+    onnx = export_model(trained_run, tmp_path / "m.onnx", "onnx", images=test_images)["path"]
+    st = export_model(trained_run, tmp_path / "m.safetensors", "safetensors", images=test_images)["path"]
+    reference = load_predictor(trained_run).probabilities(test_images)
+    for path, backend in ((st, "auto"), (onnx, "auto"), (trained_run, "onnx")):
+        predictor = load_predictor(path, backend)
+        assert np.abs(predictor.probabilities(test_images) - reference).max() < 1e-5, (path, backend)
+        assert predictor.info.version == load_predictor(trained_run).info.version  # the weights' identity
+    assert load_predictor(onnx).info.backend == "onnx"
+
+
+def test_cli_predict_table_lists_errors_and_exits_1(trained_run, image_tree, tmp_path):
+    proc = run_cli("predict", str(trained_run), str(image_tree), str(tmp_path / "missing.jpg"), check=False)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:4] == ["file", "top", "1", "top"]
+    assert len(lines) == 1 + 13 + 1
+    errors = [ln for ln in lines if "error:" in ln]
+    assert len(errors) == 2 and "broken.png" in errors[0] and "no such file" in errors[1]
+    assert "12 images predicted, 2 failed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_predict_json_and_csv(trained_run, image_tree, test_images):
+    files = [str(image_tree / "img00.png"), str(image_tree / "img03.png")]
+    proc = run_cli("predict", str(trained_run), *files, "--top-k", "4", "--json")
+    out = json.loads(proc.stdout)
+    assert out["model"]["architecture"] == "seed_cnn"
+    assert [r["file"] for r in out["results"]] == files
+    probs = load_predictor(trained_run).probabilities(test_images[[0, 3]])
+    for r, p in zip(out["results"], probs, strict=True):
+        assert len(r["predictions"]) == 4
+        assert r["predictions"][0]["probability"] == pytest.approx(float(p.max()), abs=1e-6)
+    proc = run_cli("predict", str(trained_run), str(image_tree / "a"), "--csv", "--top-k", "2", check=False)
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert proc.returncode == 1
+    assert sum(1 for r in rows if r["error"]) == 1 and sum(1 for r in rows if r["rank"] == "1") == 8
+    assert {r["rank"] for r in rows if not r["error"]} == {"1", "2"}
+
+
+def test_cli_predict_accepts_onnx_and_safetensors(trained_run, image_tree, tmp_path, data_dir):
+    run_cli("export", str(trained_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    outputs = []
+    for model in (trained_run, trained_run / "model.safetensors", tmp_path / "m.onnx"):
+        proc = run_cli("predict", str(model), str(image_tree / "img00.png"), "--json", "--top-k", "10")
+        outputs.append(json.loads(proc.stdout)["results"][0]["predictions"])
+    for other in outputs[1:]:
+        assert [p["class"] for p in other] == [p["class"] for p in outputs[0]]
+        assert np.allclose(
+            [p["probability"] for p in other], [p["probability"] for p in outputs[0]], atol=1e-5
+        )
+
+
+def test_cli_predict_errors_are_one_line(trained_run, tmp_path, image_tree):
+    assert "does not exist" in error_line(
+        run_cli("predict", str(tmp_path / "nope"), str(image_tree), check=False)
+    )
+    assert "--top-k 0" in error_line(
+        run_cli("predict", str(trained_run), str(image_tree), "--top-k", "0", check=False)
+    )
+    (tmp_path / "empty").mkdir()
+    assert "no image files" in error_line(
+        run_cli("predict", str(trained_run), str(tmp_path / "empty"), check=False)
+    )
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    assert "not a usable ONNX model" in error_line(run_cli("predict", str(bad), str(image_tree), check=False))

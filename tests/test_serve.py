@@ -1,0 +1,457 @@
+"""Serve: the real server (uvicorn on 127.0.0.1, a free port) over HTTP, every bad input, and a real browser.
+
+The browser test drives Debian's Chromium (apt package `chromium`) with Playwright; when Chromium is missing
+and the tests run as root, the fixture installs it with apt-get.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar10_cnn.predict import load_image, load_predictor
+from tests.conftest import DATA_DIR, error_line, run_cli
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+
+def start_server(model: Path, log: Path, *args: str, timeout: float = 180) -> Server:
+    """`cifar10 serve MODEL --port P` in a subprocess, once /health answers."""
+    port = free_port()
+    env = {**os.environ, "CIFAR10_DATA": str(DATA_DIR), "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cifar10_cnn",
+                "serve",
+                str(model),
+                "--port",
+                str(port),
+                "--no-access-log",
+                *args,
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return Server(url, proc, log)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise AssertionError(f"the server did not answer /health in {timeout} s:\n{log.read_text()}")
+
+
+def stop_server(server: Server) -> None:
+    server.proc.terminate()  # uvicorn shuts down gracefully on SIGTERM
+    try:
+        server.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(trained_run, tmp_path_factory) -> Iterator[Server]:
+    s = start_server(trained_run, tmp_path_factory.mktemp("serve") / "server.log")
+    yield s
+    stop_server(s)
+    assert s.proc.returncode is not None
+    assert "Traceback" not in s.log.read_text(), s.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def png(image: np.ndarray, size: int | None = None) -> bytes:
+    img = Image.fromarray(image)
+    if size:
+        img = img.resize((size, size), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cat_png(cifar) -> bytes:
+    return png(cifar.test_images[0])  # a cat, CIFAR-10 test image 0
+
+
+# --- the API ---------------------------------------------------------------------------------------------------
+
+
+def test_health_model_and_docs(client, server):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["backend"] == "torch"
+    model = client.get("/model").json()
+    assert model["architecture"] == "seed_cnn" and model["params"] == 1_147_466
+    assert model["classes"][0] == "airplane" and len(model["classes"]) == 10
+    assert 0 <= model["test_accuracy"] <= 1 and model["limits"]["max_upload_mb"] == 10
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text  # no CDN
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
+    page = client.get("/")
+    assert (
+        page.status_code == 200 and "drop" in page.text.lower() and "http" not in page.text.split("<body>")[0]
+    )
+    assert "http://127.0.0.1:" in server.log.read_text()  # binds to localhost unless --host says otherwise
+
+
+def test_predict_one_and_several_files(client, trained_run, cifar, cat_png):
+    r = client.post("/predict", files={"file": ("cat.png", cat_png, "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["architecture"] == "seed_cnn" and len(body["model"]["version"]) == 12
+    (result,) = body["results"]
+    assert result["filename"] == "cat.png" and len(result["predictions"]) == 5
+    probs = [p["probability"] for p in result["predictions"]]
+    assert probs == sorted(probs, reverse=True)
+    predictor = load_predictor(trained_run)
+    want = predictor.top_k(cifar.test_images[:1], 5)[0]
+    assert [p["class"] for p in result["predictions"]] == [c for c, _ in want]
+    assert np.allclose(probs, [p for _, p in want], atol=1e-5)
+
+    files = [("files", (f"img{i}.png", png(cifar.test_images[i], 64), "image/png")) for i in range(5)]
+    r = client.post("/predict", params={"top_k": 10, "include_input": "true"}, files=files)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["filename"] for x in results] == [f"img{i}.png" for i in range(5)]
+    assert all(len(x["predictions"]) == 10 for x in results)
+    assert all(abs(sum(p["probability"] for p in x["predictions"]) - 1) < 1e-4 for x in results)
+    seen = base64.b64decode(results[2]["input"].split(",", 1)[1])
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(seen))), load_image(png(cifar.test_images[2], 64)))
+
+
+def test_bad_inputs_are_4xx_with_a_json_message(client, cifar, cat_png):
+    def post(files, **kw) -> httpx.Response:
+        return client.post("/predict", files=files, **kw)
+
+    big = Image.fromarray(cifar.test_images[0]).resize((200, 200))
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    truncated = buf.getvalue()[: len(buf.getvalue()) // 2]
+    from tests.test_predict import png_header_only
+
+    cases = {
+        "not an image": (post({"file": ("notes.txt", b"hello, not an image\n" * 20, "text/plain")}), 415),
+        "empty file": (post({"file": ("empty.png", b"", "image/png")}), 400),
+        "truncated": (post({"file": ("half.png", truncated, "image/png")}), 422),
+        "bomb": (post({"file": ("bomb.png", png_header_only(200_000, 200_000), "image/png")}), 413),
+        "over 10 MB": (post({"file": ("huge.png", os.urandom(10 * 2**20 + 1), "image/png")}), 413),
+        "too many files": (post([("file", (f"{i}.png", cat_png, "image/png")) for i in range(17)]), 413),
+        "no file": (client.post("/predict"), 400),
+        "a form without files": (client.post("/predict", data={"x": "1"}), 400),
+        "json": (client.post("/predict", json={"image": "cat"}), 400),
+        "broken multipart": (
+            client.post(
+                "/predict",
+                content=b"--xx\r\nrubbish",
+                headers={"content-type": "multipart/form-data; boundary=xx"},
+            ),
+            400,
+        ),
+        "top_k 0": (post({"file": ("cat.png", cat_png)}, params={"top_k": 0}), 422),
+        "top_k 11": (post({"file": ("cat.png", cat_png)}, params={"top_k": 11}), 422),
+        "GET": (client.get("/predict"), 405),
+        "unknown path": (client.get("/nothing-here"), 404),
+    }
+    for name, (r, status) in cases.items():
+        assert r.status_code == status, (name, r.status_code, r.text)
+        detail = r.json()["detail"]
+        assert isinstance(detail, str) and detail, name
+    assert "notes.txt" in cases["not an image"][0].json()["detail"]
+    assert "10 MB" in cases["over 10 MB"][0].json()["detail"]
+    assert "at most 16" in cases["too many files"][0].json()["detail"]
+    # one bad file among good ones refuses the request, naming the file
+    r = post([("file", ("good.png", cat_png)), ("file", ("bad.gif", b"GIF89a broken"))])
+    assert r.status_code in (415, 422) and "bad.gif" in r.json()["detail"]
+    assert client.get("/health").status_code == 200  # still alive
+
+
+def test_a_body_over_the_request_limit_is_refused_before_it_is_read(server):
+    limit = 16 * 10 * 2**20 + 2**20
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10) as s:
+        s.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            + f"Content-Length: {limit + 1}\r\n\r\n".encode()
+        )
+        answer = b""
+        while chunk := s.recv(4096):  # the server answers at once and closes the connection
+            answer += chunk
+        answer = answer.decode()
+    assert answer.startswith("HTTP/1.1 413") and "send fewer or smaller files" in answer
+
+
+def test_concurrent_requests_are_all_served_each_with_its_own_answer(client, server, cifar, trained_run):
+    images = cifar.test_images[:48]
+    bodies = [png(image) for image in images]
+    before = client.get("/model").json()["stats"]
+
+    def one(i: int) -> tuple[int, str]:
+        r = httpx.post(
+            f"{server.url}/predict", files={"file": (f"{i}.png", bodies[i])}, params={"top_k": 1}, timeout=60
+        )
+        return r.status_code, r.json()["results"][0]["predictions"][0]["class"]
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(len(bodies))))
+    assert all(status == 200 for status, _ in answers)
+    expected = [top[0][0] for top in load_predictor(trained_run).top_k(images, 1)]
+    assert [c for _, c in answers] == expected  # batched together, answered apart
+    after = client.get("/model").json()["stats"]
+    assert after["images"] - before["images"] == len(bodies)
+
+
+def test_health_answers_while_large_uploads_are_decoded(server, client):
+    noise = np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG", compress_level=1)
+    heavy = buf.getvalue()  # about 6.8 MB: 2.25 megapixels to decode per request
+    done = threading.Event()
+
+    def flood() -> None:
+        with ThreadPoolExecutor(4) as pool:
+            statuses = list(
+                pool.map(
+                    lambda _: (
+                        httpx.post(
+                            f"{server.url}/predict", files={"file": ("big.png", heavy)}, timeout=120
+                        ).status_code
+                    ),
+                    range(8),
+                )
+            )
+        assert statuses == [200] * 8
+        done.set()
+
+    t = threading.Thread(target=flood)
+    t.start()
+    latencies = []
+    while not done.is_set() and len(latencies) < 20:
+        t0 = time.perf_counter()
+        assert client.get("/health").status_code == 200
+        latencies.append(time.perf_counter() - t0)
+        time.sleep(0.05)
+    t.join()
+    assert done.is_set() and max(latencies) < 2.0, latencies
+
+
+def test_the_batcher_runs_waiting_requests_as_one_batch():
+    from cifar10_cnn.serve import Batcher
+
+    class SlowPredictor:
+        def __init__(self) -> None:
+            self.batch_sizes: list[int] = []
+            self.gate = threading.Event()
+
+        def probabilities(self, images: np.ndarray) -> np.ndarray:
+            self.gate.wait(10)
+            self.batch_sizes.append(len(images))
+            return np.tile(images[:, 0, 0, :1].astype(np.float32), (1, 10))
+
+    predictor = SlowPredictor()
+    batcher = Batcher(predictor, max_batch=64)  # type: ignore[arg-type]
+    batcher.start()
+
+    async def main() -> list[np.ndarray]:
+        first = asyncio.ensure_future(batcher.probabilities(np.zeros((1, 32, 32, 3), np.uint8)))
+        await asyncio.sleep(0.2)  # the first request is in the model; the next seven queue up behind it
+        rest = [
+            asyncio.ensure_future(batcher.probabilities(np.full((1, 32, 32, 3), i, np.uint8)))
+            for i in range(1, 8)
+        ]
+        await asyncio.sleep(0.1)
+        predictor.gate.set()
+        return await asyncio.gather(first, *rest)
+
+    results = asyncio.run(main())
+    batcher.stop()
+    assert predictor.batch_sizes == [1, 7]
+    assert [int(r[0, 0]) for r in results] == list(range(8))  # each request gets its own rows back
+
+
+def test_the_onnx_backend_serves_the_same_answers(trained_run, tmp_path, cat_png, client):
+    onnx = tmp_path / "model.onnx"
+    run_cli("export", str(trained_run), "--format", "onnx", "--out", str(onnx))
+    s = start_server(onnx, tmp_path / "onnx.log", "--backend", "onnx")
+    try:
+        r = httpx.post(
+            f"{s.url}/predict", files={"file": ("cat.png", cat_png)}, params={"top_k": 10}, timeout=60
+        )
+        assert r.status_code == 200 and r.json()["backend"] == "onnx"
+        assert httpx.get(f"{s.url}/model").json()["params"] == 1_147_466
+        bad = httpx.post(f"{s.url}/predict", files={"file": ("x.png", b"nope")}, timeout=60)
+        assert bad.status_code == 415
+    finally:
+        stop_server(s)
+    torch_answer = client.post("/predict", files={"file": ("cat.png", cat_png)}, params={"top_k": 10}).json()
+    a, b = r.json()["results"][0]["predictions"], torch_answer["results"][0]["predictions"]
+    assert [p["class"] for p in a] == [p["class"] for p in b]
+    assert np.allclose([p["probability"] for p in a], [p["probability"] for p in b], atol=1e-4)
+
+
+def test_serve_cli_errors_are_one_line(tmp_path, trained_run):
+    assert "does not exist" in error_line(run_cli("serve", str(tmp_path / "missing"), check=False))
+    proc = run_cli("serve", str(trained_run), "--max-files", "0", check=False)
+    assert "must be positive" in error_line(proc)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = run_cli("serve", str(trained_run), "--port", str(busy.getsockname()[1]), check=False)
+    assert "cannot listen on 127.0.0.1" in error_line(proc)
+
+
+def test_the_body_limit_also_counts_bodies_without_a_length():
+    from cifar10_cnn.serve import ApiError, BodyLimit
+
+    async def app(scope, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+
+    chunks = iter([{"type": "http.request", "body": b"x" * 6, "more_body": True}] * 3)
+
+    async def receive() -> dict:
+        return next(chunks)
+
+    with pytest.raises(ApiError, match="over"):
+        asyncio.run(BodyLimit(app, max_bytes=10)({"type": "http", "headers": []}, receive, None))
+
+
+# --- the page, in a real browser ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium; installed with apt-get when missing and the tests run as root."""
+    if not Path(CHROMIUM).is_file() and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, timeout=900)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=False, env=env, timeout=1800)
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"the browser test needs Chromium at {CHROMIUM}: apt-get install chromium")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def test_the_page_classifies_an_uploaded_image(browser, server, client, cifar, tmp_path):
+    image = tmp_path / "test-image-0.png"
+    image.write_bytes(png(cifar.test_images[0]))
+    expected = client.post("/predict", files={"file": ("x.png", image.read_bytes())}).json()["results"][0]
+    page = browser.new_page(viewport={"width": 900, "height": 900})
+    console_errors: list[str] = []
+    # the browser logs every 4xx answer as a console error; the refused text file below is one, on purpose
+    page.on(
+        "console",
+        lambda m: (
+            console_errors.append(m.text) if m.type == "error" and "status of 415" not in m.text else None
+        ),
+    )
+    page.on("pageerror", lambda e: console_errors.append(str(e)))
+    external: list[str] = []
+    page.on(
+        "request",
+        lambda r: external.append(r.url) if not r.url.startswith((server.url, "data:", "blob:")) else None,
+    )
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelector('#model-info').textContent.includes('seed_cnn')")
+    page.set_input_files("#file-input", str(image))
+    page.wait_for_selector(".card[data-state=done] .top-class", timeout=30_000)
+    card = page.locator(".card").first
+    assert card.locator(".top-class").inner_text().lower() == expected["predictions"][0]["class"]
+    assert card.locator(".bar-row").count() == 5
+    assert card.locator(".bar-row .label").first.inner_text() == expected["predictions"][0]["class"]
+    assert card.locator(".seen").is_visible()  # the 32x32 input is shown
+
+    # drag and drop a second image, and a file that is not an image
+    drop = page.evaluate_handle(
+        """([b64, name]) => { const dt = new DataTransfer();
+             const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+             dt.items.add(new File([bytes], name, {type: 'image/png'})); return dt; }""",
+        [base64.b64encode(png(cifar.test_images[1], 128)).decode(), "ship.png"],
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": drop})
+    page.wait_for_function("document.querySelectorAll('.card[data-state=done]').length === 2")
+    junk = page.evaluate_handle(
+        """() => { const dt = new DataTransfer(); dt.items.add(new File(['hello'], 'notes.txt', {type: 'text/plain'}));
+             return dt; }"""
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": junk})
+    page.wait_for_selector(".card[data-state=error]")
+    assert "not an image" in page.locator(".card[data-state=error] .status").inner_text()
+    shot = Path(os.environ.get("CIFAR10_SCREENSHOT_DIR", tmp_path)) / "serve-page.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    assert not console_errors, console_errors
+    assert not external, external  # nothing from outside the server: no CDN
+    page.close()
+
+
+def test_the_api_docs_render_offline(browser, server):
+    page = browser.new_page()
+    page.goto(server.url + "/docs")
+    page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+    assert "cifar10-cnn" in page.locator(".swagger-ui .info .title").inner_text()
+    assert page.locator(".opblock-summary-path", has_text="/predict").count() == 1
+    page.close()
