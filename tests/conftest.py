@@ -59,3 +59,14 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     assert "Traceback" not in proc.stderr, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def trained_run(cifar, tmp_path_factory) -> Path:
+    """A small finished seed_cnn run (1 epoch on 1,000 images: seconds), for predict, export and serve."""
+    from cifar10_cnn.config import recipe_config
+    from cifar10_cnn.train import train
+
+    out = tmp_path_factory.mktemp("trained") / "seed-small"
+    cfg = recipe_config("seed", epochs=1, subset=1000, val_size=200)
+    return train(cfg, out=out, data=cifar, progress=False, echo=lambda _: None)

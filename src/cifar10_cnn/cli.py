@@ -84,10 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
     t.add_argument("--seeds", type=int, help="N runs with seeds seed..seed+N-1, and a summary (mean ± std)")
 
-    e = sub.add_parser("evaluate", help="test-set metrics and plots for a finished run")
-    e.add_argument("run", type=Path, help="a run directory")
+    e = sub.add_parser(
+        "evaluate", help="test metrics, calibration, robustness, plots and report of a run or weights file"
+    )
+    e.add_argument("run", type=Path, metavar="RUN_OR_WEIGHTS", help="a run directory or a .safetensors file")
     e.add_argument("--data-dir")
     e.add_argument("--allow-unverified", action="store_true")
+    e.add_argument(
+        "--corruptions", action="store_true", help="add the robustness suite: 10 corruptions x 5 severities"
+    )
+    e.add_argument(
+        "--corruption-images",
+        type=int,
+        metavar="N",
+        help="run the robustness suite on the first N test images",
+    )
+    e.add_argument(
+        "--out", type=Path, help="output directory for a weights file (default <name>-eval/ beside it)"
+    )
     e.add_argument(
         "--tta",
         type=int,
@@ -98,7 +112,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="test-time augmentation: 1 mirror, 2 mirror + 1-pixel shifts",
     )
     e.add_argument("--no-progress", action="store_true")
+
+    r = sub.add_parser("report", help="rebuild a run's report.html; several runs are compared side by side")
+    r.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories (or a --seeds output)")
+    r.add_argument("--out", type=Path, help="the comparison page of several runs (default: beside the runs)")
+    add_use_parsers(sub)
     return parser
+
+
+def add_use_parsers(sub: argparse._SubParsersAction) -> None:
+    """The verbs that use a trained model: predict, export, serve."""
+    model_help = "a run directory, a .safetensors file or an .onnx file"
+    backend_help = "torch, or onnx (ONNX Runtime); auto: onnx for .onnx files, else torch"
+    p = sub.add_parser("predict", help="top-k classes of image files and folders")
+    p.add_argument("model", type=Path, help=model_help)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files and folders (walked recursively)")
+    p.add_argument("--top-k", type=int, default=3, help="classes per image (3)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", dest="fmt", action="store_const", const="json", help="JSON instead of a table")
+    fmt.add_argument("--csv", dest="fmt", action="store_const", const="csv", help="CSV instead of a table")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto", help=backend_help)
+    p.add_argument("--batch-size", type=int, default=256, help="images per model call (256)")
+
+    x = sub.add_parser("export", help="export a model as safetensors, ONNX or TorchScript, verified")
+    x.add_argument("model", type=Path, help="a run directory or a .safetensors file")
+    x.add_argument("--format", choices=("safetensors", "onnx", "torchscript"), default="safetensors")
+    x.add_argument("--out", type=Path, help="the file to write (default ./<run name>.<format extension>)")
+    x.add_argument("--force", action="store_true", help="replace --out if it exists")
+    x.add_argument("--data-dir", help="CIFAR-10, for the verification on real test images")
+
+    s = sub.add_parser("serve", help="a web service and page for a model (FastAPI + uvicorn)")
+    s.add_argument("model", type=Path, help=model_help)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1; 0.0.0.0 exposes it)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto", help=backend_help)
+    s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest file accepted (10)")
+    s.add_argument("--max-files", type=int, default=16, help="most files in one request (16)")
+    s.add_argument("--top-k", type=int, default=5, help="classes per image unless a request asks (5)")
+    s.add_argument("--data-dir", help="CIFAR-10, to verify the in-memory ONNX conversion of --backend onnx")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.add_argument("--no-access-log", action="store_true", help="do not log every request")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -149,19 +202,76 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model, weights_path
-    from .data import load_cifar10, to_split
-    from .evaluate import evaluate_run
+    from .evaluate import evaluate_path
 
-    model, _ = load_model(weights_path(args.run))  # fail on a bad run before loading data
-    if not args.run.is_dir():
-        raise UserError(f"{args.run} is not a run directory")
-    data = load_cifar10(args.data_dir, allow_unverified=args.allow_unverified, progress=not args.no_progress)
-    evaluate_run(args.run, to_split(data.test_images, data.test_labels), tta=args.tta, model=model)
+    evaluate_path(
+        args.run,
+        data_dir=args.data_dir,
+        allow_unverified=args.allow_unverified,
+        tta=args.tta,
+        corruptions=args.corruptions or args.corruption_images is not None,
+        corruption_images=args.corruption_images,
+        out=args.out,
+        progress=not args.no_progress,
+    )
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate}
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_reports
+
+    for path in write_reports(args.runs, out=args.out):
+        print(path)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict_command
+
+    return predict_command(
+        args.model,
+        args.inputs,
+        k=args.top_k,
+        fmt=args.fmt or "table",
+        backend=args.backend,
+        batch_size=args.batch_size,
+        out=sys.stdout,
+        err=sys.stderr,
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_command
+
+    return export_command(args.model, args.out, args.format, data_dir=args.data_dir, force=args.force)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        backend=args.backend,
+        max_upload_mb=args.max_upload_mb,
+        max_files=args.max_files,
+        top_k_default=args.top_k,
+        data_dir=args.data_dir,
+        log_level=args.log_level,
+        access_log=not args.no_access_log,
+    )
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "report": cmd_report,
+    "predict": cmd_predict,
+    "export": cmd_export,
+    "serve": cmd_serve,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

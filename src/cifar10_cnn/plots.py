@@ -21,10 +21,14 @@ __all__ = [
     "CORRECT_COLOR",
     "WRONG_COLOR",
     "plot_confusion",
+    "plot_corruptions",
     "plot_curves",
     "plot_image_grid",
     "plot_per_class",
     "plot_predictions",
+    "plot_reliability",
+    "plot_run_comparison",
+    "plot_runs_curves",
 ]
 
 DPI = 130
@@ -33,6 +37,14 @@ VAL_COLOR = "#ff7f0e"
 BEST_COLOR = "#2ca02c"
 BAR_COLOR = "#4c72b0"
 MEAN_COLOR = "#c44e52"
+PRECISION_COLOR = "#8fb3de"
+F1_COLOR = "#2b4a7a"
+GAP_COLOR = "#e8878a"
+DIAGONAL_COLOR = "#555555"
+# Ten distinct colours (matplotlib's tab10) with markers, so lines stay apart in grey print too.
+SERIES_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+                 "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")  # fmt: skip
+SERIES_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 # Saturated on purpose: titles must read as right/wrong at a glance (and be detectable in tests).
 CORRECT_COLOR = "#008a00"
 WRONG_COLOR = "#d00000"
@@ -186,42 +198,61 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], out: Path, normalize:
         return _save(fig, out)
 
 
-def plot_per_class(acc: dict[str, float], out: Path) -> Path:
-    """Horizontal bars of per-class accuracy in %, labelled, with the mean as a dashed line."""
+def plot_per_class(
+    acc: dict[str, float],
+    out: Path,
+    precision: dict[str, float] | None = None,
+    f1: dict[str, float] | None = None,
+) -> Path:
+    """Horizontal bars of per-class accuracy (recall) in %, labelled, with the mean as a dashed line.
+
+    Given precision and F1 too, each class gets three bars (precision, recall, F1); recall keeps its colour.
+    """
     if not acc:
         raise ValueError("plot_per_class: no per-class accuracies given")
     names = list(acc)
-    fractions = np.array([float(acc[k]) for k in names])
-    if np.isnan(fractions).any() or fractions.min() < 0 or fractions.max() > 1.0 + 1e-9:
-        raise ValueError("plot_per_class: expected accuracies as fractions in [0, 1]")
-    values = fractions * 100.0
-    mean = float(values.mean())
+    series = [("recall (accuracy)" if precision or f1 else None, acc, BAR_COLOR)]
+    if precision:
+        series.insert(0, ("precision", precision, PRECISION_COLOR))
+    if f1:
+        series.append(("F1", f1, F1_COLOR))
+    for _, values, _ in series:
+        fractions = np.array([float(values.get(k, np.nan)) for k in names])
+        if np.isnan(fractions).any() or fractions.min() < 0 or fractions.max() > 1.0 + 1e-9:
+            raise ValueError("plot_per_class: expected accuracies as fractions in [0, 1] for every class")
+    mean = float(np.mean([acc[k] for k in names])) * 100.0
     y = np.arange(len(names))
+    height = 0.65 / len(series)
 
     with matplotlib.rc_context(_STYLE):
-        fig = _figure((7.5, 0.42 * len(names) + 1.8))
-        ax = fig.subplots()
-        bars = ax.barh(y, values, height=0.65, color=BAR_COLOR)
-        # White boxes keep the value labels readable where the mean line crosses them.
-        ax.bar_label(
-            bars,
-            labels=[f"{v:.1f}%" for v in values],
-            padding=3,
-            fontsize=9,
-            zorder=4,
-            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.0},
+        fig = _figure(
+            (7.5 if len(series) == 1 else 8.5, (0.42 if len(series) == 1 else 0.62) * len(names) + 1.8)
         )
-        ax.axvline(mean, color=MEAN_COLOR, ls="--", lw=1.5, zorder=3, label=f"mean {mean:.2f}%")
+        ax = fig.subplots()
+        for k, (label, values, color) in enumerate(series):
+            v = np.array([float(values[n]) for n in names]) * 100.0
+            offset = (k - (len(series) - 1) / 2) * height
+            bars = ax.barh(y + offset, v, height=height * 0.92, color=color, label=label)
+            # White boxes keep the value labels readable where the mean line crosses them.
+            ax.bar_label(
+                bars,
+                labels=[f"{x:.1f}%" for x in v],
+                padding=3,
+                fontsize=9 if len(series) == 1 else 7.5,
+                zorder=4,
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5},
+            )
+        ax.axvline(mean, color=MEAN_COLOR, ls="--", lw=1.5, zorder=3, label=f"mean accuracy {mean:.2f}%")
         ax.set_yticks(y, labels=names)
         ax.invert_yaxis()  # first class at the top, same order as the confusion matrix
         ax.set_xlim(0, 112)  # room for the value labels of bars near 100%
         ax.set_xticks(range(0, 101, 20))
-        ax.set_xlabel("Accuracy (%)")
+        ax.set_xlabel("Accuracy (%)" if len(series) == 1 else "Score (%)")
         ax.grid(True, axis="x", alpha=0.3)
         ax.set_axisbelow(True)
         ax.tick_params(axis="y", length=0)
-        ax.set_title("Per-class accuracy")
-        fig.legend(loc="outside lower center", ncols=1)
+        ax.set_title("Per-class accuracy" if len(series) == 1 else "Per-class precision, recall and F1")
+        fig.legend(loc="outside lower center", ncols=len(series) + 1)
         return _save(fig, out)
 
 
@@ -259,6 +290,13 @@ def _show(ax: Any, image: np.ndarray) -> None:
     ax.set_axis_off()
 
 
+def _confidence(p: float) -> str:
+    """A probability as a short percentage that still tells 99.5% from 99.99% (confident errors)."""
+    if p < 0.995:
+        return f"{100.0 * p:.0f}%"
+    return ">99.99%" if p > 0.99995 else f"{100.0 * p:.2f}%"
+
+
 def plot_predictions(
     images: np.ndarray,
     true: np.ndarray,
@@ -267,6 +305,7 @@ def plot_predictions(
     out: Path,
     probs: np.ndarray | None = None,
     ncols: int = 8,
+    title: str | None = None,
 ) -> Path:
     """Grid of images titled "pred (conf%)\\ntrue: x", green when right and red when wrong."""
     images = _check_images(images)
@@ -288,7 +327,7 @@ def plot_predictions(
         fig, axes = _grid(n, ncols, (1.45, 1.8))
         for k, ax in enumerate(axes):
             _show(ax, images[k])
-            head = class_names[pred[k]] + (f" ({100.0 * conf[k]:.0f}%)" if conf is not None else "")
+            head = class_names[pred[k]] + (f" ({_confidence(conf[k])})" if conf is not None else "")
             ax.set_title(
                 f"{head}\ntrue: {class_names[true[k]]}",
                 fontsize=8,
@@ -297,7 +336,7 @@ def plot_predictions(
                 fontweight="normal" if correct[k] else "bold",  # not colour alone
             )
         fig.suptitle(
-            f"Predictions: {int(correct.sum())}/{n} correct (green right, red wrong)",
+            title or f"Predictions: {int(correct.sum())}/{n} correct (green right, red wrong)",
             fontsize=_grid_title_size(n, ncols),
         )
         return _save(fig, out)
@@ -323,4 +362,208 @@ def plot_image_grid(
             _show(ax, image)
             ax.set_title(class_names[label], fontsize=8, pad=3)
         fig.suptitle(title, fontsize=_grid_title_size(len(images), ncols))
+        return _save(fig, out)
+
+
+def _reliability_panel(ax_rel: Any, ax_hist: Any, bins: Mapping[str, Any], title: str) -> None:
+    edges = np.asarray(bins["edges"], dtype=float)
+    centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    count = np.asarray(bins["count"], dtype=float)
+    acc = np.array([np.nan if a is None else a for a in bins["accuracy"]], dtype=float)
+    conf = np.array([np.nan if c is None else c for c in bins["confidence"]], dtype=float)
+    filled = count > 0
+    ax_rel.bar(
+        centres[filled],
+        acc[filled],
+        width=width[filled],
+        color=BAR_COLOR,
+        edgecolor="white",
+        label="accuracy",
+    )
+    # The gap between confidence and accuracy, drawn from accuracy up (over-) or down (under-confident).
+    ax_rel.bar(
+        centres[filled],
+        (conf - acc)[filled],
+        bottom=acc[filled],
+        width=width[filled],
+        color=GAP_COLOR,
+        alpha=0.55,
+        edgecolor=MEAN_COLOR,
+        hatch="//",
+        lw=0.6,
+        label="gap to confidence",
+    )
+    ax_rel.plot([0, 1], [0, 1], ls="--", color=DIAGONAL_COLOR, lw=1.2, label="perfect calibration")
+    # Sparse bins swing the MCE: say how few images they hold.
+    for x, a, c, n in zip(centres, acc, conf, count, strict=True):
+        if 0 < n < 50:
+            ax_rel.text(
+                x, min(max(a, c) + 0.02, 0.97), f"n={int(n)}", ha="center", fontsize=7, color="#333333"
+            )
+    ax_rel.set(xlim=(0, 1), ylim=(0, 1), ylabel="Accuracy", title=title)
+    ax_rel.set_aspect("auto")
+    ax_rel.grid(True, alpha=0.3)
+    ax_rel.legend(loc="upper left")
+    share = count / max(count.sum(), 1) * 100.0
+    ax_hist.bar(centres, share, width=width, color="#999999", edgecolor="white")
+    ax_hist.set(xlim=(0, 1), xlabel="Confidence (probability of the predicted class)", ylabel="% of images")
+    ax_hist.grid(True, axis="y", alpha=0.3)
+
+
+def plot_reliability(
+    before: Mapping[str, Any],
+    out: Path,
+    after: Mapping[str, Any] | None = None,
+    temperature: float | None = None,
+) -> Path:
+    """Reliability diagram(s): accuracy against confidence per bin, with the share of images per bin below.
+
+    before/after are calibration_metrics() dicts (keys reliability, ece, mce); after is the same under
+    temperature scaling, drawn beside it when given.
+    """
+    panels = [("Before temperature scaling", before)]
+    if after is not None:
+        label = (
+            f"After temperature scaling (T = {temperature:.3f})"
+            if temperature
+            else "After temperature scaling"
+        )
+        panels.append((label, after))
+    with matplotlib.rc_context(_STYLE):
+        fig = _figure((5.6 * len(panels), 6.4))
+        axes = fig.subplots(2, len(panels), squeeze=False, height_ratios=(3.2, 1.0), sharex="col")
+        for k, (name, metrics) in enumerate(panels):
+            title = f"{name}\nECE {metrics['ece'] * 100:.2f}%   MCE {metrics['mce'] * 100:.2f}%"
+            _reliability_panel(axes[0, k], axes[1, k], metrics["reliability"], title)
+        n_bins = len(before["reliability"]["count"])
+        fig.suptitle(f"Reliability diagram ({n_bins} equal-width confidence bins, test set)")
+        return _save(fig, out)
+
+
+def plot_corruptions(
+    table: Mapping[str, Sequence[float]],
+    clean: float | Mapping[str, float],
+    out: Path,
+    title: str | None = None,
+    mean_label: str = "mean",
+) -> Path:
+    """Accuracy (%) against corruption severity, one line per corruption (or run); severity 0 is clean.
+
+    clean is the accuracy on the clean images: one for all lines, or one per line.
+    """
+    if not table:
+        raise ValueError("plot_corruptions: no corruptions given")
+    names = list(table)
+    start = {n: float(clean[n] if isinstance(clean, Mapping) else clean) for n in names}
+    severities = np.arange(len(next(iter(table.values()))) + 1)
+    lines = {n: np.concatenate([[start[n]], np.asarray(table[n], dtype=float)]) * 100.0 for n in names}
+    mean = np.mean(list(lines.values()), axis=0)
+    with matplotlib.rc_context(_STYLE):
+        fig = _figure((9.5, 5.2))
+        ax = fig.subplots()
+        for k, name in enumerate(names):
+            ax.plot(
+                severities,
+                lines[name],
+                color=SERIES_COLORS[k % 10],
+                marker=SERIES_MARKERS[k % 10],
+                ms=5,
+                lw=1.4,
+                label=name.replace("_", " "),
+            )
+        if len(names) > 1:
+            ax.plot(
+                severities,
+                mean,
+                color="black",
+                ls="--",
+                lw=2.6,
+                label=f"{mean_label} ({mean[1:].mean():.1f}% over severities 1-5)",
+            )
+        ax.set_xticks(severities, labels=["clean"] + [str(s) for s in severities[1:]])
+        ax.set(xlabel="Severity", ylabel="Test accuracy (%)", ylim=(0, 100))
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
+        ax.set_title(title or "Accuracy under common corruptions (regenerated CIFAR-10-C approximation)")
+        return _save(fig, out)
+
+
+def plot_runs_curves(runs: Mapping[str, list[dict]], out: Path) -> Path:
+    """Training curves of several runs overlaid: loss (train solid, validation dashed) and accuracy (%)."""
+    if not runs or not any(runs.values()):
+        raise ValueError("plot_runs_curves: no runs with metrics given")
+    with matplotlib.rc_context(_STYLE):
+        fig = _figure((11.5, 4.6))
+        ax_loss, ax_acc = fig.subplots(1, 2)
+        for k, (name, rows) in enumerate(runs.items()):
+            if not rows:
+                continue
+            color = SERIES_COLORS[k % 10]
+            epochs = _column(rows, "epoch")
+            scale = 100.0 if np.nanmax(np.append(_column(rows, "train_acc"), 0)) <= 1.0 else 1.0
+            for key, ax, ls, suffix in (
+                ("train_loss", ax_loss, "-", "train"),
+                ("val_loss", ax_loss, "--", "val"),
+                ("train_acc", ax_acc, "-", "train"),
+                ("val_acc", ax_acc, "--", "val"),
+            ):
+                values = _column(rows, key) * (scale if key.endswith("acc") else 1.0)
+                if np.isfinite(values).any():
+                    ax.plot(epochs, values, color=color, ls=ls, lw=1.5, label=f"{name} ({suffix})")
+        for ax, name in ((ax_loss, "Loss"), (ax_acc, "Accuracy (%)")):
+            ax.set_xlabel("Epoch")
+            ax.set_ylabel(name)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(True, alpha=0.3)
+        ax_loss.set_title("Loss (solid train, dashed validation)")
+        ax_acc.set_title("Accuracy (solid train, dashed validation)")
+        handles, labels = ax_acc.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(4, max(1, len(labels))), fontsize=8)
+        fig.suptitle(f"Training curves of {len(runs)} runs")
+        return _save(fig, out)
+
+
+def plot_run_comparison(
+    names: Sequence[str],
+    accuracy: Sequence[float],
+    interval: Sequence[tuple[float, float] | None],
+    out: Path,
+    ece: Sequence[float | None] | None = None,
+) -> Path:
+    """Test accuracy of each run as a dot with its 95% interval (and ECE beside it when given)."""
+    if not names:
+        raise ValueError("plot_run_comparison: no runs given")
+    y = np.arange(len(names))
+    acc = np.asarray(accuracy, dtype=float) * 100.0
+    panels = 2 if ece is not None and any(e is not None for e in ece) else 1
+    with matplotlib.rc_context(_STYLE):
+        fig = _figure((5.2 * panels + 1.5, 0.5 * len(names) + 2.0))
+        axes = fig.subplots(1, panels, squeeze=False, sharey=True)[0]
+        ax = axes[0]
+        lo = np.array([a - (i[0] * 100 if i else a) for a, i in zip(acc, interval, strict=True)])
+        hi = np.array([(i[1] * 100 if i else a) - a for a, i in zip(acc, interval, strict=True)])
+        ax.errorbar(acc, y, xerr=[lo, hi], fmt="o", color=BAR_COLOR, ecolor=BAR_COLOR, capsize=4, ms=6)
+        for a, yy, h in zip(acc, y, hi, strict=True):
+            ax.annotate(
+                f"{a:.2f}%", (a + h, yy), xytext=(6, 0), textcoords="offset points", va="center", fontsize=9
+            )
+        if len(names) > 1:
+            ax.axvline(acc.mean(), color=MEAN_COLOR, ls="--", lw=1.3, label=f"mean {acc.mean():.2f}%")
+            ax.legend(loc="lower left")
+        span = max((acc + hi).max() - (acc - lo).min(), 1.0)
+        ax.set_xlim((acc - lo).min() - 0.15 * span, (acc + hi).max() + 0.45 * span)
+        ax.set_yticks(y, labels=list(names))
+        ax.invert_yaxis()
+        ax.set(xlabel="Test accuracy (%) with 95% interval", title="Test accuracy")
+        ax.grid(True, axis="x", alpha=0.3)
+        if panels == 2:
+            e = np.array([np.nan if v is None else v * 100.0 for v in ece], dtype=float)
+            bars = axes[1].barh(y, np.nan_to_num(e), height=0.55, color=GAP_COLOR)
+            axes[1].bar_label(
+                bars, labels=["n/a" if np.isnan(v) else f"{v:.2f}%" for v in e], padding=3, fontsize=9
+            )
+            axes[1].set_xlim(0, np.nanmax(np.append(e, 1.0)) * 1.3)
+            axes[1].set(xlabel="Expected calibration error (%)", title="ECE (before temperature scaling)")
+            axes[1].grid(True, axis="x", alpha=0.3)
+        fig.suptitle(f"{len(names)} runs compared on the test set")
         return _save(fig, out)

@@ -1,7 +1,11 @@
-"""The run report: Markdown and one self-contained HTML file, built from the run directory alone.
+"""The run report: Markdown and one self-contained HTML file, built from run directories alone.
 
-Reads ``config.json``, ``metrics.csv``, ``results.json`` and ``plots/*.png``; never a trainer or model.
-Any of them may be missing or incomplete (a run stopped before evaluation): absent values read "n/a".
+    cifar10 report runs/<run>                        # rebuild the run's report.md and report.html
+    cifar10 report runs/a runs/b ... [--out F.html]  # compare runs side by side (mean ± std per recipe)
+
+Reads ``config.json``, ``metrics.csv``, ``results.json``, ``eval/*.json`` and the PNGs in ``plots/`` and
+``eval/``; never a trainer or model. Any of them may be missing or incomplete (a run stopped before
+evaluation): absent values read "n/a".
 """
 
 from __future__ import annotations
@@ -11,12 +15,24 @@ import csv
 import html
 import json
 import math
+import os
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-__all__ = ["CIFAR10_CLASSES", "write_report"]
+from .errors import UserError
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "ReportError",
+    "RunNotFound",
+    "write_comparison",
+    "write_report",
+    "write_reports",
+]
 
 CIFAR10_CLASSES = [
     "airplane",
@@ -32,17 +48,41 @@ CIFAR10_CLASSES = [
 ]
 NA = "n/a"
 
-# Known plots in reading order, with captions; any other PNG in plots/ follows, captioned by its name.
-PLOT_CAPTIONS = {
-    "curves.png": "Loss and accuracy per epoch (train and validation); the dotted line marks the best "
+
+class RunNotFound(UserError, FileNotFoundError):
+    """A path that is not a run directory."""
+
+
+class ReportError(UserError, ValueError):
+    """Run files that cannot make a report (unreadable JSON, runs that cannot be compared)."""
+
+
+# Known figures (path in the run directory) with captions; other PNGs in plots/ follow, captioned by name.
+FIGURES = {
+    "eval/reliability.png": "Reliability diagram on the test set: accuracy against confidence in 15 bins, "
+    "before and after temperature scaling; bars below the diagonal are over-confident. The grey bars show "
+    "where the images are.",
+    "plots/confusion.png": "Confusion matrix on the test set: rows are true classes, columns predicted classes.",
+    "plots/per_class.png": "Test precision, recall (accuracy) and F1 per class; the dashed line is the mean "
+    "accuracy over classes.",
+    "eval/confident_errors.png": "The test images the model got wrong with the highest confidence.",
+    "plots/predictions.png": "Sample test predictions with confidence: green titles are right, red are wrong.",
+    "eval/corruptions.png": "Test accuracy under each corruption by severity (regenerated CIFAR-10-C "
+    "approximation); the dashed black line is the mean over corruptions.",
+    "plots/curves.png": "Loss and accuracy per epoch (train and validation); the dotted line marks the best "
     "validation epoch.",
-    "confusion.png": "Confusion matrix on the test set: rows are true classes, columns predicted classes.",
-    "per_class.png": "Test accuracy per class; the dashed line is the mean over classes.",
-    "predictions.png": "Sample test predictions with confidence: green titles are right, red are wrong.",
-    "augmentations.png": "Training images as the model sees them, after augmentation.",
+    "plots/augmentations.png": "Training images as the model sees them, after augmentation.",
+}
+SECTION_FIGURES = {
+    "calibration": ["eval/reliability.png"],
+    "classes": ["plots/per_class.png", "plots/confusion.png"],
+    "errors": ["eval/confident_errors.png", "plots/predictions.png"],
+    "robustness": ["eval/corruptions.png"],
+    "training": ["plots/curves.png", "plots/augmentations.png"],
 }
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+ROBUSTNESS_HINT = "Not measured: `cifar10 evaluate RUN --corruptions` adds it."
 
 
 @dataclass
@@ -50,10 +90,14 @@ class _Run:
     """What the report needs from a run directory, as plain data."""
 
     name: str
+    path: Path = field(default_factory=Path)
     config: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, str]] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
-    plots: list[tuple[Path, str]] = field(default_factory=list)
+    evaluation: dict[str, Any] = field(default_factory=dict)  # eval/metrics.json
+    robustness: dict[str, Any] = field(default_factory=dict)  # eval/robustness.json, for these weights
+    figures: dict[str, Path] = field(default_factory=dict)  # known figure key -> file
+    extra_plots: list[tuple[Path, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +106,19 @@ class _Table:
     rows: list[list[str]]
     align_right: set[int] = field(default_factory=set)
     highlight: set[int] = field(default_factory=set)  # row indices to emphasise
+
+
+@dataclass
+class _Figure:
+    path: Path
+    caption: str
+    link: str  # how the Markdown file refers to it (relative path)
+
+
+@dataclass
+class _Section:
+    heading: str
+    blocks: list[str | _Table | _Figure] = field(default_factory=list)  # str: a paragraph
 
 
 # ----------------------------------------------------------------------------- reading
@@ -73,9 +130,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-run evaluation to rewrite it") from e
+        raise ReportError(f"{path} is not valid JSON ({e}); re-run evaluation to rewrite it") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} should hold a JSON object, found {type(data).__name__}")
+        raise ReportError(f"{path} should hold a JSON object, found {type(data).__name__}")
     return data
 
 
@@ -88,23 +145,34 @@ def _read_metrics(path: Path) -> list[dict[str, str]]:
 
 def _load_run(run_dir: Path) -> _Run:
     if not run_dir.is_dir():
-        raise FileNotFoundError(
-            f"run directory {run_dir} does not exist; pass the directory of a training run"
-        )
+        raise RunNotFound(f"run directory {run_dir} does not exist; pass the directory of a training run")
     names = ("config.json", "metrics.csv", "results.json")
     if not any((run_dir / n).exists() for n in names):
-        raise FileNotFoundError(f"{run_dir} is not a run directory: none of {', '.join(names)} found")
+        raise RunNotFound(f"{run_dir} is not a run directory: none of {', '.join(names)} found")
     config = _read_json(run_dir / "config.json")
+    evaluation = _read_json(run_dir / "eval" / "metrics.json")
+    robustness = _read_json(run_dir / "eval" / "robustness.json")
+    if robustness.get("model_fingerprint") != evaluation.get("model_fingerprint"):
+        robustness = {}  # measured on other weights than the ones evaluated
+    figures = {key: run_dir / key for key in FIGURES if (run_dir / key).is_file()}
+    if not robustness:
+        figures.pop("eval/corruptions.png", None)
     plots_dir = run_dir / "plots"
     found = sorted(plots_dir.glob("*.png")) if plots_dir.is_dir() else []
-    known = [plots_dir / n for n in PLOT_CAPTIONS if (plots_dir / n).is_file()]
-    extra = [p for p in found if p.name not in PLOT_CAPTIONS]
-    plots = [
-        (p, PLOT_CAPTIONS.get(p.name, p.stem.replace("_", " ").capitalize() + ".")) for p in known + extra
+    extra = [
+        (p, p.stem.replace("_", " ").capitalize() + ".") for p in found if f"plots/{p.name}" not in FIGURES
     ]
     name = str(config.get("run_name") or config.get("name") or run_dir.resolve().name)
     return _Run(
-        name, config, _read_metrics(run_dir / "metrics.csv"), _read_json(run_dir / "results.json"), plots
+        name,
+        run_dir,
+        config,
+        _read_metrics(run_dir / "metrics.csv"),
+        _read_json(run_dir / "results.json"),
+        evaluation,
+        robustness,
+        figures,
+        extra,
     )
 
 
@@ -178,7 +246,7 @@ def _value(value: Any) -> str:
     return str(value)
 
 
-# ----------------------------------------------------------------------------- content
+# ----------------------------------------------------------------------------- content of one run
 
 
 def _class_names(results: dict[str, Any]) -> list[str]:
@@ -201,13 +269,29 @@ def _data_source(results: dict[str, Any]) -> str:
     return f"{source} ({check})"
 
 
-def _interval(accuracy: Any, n: Any) -> str:
-    """Normal-approximation 95% interval of an accuracy measured on n images: one run is one sample."""
-    p, size = _number(accuracy), _number(n)
-    if p is None or size is None or size < 1 or not 0.0 <= p <= 1.0:
-        return NA
-    half = 1.96 * math.sqrt(p * (1.0 - p) / size)
-    return f"±{half * 100:.2f} points ({max(p - half, 0.0) * 100:.2f}% to {min(p + half, 1.0) * 100:.2f}%)"
+def _ci(results: dict[str, Any]) -> tuple[float, float] | None:
+    """The stored 95% interval of the test accuracy, else a normal approximation from the test size."""
+    stored = results.get("test_accuracy_ci95")
+    if isinstance(stored, list) and len(stored) == 2 and all(_number(v) is not None for v in stored):
+        return float(stored[0]), float(stored[1])
+    p, n = _number(results.get("test_accuracy")), _number(results.get("test_size"))
+    if p is None or n is None or n < 1 or not 0.0 <= p <= 1.0:
+        return None
+    half = 1.96 * math.sqrt(p * (1.0 - p) / n)
+    return max(p - half, 0.0), min(p + half, 1.0)
+
+
+def _ci_text(results: dict[str, Any]) -> str:
+    ci = _ci(results)
+    return NA if ci is None else f"{ci[0] * 100:.2f}% to {ci[1] * 100:.2f}%"
+
+
+def _ece_text(results: dict[str, Any]) -> str:
+    ece = _pct(results.get("test_ece"))
+    after, t = _number(results.get("test_ece_calibrated")), _number(results.get("temperature"))
+    if ece != NA and after is not None and t is not None:
+        return f"{ece} ({after * 100:.2f}% after temperature {t:.3f})"
+    return ece
 
 
 def _summary(run: _Run) -> list[tuple[str, str]]:
@@ -221,14 +305,18 @@ def _summary(run: _Run) -> list[tuple[str, str]]:
         best += f" (epoch {best_epoch})"
     return [
         ("Test accuracy", _pct(r.get("test_accuracy"))),
-        ("95% interval (binomial)", _interval(r.get("test_accuracy"), r.get("test_size"))),
-        ("Test loss", _float(r.get("test_loss"))),
-        ("Best validation accuracy", best),
+        ("95% interval (Wilson)", _ci_text(r)),
+        ("Calibration error (ECE, 15 bins)", _ece_text(r)),
         ("Model", _value(r.get("model", c.get("model")))),
         ("Parameters", _params(r.get("params"))),
-        ("Recipe", _value(c.get("recipe"))),
-        ("Device", _value(r.get("device", c.get("device")))),
+        ("Recipe", _value(c.get("recipe", r.get("recipe")))),
         ("Data", _data_source(r)),
+        ("Train time", _duration(r.get("train_seconds"))),
+        ("Top-2 accuracy", _pct(r.get("test_top2_accuracy"))),
+        ("Test loss (NLL)", _float(r.get("test_loss"))),
+        ("Macro F1", _pct(r.get("macro_f1"))),
+        ("Mean corruption accuracy", _pct(r.get("mean_corruption_accuracy")) if run.robustness else NA),
+        ("Best validation accuracy", best),
         (
             "Train / val / test images",
             " / ".join(_int(r.get(k)) for k in ("train_size", "val_size", "test_size")),
@@ -236,8 +324,8 @@ def _summary(run: _Run) -> list[tuple[str, str]]:
         ("Epochs run", epochs),
         ("Stopped early", _yes_no(r.get("stopped_early"))),
         ("Weights evaluated", _value(r.get("weights"))),
-        ("Test-time augmentation", _yes_no(r.get("tta"))),
-        ("Train time", _duration(r.get("train_seconds"))),
+        ("Test-time augmentation", f"level {r['tta']}" if r.get("tta") else _yes_no(r.get("tta"))),
+        ("Device", _value(r.get("device", c.get("device")))),
         ("Evaluation time", _duration(r.get("eval_seconds"))),
         ("Created", _value(r.get("created"))),
     ]
@@ -253,8 +341,8 @@ def _protocol_sentence(run: _Run) -> str:
     if val > 0:
         return (
             f"{test_part} was used only for this final evaluation; model selection "
-            f"(best epoch, early stopping) used the validation split of {int(val):,} images held out "
-            "from the training set."
+            f"(best epoch, early stopping) and the temperature used the validation split of {int(val):,} "
+            "images held out from the training set."
         )
     return (
         f"{test_part} was used only for this final evaluation. No validation split was held out, "
@@ -262,16 +350,28 @@ def _protocol_sentence(run: _Run) -> str:
     )
 
 
+def _most_confused(counts: list[float], i: int, names: list[str]) -> str:
+    total = sum(counts)
+    others = [(v, j) for j, v in enumerate(counts) if j != i]
+    if not others or not total:
+        return NA
+    v, j = max(others)
+    return f"{names[j]} ({v / total * 100:.1f}%)" if v > 0 else "none"
+
+
+def _valid_cm(cm: Any, n: int) -> bool:
+    return (
+        isinstance(cm, list) and len(cm) == n and all(isinstance(row, list) and len(row) == n for row in cm)
+    )
+
+
 def _per_class_table(run: _Run) -> _Table | None:
     r = run.results
     names = _class_names(r)
     per_class = r.get("per_class_accuracy") if isinstance(r.get("per_class_accuracy"), dict) else {}
+    scores = r.get("per_class") if isinstance(r.get("per_class"), dict) else {}
     cm = r.get("confusion_matrix")
-    valid_cm = (
-        isinstance(cm, list)
-        and len(cm) == len(names)
-        and all(isinstance(row, list) and len(row) == len(names) for row in cm)
-    )
+    valid_cm = _valid_cm(cm, len(names))
     if not per_class and not valid_cm:
         return None
     rows = []
@@ -283,12 +383,60 @@ def _per_class_table(run: _Run) -> _Table | None:
             correct = f"{int(counts[i]):,} / {int(total):,}"
             if acc is None and total:
                 acc = counts[i] / total
-            others = [(v, j) for j, v in enumerate(counts) if j != i]
-            if others and total:
-                v, j = max(others)
-                confused = f"{names[j]} ({v / total * 100:.1f}%)" if v > 0 else "none"
-        rows.append([name, _pct(acc), correct, confused])
-    return _Table(["class", "accuracy", "correct / total", "most often predicted as"], rows, {1, 2})
+            confused = _most_confused(counts, i, names)
+        s = scores.get(name) if isinstance(scores.get(name), dict) else {}
+        rows.append([name, _pct(acc), _pct(s.get("precision")), _pct(s.get("f1")), correct, confused])
+    headers = ["class", "accuracy (recall)", "precision", "F1", "correct / total", "most often predicted as"]
+    return _Table(headers, rows, {1, 2, 3, 4})
+
+
+def _confusion_table(run: _Run) -> _Table | None:
+    names = _class_names(run.results)
+    cm = run.results.get("confusion_matrix")
+    if not _valid_cm(cm, len(names)):
+        return None
+    rows = [[f"true {name}"] + [_int(v) for v in row] for name, row in zip(names, cm, strict=True)]
+    return _Table(["counts", *names], rows, set(range(1, len(names) + 1)))
+
+
+def _calibration_table(run: _Run) -> _Table | None:
+    cal = run.evaluation.get("calibration")
+    if not isinstance(cal, dict) or not isinstance(cal.get("uncalibrated"), dict):
+        return None
+    before, after = cal["uncalibrated"], cal.get("calibrated") or {}
+    rows = [
+        ["accuracy", _pct(before.get("accuracy")), _pct(after.get("accuracy"))],
+        ["negative log-likelihood (nats)", _float(before.get("nll")), _float(after.get("nll"))],
+        ["Brier score (0 to 2)", _float(before.get("brier")), _float(after.get("brier"))],
+        ["expected calibration error (ECE)", _pct(before.get("ece")), _pct(after.get("ece"))],
+        ["maximum calibration error (MCE)", _pct(before.get("mce")), _pct(after.get("mce"))],
+        ["mean confidence", _pct(before.get("mean_confidence")), _pct(after.get("mean_confidence"))],
+    ]
+    t = _number(cal.get("temperature"))
+    after_head = (
+        f"after temperature scaling (T = {t:.3f})" if t is not None else "after (no temperature fitted)"
+    )
+    return _Table(["test set", "before", after_head], rows, {1, 2})
+
+
+def _robustness_table(run: _Run) -> _Table | None:
+    rob = run.robustness
+    table = rob.get("accuracy")
+    if not isinstance(table, dict) or not table:
+        return None
+    severities = rob.get("severities") or list(range(1, len(next(iter(table.values()))) + 1))
+    rows = [
+        [name.replace("_", " ")] + [_pct(v, 1) for v in values] + [_pct(sum(values) / len(values), 1)]
+        for name, values in table.items()
+    ]
+    by_severity = rob.get("mean_by_severity") or []
+    rows.append(
+        ["mean over corruptions"]
+        + [_pct(v, 1) for v in by_severity]
+        + [_pct(rob.get("mean_corruption_accuracy"), 1)]
+    )
+    headers = ["corruption"] + [f"severity {s}" for s in severities] + ["mean"]
+    return _Table(headers, rows, set(range(1, len(headers))), {len(rows) - 1})
 
 
 def _metrics_table(run: _Run) -> _Table | None:
@@ -322,17 +470,60 @@ def _config_table(run: _Run) -> _Table | None:
     return _Table(["setting", "value"], rows)
 
 
-def _sections(run: _Run) -> list[tuple[str, str, _Table | None]]:
-    """(heading, note, table) for each tabular section, in report order."""
+def _figures(run: _Run, section: str) -> list[_Figure]:
     return [
-        (
-            "Per-class test accuracy",
-            "" if run.results else "results.json not found: no evaluation yet.",
-            _per_class_table(run),
-        ),
-        ("Per-epoch metrics", "" if run.metrics else "metrics.csv not found or empty.", _metrics_table(run)),
-        ("Configuration", "" if run.config else "config.json not found.", _config_table(run)),
+        _Figure(run.figures[key], FIGURES[key], key) for key in SECTION_FIGURES[section] if key in run.figures
     ]
+
+
+def _sections(run: _Run) -> list[_Section]:
+    """The report's sections in reading order."""
+    no_results = "results.json not found: no evaluation yet."
+    cal = run.evaluation.get("calibration") if isinstance(run.evaluation.get("calibration"), dict) else {}
+    calibration = _Section("Calibration")
+    if cal:
+        calibration.blocks.append(str(cal.get("note") or ""))
+    calibration.blocks += [_calibration_table(run) or "Not measured yet: `cifar10 evaluate RUN` adds it."]
+    calibration.blocks += _figures(run, "calibration")
+    calibration.blocks.append(
+        "ECE: the image-weighted mean of |accuracy − confidence| over 15 equal-width confidence bins; MCE: the "
+        "largest gap of any bin (bins with few images make it noisy). NLL and Brier score are proper scoring "
+        "rules: lower is better."
+    )
+
+    classes = _Section("Per-class results", [_per_class_table(run) or no_results])
+    classes.blocks += _figures(run, "classes")
+    cm = _confusion_table(run)
+    if cm:
+        classes.blocks += ["Confusion matrix, counts (rows true class, columns predicted class):", cm]
+
+    errors = _Section("Errors", _figures(run, "errors") or ["No prediction plots found."])
+
+    robustness = _Section("Robustness to common corruptions")
+    if run.robustness:
+        rob = run.robustness
+        robustness.blocks.append(
+            f"{rob.get('note', '')} Measured on the first {_int(rob.get('images'))} test images without "
+            f"test-time augmentation (seed {_value(rob.get('seed'))}); clean accuracy on them "
+            f"{_pct(rob.get('clean_accuracy'))}, mean corruption accuracy "
+            f"{_pct(rob.get('mean_corruption_accuracy'))}."
+        )
+        robustness.blocks += [_robustness_table(run) or NA, *_figures(run, "robustness")]
+    else:
+        robustness.blocks.append(ROBUSTNESS_HINT)
+
+    training = _Section("Training", _figures(run, "training")[:1])
+    training.blocks.append(_metrics_table(run) or "metrics.csv not found or empty.")
+    training.blocks += _figures(run, "training")[1:]
+    config = _Section("Configuration", [_config_table(run) or "config.json not found."])
+    sections = [calibration, classes, errors, robustness, training, config]
+    if run.extra_plots:
+        sections.append(
+            _Section(
+                "Other plots", [_Figure(p, caption, f"plots/{p.name}") for p, caption in run.extra_plots]
+            )
+        )
+    return sections
 
 
 # ----------------------------------------------------------------------------- Markdown
@@ -355,20 +546,35 @@ def _md_table(table: _Table) -> str:
     return "\n".join(lines)
 
 
-def _markdown(run: _Run) -> str:
-    out = [f"# Run report: {run.name}", ""]
-    out += [f"**Test accuracy: {_pct(run.results.get('test_accuracy'))}**", ""]
-    out += [_md_table(_Table(["summary", "value"], [[k, v] for k, v in _summary(run)])), ""]
-    out += [_protocol_sentence(run), ""]
-    for heading, note, table in _sections(run):
-        out += [f"## {heading}", ""]
-        out += [_md_table(table) if table else f"_{note or 'n/a'}_", ""]
-    out += ["## Plots", ""]
-    if not run.plots:
-        out += ["_No plots found in plots/._", ""]
-    for path, caption in run.plots:
-        out += [f"![{caption}](plots/{quote(path.name)})", "", f"*{caption}*", ""]
+def _md_block(block: str | _Table | _Figure) -> list[str]:
+    if isinstance(block, _Table):
+        return [_md_table(block), ""]
+    if isinstance(block, _Figure):
+        link = "/".join(quote(part) for part in block.link.split("/"))
+        return [f"![{block.caption}]({link})", "", f"*{block.caption}*", ""]
+    return [block, ""] if block else []
+
+
+def _markdown(title: str, headline: list[str], sections: list[_Section]) -> str:
+    out = [f"# {title}", "", *headline]
+    for section in sections:
+        out += [f"## {section.heading}", ""]
+        for block in section.blocks:
+            out += _md_block(block)
     return "\n".join(out)
+
+
+def _run_markdown(run: _Run) -> str:
+    summary = _summary(run)
+    headline = [
+        f"**Test accuracy: {summary[0][1]}** (95% interval {summary[1][1]}); ECE {summary[2][1]}",
+        "",
+        _md_table(_Table(["summary", "value"], [[k, v] for k, v in summary])),
+        "",
+        _protocol_sentence(run),
+        "",
+    ]
+    return _markdown(f"Run report: {run.name}", headline, _sections(run))
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -381,33 +587,42 @@ body { margin: 0; background: var(--bg); color: var(--fg);
 main { max-width: 1080px; margin: 0 auto; padding: 24px 20px 48px; }
 h1 { font-size: 26px; margin: 8px 0 16px; word-break: break-word; }
 h2 { font-size: 19px; margin: 32px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
-.card { display: flex; flex-wrap: wrap; gap: 24px; align-items: center; background: #fff;
+.card { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; background: #fff;
   border: 1px solid var(--line); border-radius: 10px; padding: 20px 24px; }
-.headline { min-width: 190px; }
+.headlines { display: flex; flex-direction: column; gap: 14px; min-width: 210px; }
 .headline .value { font-size: 44px; font-weight: 700; color: var(--accent); line-height: 1.1; }
+.headline .value.second { font-size: 30px; color: #9a6700; }
 .headline .label { color: var(--muted); font-size: 13px; text-transform: uppercase; letter-spacing: .05em; }
+.headline .sub { color: var(--muted); font-size: 13px; }
 .facts { flex: 1; display: grid; grid-template-columns: repeat(auto-fill, minmax(210px, 1fr)); gap: 8px 20px;
   margin: 0; }
 .facts div { min-width: 0; }
 .facts dt { color: var(--muted); font-size: 12px; }
 .facts dd { margin: 0; font-weight: 600; overflow-wrap: anywhere; }
 .note { background: #fff8c5; border: 1px solid #eac54f; border-radius: 6px; padding: 8px 12px; }
-.table-wrap { overflow-x: auto; }
+.table-wrap { overflow-x: auto; margin: 8px 0 16px; }
 table { border-collapse: collapse; background: #fff; font-size: 14px; }
 th, td { border: 1px solid var(--line); padding: 4px 10px; text-align: left; }
 th { background: #eef1f4; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td { overflow-wrap: anywhere; }
-tr.best td { background: #dafbe1; }
+tr.best td { background: #dafbe1; font-weight: 600; }
 figure { margin: 16px 0 28px; background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 12px; }
 figure img { display: block; max-width: 100%; height: auto; margin: 0 auto; }
 figcaption { color: var(--muted); font-size: 14px; margin-top: 8px; text-align: center; }
+code { background: #eef1f4; border-radius: 4px; padding: 1px 5px; font-size: 13px; }
 .muted { color: var(--muted); }
 """
 
 
 def _e(text: str) -> str:
     return html.escape(text, quote=True)
+
+
+def _inline(text: str) -> str:
+    """Escaped text with `code` spans, the only Markdown the report's paragraphs use."""
+    parts = _e(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
 def _html_table(table: _Table) -> str:
@@ -430,44 +645,74 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _html(run: _Run) -> str:
-    summary = _summary(run)
-    headline = summary[0][1]
-    facts = "".join(f"<div><dt>{_e(k)}</dt><dd>{_e(v)}</dd></div>" for k, v in summary[1:])
+def _html_block(block: str | _Table | _Figure) -> str:
+    if isinstance(block, _Table):
+        return _html_table(block)
+    if isinstance(block, _Figure):
+        return (
+            f'<figure><img src="{_data_uri(block.path)}" alt="{_e(block.caption)}">'
+            f"<figcaption>{_e(block.caption)}</figcaption></figure>"
+        )
+    return f"<p>{_inline(block)}</p>" if block else ""
+
+
+def _html(title: str, card: list[str], sections: list[_Section]) -> str:
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>Run report: {_e(run.name)}</title>",
+        f"<title>{_e(title)}</title>",
         f"<style>{_CSS}</style></head><body><main>",
-        f"<h1>Run report: {_e(run.name)}</h1>",
-        '<section class="card">',
-        f'<div class="headline"><div class="label">Test accuracy</div><div class="value">{_e(headline)}</div></div>',
-        f'<dl class="facts">{facts}</dl>',
+        f"<h1>{_e(title)}</h1>",
+        *card,
+    ]
+    for section in sections:
+        parts.append(f"<h2>{_e(section.heading)}</h2>")
+        parts += [_html_block(b) for b in section.blocks]
+    parts.append("</main></body></html>")
+    return "\n".join(p for p in parts if p) + "\n"
+
+
+def _headline(label: str, value: str, sub: str = "", second: bool = False) -> str:
+    cls = "value second" if second else "value"
+    sub_html = f'<div class="sub">{_e(sub)}</div>' if sub else ""
+    return f'<div class="headline"><div class="label">{_e(label)}</div><div class="{cls}">{_e(value)}</div>{sub_html}</div>'
+
+
+def _run_html(run: _Run) -> str:
+    summary = _summary(run)
+    r = run.results
+    after, t = _number(r.get("test_ece_calibrated")), _number(r.get("temperature"))
+    ece_sub = (
+        f"{after * 100:.2f}% after temperature {t:.3f}"
+        if after is not None and t is not None
+        else "no temperature"
+    )
+    ci = _ci(r)
+    card = [
+        '<section class="card"><div class="headlines">',
+        _headline(
+            "Test accuracy",
+            summary[0][1],
+            f"95% CI {ci[0] * 100:.2f}% to {ci[1] * 100:.2f}%" if ci else "",
+        ),
+        _headline("Calibration error (ECE)", _pct(r.get("test_ece")), ece_sub, second=True),
+        "</div>",
+        '<dl class="facts">'
+        + "".join(f"<div><dt>{_e(k)}</dt><dd>{_e(v)}</dd></div>" for k, v in summary[3:])
+        + "</dl>",
         "</section>",
         f'<p class="note">{_e(_protocol_sentence(run))}</p>',
     ]
-    for heading, note, table in _sections(run):
-        parts.append(f"<h2>{_e(heading)}</h2>")
-        parts.append(_html_table(table) if table else f'<p class="muted">{_e(note or NA)}</p>')
-    parts.append("<h2>Plots</h2>")
-    if not run.plots:
-        parts.append('<p class="muted">No plots found in plots/.</p>')
-    for path, caption in run.plots:
-        parts.append(
-            f'<figure><img src="{_data_uri(path)}" alt="{_e(caption)}">'
-            f"<figcaption>{_e(caption)}</figcaption></figure>"
-        )
-    parts.append("</main></body></html>")
-    return "\n".join(parts) + "\n"
+    return _html(f"Run report: {run.name}", card, _sections(run))
 
 
-# ----------------------------------------------------------------------------- entry point
+# ----------------------------------------------------------------------------- entry points: one run
 
 
 def _write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file so a crash never leaves half a report behind."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
@@ -477,6 +722,260 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     run = _load_run(run_dir)
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
-    _write_atomic(md_path, _markdown(run))
-    _write_atomic(html_path, _html(run))
+    md, page = _run_markdown(run), _run_html(run)  # both built before either is written
+    _write_atomic(md_path, md)
+    _write_atomic(html_path, page)
     return md_path, html_path
+
+
+# ----------------------------------------------------------------------------- several runs
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation, min and max (as train.summarize)."""
+    mean = statistics.fmean(values)
+    return {
+        "mean": mean,
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+# (results.json key, label, formatter) of the metrics summarised over runs.
+COMPARED = [
+    ("test_accuracy", "test accuracy", _pct),
+    ("test_top2_accuracy", "top-2 accuracy", _pct),
+    ("macro_f1", "macro F1", _pct),
+    ("test_loss", "test NLL", _float),
+    ("test_brier", "Brier score", _float),
+    ("test_ece", "ECE", _pct),
+    ("test_ece_calibrated", "ECE after temperature", _pct),
+    ("temperature", "temperature", lambda v: _float(v, 3)),
+    ("mean_corruption_accuracy", "mean corruption accuracy", _pct),
+    ("train_seconds", "train time", _duration),
+]
+
+
+def _group_key(run: _Run) -> str:
+    """Runs of one recipe: the same config but for the seed (and where they ran)."""
+    config = {k: v for k, v in run.config.items() if k not in ("seed", "device")}
+    if not config:
+        config = {"model": run.results.get("model"), "recipe": run.results.get("recipe")}
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def _group_name(runs: list[_Run]) -> str:
+    c, r = runs[0].config, runs[0].results
+    return (
+        f"recipe {_value(c.get('recipe', r.get('recipe')))}, model {_value(c.get('model', r.get('model')))}"
+    )
+
+
+def expand_runs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Run directories from paths; a `--seeds` output directory (summary.json) stands for its runs."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        summary = p / "summary.json"
+        if p.is_dir() and summary.is_file() and not (p / "results.json").exists():
+            runs = _read_json(summary).get("runs") or []
+            found = [p / Path(r).name for r in runs]
+            out += [r for r in found if r.is_dir()] or sorted(
+                d for d in p.iterdir() if (d / "results.json").is_file()
+            )
+        else:
+            out.append(p)
+    return list(dict.fromkeys(out))
+
+
+def _load_comparable(paths: Sequence[Path]) -> list[_Run]:
+    """Every run loaded and checked before anything is written: results present, one class list."""
+    runs = [_load_run(p) for p in paths]
+    for run in runs:
+        if _number(run.results.get("test_accuracy")) is None:
+            raise ReportError(
+                f"run {run.path} has no test results yet; evaluate it first: cifar10 evaluate {run.path}"
+            )
+    first = _class_names(runs[0].results)
+    for run in runs[1:]:
+        names = _class_names(run.results)
+        if names != first:
+            raise ReportError(
+                f"runs {runs[0].path} and {run.path} have different class lists ({', '.join(first)} vs "
+                f"{', '.join(names)}); compare runs of the same classes only"
+            )
+    return runs
+
+
+def _comparison_names(runs: list[_Run]) -> list[str]:
+    """Each run's path relative to the runs' common folder (unique where the folder names alone are not)."""
+    resolved = [r.path.resolve() for r in runs]
+    common = Path(os.path.commonpath(resolved)) if len(resolved) > 1 else resolved[0].parent
+    names = [str(p.relative_to(common)) if p != common else p.name for p in resolved]
+    return [n if n != "." else r.name for n, r in zip(names, runs, strict=True)]
+
+
+def write_comparison(
+    paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None
+) -> tuple[Path, Path]:
+    """report.md and a self-contained report.html comparing several runs; figures in <out stem>_plots/.
+
+    Runs of one recipe (same config but the seed) are summarised as mean ± std, min and max.
+    """
+    from . import plots
+
+    runs = _load_comparable([Path(p) for p in paths])
+    if len(runs) < 2:
+        raise ReportError("a comparison needs at least two runs")
+    names = _comparison_names(runs)
+    if out is None:
+        common = Path(os.path.commonpath([r.path.resolve() for r in runs]))
+        out = common / "report.html"
+    html_path = Path(out)
+    if html_path.suffix.lower() != ".html":
+        html_path = html_path / "report.html" if html_path.is_dir() else html_path.with_suffix(".html")
+    md_path = html_path.with_suffix(".md")
+    fig_dir = html_path.with_name(f"{html_path.stem}_plots")
+    fig_dir.mkdir(parents=True, exist_ok=True)
+
+    figures: list[_Figure] = []
+    link = f"{fig_dir.name}/"
+    results = [r.results for r in runs]
+    plots.plot_run_comparison(
+        names, [r["test_accuracy"] for r in results], [_ci(r) for r in results], fig_dir / "accuracy.png",
+        ece=[_number(r.get("test_ece")) for r in results],
+    )  # fmt: skip
+    figures.append(_Figure(fig_dir / "accuracy.png", "Test accuracy of each run with its 95% interval, "
+                           "and its expected calibration error.", link + "accuracy.png"))  # fmt: skip
+    curves = {name: run.metrics for name, run in zip(names, runs, strict=True) if run.metrics}
+    if curves:
+        plots.plot_runs_curves(curves, fig_dir / "curves.png")
+        figures.append(
+            _Figure(fig_dir / "curves.png", "Training curves of all runs overlaid.", link + "curves.png")
+        )
+    robust = {name: run.robustness for name, run in zip(names, runs, strict=True) if run.robustness}
+    if robust:
+        plots.plot_corruptions(
+            {n: r["mean_by_severity"] for n, r in robust.items()},
+            {n: r["clean_accuracy"] for n, r in robust.items()},
+            fig_dir / "corruptions.png",
+            title="Mean accuracy over the corruptions by severity, per run (regenerated CIFAR-10-C approximation)",
+            mean_label="mean over runs",
+        )
+        figures.append(_Figure(fig_dir / "corruptions.png", "Mean accuracy over the 10 corruptions by severity, "
+                               "one line per run.", link + "corruptions.png"))  # fmt: skip
+
+    sections = _comparison_sections(runs, names, figures)
+    title = f"Comparison of {len(runs)} runs"
+    best = max(range(len(runs)), key=lambda i: results[i]["test_accuracy"])
+    headline_md = [
+        f"**{len(runs)} runs; best test accuracy {_pct(results[best]['test_accuracy'])} ({names[best]})**",
+        "",
+    ]
+    md = _markdown(title, headline_md, sections)
+    accs = [r["test_accuracy"] for r in results]
+    s = _stats(accs)
+    card = [
+        '<section class="card"><div class="headlines">',
+        _headline(
+            "Mean test accuracy",
+            _pct(s["mean"]),
+            f"± {s['std'] * 100:.2f} points (std), min {_pct(s['min'])}, max {_pct(s['max'])}",
+        ),
+        "</div>",
+        '<dl class="facts">'
+        + "".join(
+            f"<div><dt>{_e(n)}</dt><dd>{_e(_pct(r['test_accuracy']))}, ECE {_e(_pct(r.get('test_ece')))}</dd></div>"
+            for n, r in zip(names, results, strict=True)
+        )
+        + "</dl></section>",
+    ]
+    page = _html(title, card, sections)
+    _write_atomic(md_path, md)
+    _write_atomic(html_path, page)
+    return md_path, html_path
+
+
+def _comparison_sections(runs: list[_Run], names: list[str], figures: list[_Figure]) -> list[_Section]:
+    rows = []
+    for name, run in zip(names, runs, strict=True):
+        r, c = run.results, run.config
+        rows.append([
+            name,
+            _value(r.get("model", c.get("model"))),
+            _value(c.get("recipe", r.get("recipe"))),
+            _value(c.get("seed")),
+            _int(r.get("epochs_run")),
+            _duration(r.get("train_seconds")),
+            f"{_pct(r.get('test_accuracy'))} ({_ci_text(r)})",
+            _float(r.get("test_loss")),
+            _pct(r.get("test_ece")),
+            _pct(r.get("test_ece_calibrated")),
+            _float(r.get("temperature"), 3),
+            _pct(r.get("mean_corruption_accuracy")) if run.robustness else NA,
+        ])  # fmt: skip
+    headers = ["run", "model", "recipe", "seed", "epochs", "train time", "test accuracy (95% interval)",
+               "test NLL", "ECE", "ECE after T", "temperature T", "mean corruption acc."]  # fmt: skip
+    sections = [_Section("Runs", [_Table(headers, rows, set(range(3, len(headers))))])]
+
+    groups: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        groups.setdefault(_group_key(run), []).append(i)
+    summary = _Section("Runs of one recipe: mean ± std over seeds")
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        group = [runs[i] for i in members]
+        stat_rows = []
+        for key, label, fmt in COMPARED:
+            values = [_number(run.results.get(key)) for run in group]
+            values = [v for v in values if v is not None]
+            if key == "mean_corruption_accuracy":
+                values = [
+                    run.results[key] for run in group if run.robustness and _number(run.results.get(key))
+                ]
+            if not values:
+                continue
+            s = _stats(values)
+            std = f"{s['std'] * 100:.2f} points" if fmt is _pct else fmt(s["std"])
+            stat_rows.append([label, f"{fmt(s['mean'])} ± {std}", fmt(s["min"]), fmt(s["max"]), str(s["n"])])
+        summary.blocks += [
+            f"{_group_name(group)}: {len(group)} runs ({', '.join(names[i] for i in members)}); std is the sample "
+            "standard deviation over runs.",
+            _Table(["metric", "mean ± std", "min", "max", "runs"], stat_rows, {1, 2, 3, 4}),
+        ]
+    if not summary.blocks:
+        summary.blocks.append("No two runs share a recipe (the same config but for the seed).")
+    sections.append(summary)
+    sections.append(_Section("Plots", list(figures)))
+
+    classes = _class_names(runs[0].results)
+    per_class_rows = []
+    for c in classes:
+        row = [c]
+        for run in runs:
+            pc = run.results.get("per_class_accuracy")
+            row.append(_pct(pc.get(c)) if isinstance(pc, dict) else NA)
+        per_class_rows.append(row)
+    sections.append(
+        _Section(
+            "Per-class test accuracy",
+            [_Table(["class", *names], per_class_rows, set(range(1, len(names) + 1)))],
+        )
+    )
+    links = [f"{name}: `{run.path / 'report.html'}`" for name, run in zip(names, runs, strict=True)]
+    sections.append(_Section("Each run's own report", ["; ".join(links)]))
+    return sections
+
+
+def write_reports(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> list[Path]:
+    """The CLI's `report`: one run's report.md/html rebuilt, or several runs compared; returns the HTML paths."""
+    runs = expand_runs(paths)
+    if len(runs) == 1:
+        if out is not None:
+            raise UserError(
+                "--out names the comparison page of several runs; one run's report stays in its directory"
+            )
+        return [write_report(runs[0])[1]]
+    return [write_comparison(runs, out)[1]]

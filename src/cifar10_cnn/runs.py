@@ -15,7 +15,7 @@ from .errors import UserError
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 RUN_FILES = ("config.json", "metrics.csv", "results.json", "model.safetensors", "report.md", "report.html")
-RUN_DIRS = ("checkpoints", "plots", "tb")
+RUN_DIRS = ("checkpoints", "plots", "tb", "eval")
 
 
 def write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:

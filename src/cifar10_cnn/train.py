@@ -415,7 +415,7 @@ def train(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     )
-    results = evaluate_run(run_dir, splits.test, tta=cfg.tta, model=result.model, echo=echo)
+    results = evaluate_run(run_dir, splits.test, tta=cfg.tta, model=result.model, val=splits.val, echo=echo)
     # Every second from the call to the finished report, data loading and evaluation included.
     write_json(run_dir / "results.json", {**results, "total_seconds": time.perf_counter() - t_start})
     return run_dir

@@ -1,0 +1,343 @@
+"""Evaluation: metrics against hand-computed values, corruptions, and `cifar10 evaluate` on real runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cifar10_cnn import calibration as C
+from cifar10_cnn import corruptions as K
+from cifar10_cnn import data as D
+from cifar10_cnn.checkpoint import load_model, read_metadata, save_weights
+from cifar10_cnn.evaluate import (
+    accuracy_interval,
+    classification_metrics,
+    confusion_matrix,
+    normalize_rows,
+    precision_recall_f1,
+    topk_accuracy,
+)
+from cifar10_cnn.models import create_model
+
+from .conftest import error_line, run_cli
+
+OLD_KEYS = (
+    "test_accuracy",
+    "test_loss",
+    "per_class_accuracy",
+    "confusion_matrix",
+    "epochs_run",
+    "train_seconds",
+)
+
+
+def copy_run(run: Path, tmp_path: Path, name: str = "run") -> Path:
+    """A private copy of a shared run, without its (large, unused here) checkpoints."""
+    return Path(shutil.copytree(run, tmp_path / name, ignore=shutil.ignore_patterns("checkpoints", "tb")))
+
+
+def listing(path: Path) -> dict[str, int]:
+    """Every file under path with its modification time: to show that a failed command wrote nothing."""
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
+
+
+# --- classification metrics, by hand ----------------------------------------------------------------------
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    # 8 of 10: centre (0.8 + 1.96²/20) / (1 + 1.96²/10) = 0.716738, half-width 0.226581.
+    assert accuracy_interval(8, 10) == pytest.approx((0.490156, 0.943318), abs=2e-6)
+    # 0 of 10 is not a zero-width interval (the normal approximation's failure): upper 1.96²/(10 + 1.96²).
+    assert accuracy_interval(0, 10) == pytest.approx((0.0, 0.277540), abs=1e-6)
+    lo, hi = accuracy_interval(8187, 10_000)
+    assert (lo, hi) == pytest.approx((0.811027, 0.826128), abs=2e-6)  # centre 0.818577, half 0.007551
+    with pytest.raises(ValueError):
+        accuracy_interval(0, 0)
+
+
+def test_topk_precision_recall_f1_and_confusion_by_hand():
+    logits = np.array([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0], [3.0, 1.0, 2.0], [1.0, 2.0, 3.0]])
+    labels = np.array([0, 2, 1, 0])
+    assert topk_accuracy(logits, labels, 1) == 0.25  # only the first is right
+    assert topk_accuracy(logits, labels, 2) == 0.5  # the second's label is its runner-up
+    assert topk_accuracy(logits, labels, 3) == 1.0
+
+    cm = np.array([[2, 1, 0], [0, 3, 1], [1, 0, 0]])
+    s = precision_recall_f1(cm)
+    # class 0: 2 of 3 predicted right, 2 of 3 found; class 1: 3 of 4 both ways; class 2: none right.
+    assert s["precision"] == pytest.approx([2 / 3, 3 / 4, 0.0])
+    assert s["recall"] == pytest.approx([2 / 3, 3 / 4, 0.0])
+    assert s["f1"] == pytest.approx([2 / 3, 3 / 4, 0.0])
+    assert s["support"].tolist() == [3, 4, 1]
+    assert normalize_rows(cm) == pytest.approx(np.array([[2 / 3, 1 / 3, 0], [0, 0.75, 0.25], [1, 0, 0]]))
+    assert normalize_rows(np.zeros((2, 2))).tolist() == [[0, 0], [0, 0]]
+    assert confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 0]), 3).tolist() == [
+        [1, 1, 0],
+        [0, 1, 0],
+        [1, 0, 0],
+    ]
+
+
+def test_classification_metrics_keeps_the_old_keys_and_adds_the_new():
+    logits = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]])
+    labels = np.array([0, 1, 1, 0])
+    m = classification_metrics(logits, labels, ("a", "b"))
+    assert m["test_accuracy"] == 0.75 and m["confusion_matrix"] == [[2, 0], [1, 1]]
+    assert m["per_class_accuracy"] == {"a": 1.0, "b": 0.5}
+    assert m["per_class"]["a"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
+    assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+    assert m["test_top2_accuracy"] == 1.0
+    # Loss: three images at p = e²/(1 + e²) of their label, one at 1/(1 + e²).
+    assert m["test_loss"] == pytest.approx((3 * math.log1p(math.exp(-2)) + math.log1p(math.exp(2))) / 4)
+    assert m["test_accuracy_ci95"] == pytest.approx(list(accuracy_interval(3, 4)))
+
+
+# --- calibration, by hand -------------------------------------------------------------------------------------
+
+
+def test_nll_and_brier_by_hand():
+    logits = np.array([[0.0, math.log(3.0)]])  # p = (1/4, 3/4)
+    assert C.softmax(logits) == pytest.approx(np.array([[0.25, 0.75]]))
+    assert C.nll(logits, np.array([1])) == pytest.approx(math.log(4 / 3))
+    assert C.nll(logits, np.array([0])) == pytest.approx(math.log(4))
+    assert C.brier_score(np.array([[0.25, 0.75]]), np.array([1])) == pytest.approx(0.125)
+    assert C.brier_score(np.array([[0.25, 0.75]]), np.array([0])) == pytest.approx(0.75**2 * 2)
+    # Temperature 2 halves the logits: p = (1/(1 + √3), √3/(1 + √3)).
+    assert C.nll(logits, np.array([1]), 2.0) == pytest.approx(-math.log(math.sqrt(3) / (1 + math.sqrt(3))))
+
+
+def test_ece_and_mce_by_hand():
+    # Two images at confidence 0.9 (one right, one wrong), two at 0.65 (both right); 15 bins.
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.35, 0.65], [0.35, 0.65]])
+    labels = np.array([0, 1, 1, 1])
+    bins = C.reliability(probs, labels)
+    assert bins["count"][13] == 2 and bins["count"][9] == 2 and sum(bins["count"]) == 4
+    assert bins["accuracy"][13] == 0.5 and bins["confidence"][13] == pytest.approx(0.9)
+    assert bins["accuracy"][9] == 1.0 and bins["accuracy"][0] is None
+    ece, mce = C.calibration_errors(probs, labels)
+    assert ece == pytest.approx(0.5 * 0.4 + 0.5 * 0.35)
+    assert mce == pytest.approx(0.4)
+    m = C.calibration_metrics(np.log(probs), labels)
+    assert m["ece"] == pytest.approx(0.375) and m["accuracy"] == 0.75
+
+
+def test_fit_temperature_finds_the_analytic_optimum():
+    # Every image has logits (2, 0); 70% are class 0. The NLL is lowest where softmax(2/T) = 0.7, that is
+    # 2/T = ln(7/3): T = 2.360444.
+    logits = np.tile([2.0, 0.0], (1000, 1))
+    labels = np.array([0] * 700 + [1] * 300)
+    t = C.fit_temperature(logits, labels)
+    assert t == pytest.approx(2 / math.log(7 / 3), rel=1e-6)
+    after = C.calibration_metrics(logits, labels, t)
+    assert after["ece"] == pytest.approx(0.0, abs=1e-6) and after["accuracy"] == 0.7
+    assert C.nll(logits, labels, t) < C.nll(logits, labels, 1.0)
+
+
+def test_write_temperature_keeps_tensors_and_metadata(tmp_path):
+    model = create_model("seed_cnn")
+    path = tmp_path / "model.safetensors"
+    save_weights(model, path, architecture="seed_cnn", config={"epochs": 3}, extra={"note": "x"})
+    before = load_file(str(path))
+    C.write_temperature(path, 1.75)
+    meta = read_metadata(path)
+    assert meta["temperature"] == 1.75 and meta["architecture"] == "seed_cnn"
+    assert meta["config"] == {"epochs": 3} and meta["note"] == "x" and meta["classes"] == list(D.CLASSES)
+    after = load_file(str(path))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not list(tmp_path.glob(".*tmp*")), "no temporary file left behind"
+    load_model(path)  # still loads
+
+
+# --- corruptions ------------------------------------------------------------------------------------------------
+
+
+def test_corruption_constants_and_kernels_by_hand():
+    images = np.zeros((1, 1, 2, 3), dtype=np.uint8)
+    images[0, 0, 0] = (128, 64, 0)  # HSV value 128/255; +0.3 then scales RGB by (128/255 + 0.3) / (128/255)
+    out = K.corrupt(images, "brightness", 5)
+    assert out[0, 0, 0].tolist() == [204, 102, 0]  # 204.5 and 102.25, truncated as the reference does
+    assert out[0, 0, 1].tolist() == [76, 76, 76]  # black has no hue: it becomes grey at value 0.3 (76.5)
+
+    pair = np.array([[[[100, 0, 0], [200, 0, 0]]]], dtype=np.uint8)  # channel means 150, 0, 0
+    assert K.corrupt(pair, "contrast", 1)[0, 0, :, 0].tolist() == [112, 187]  # 150 ∓ 50 x 0.75
+
+    # Defocus at severity 5: a radius-1.5 disk is the 3x3 box; the 0.1 anti-alias blur leaves it so.
+    assert K.disk_kernel(1.5, 0.1) == pytest.approx(np.full((3, 3), 1 / 9))
+    # Severity 1: the disk is one pixel, spread by a 3x3 Gaussian of sigma 0.4 (weights 1, e^-3.125).
+    g = np.array([math.exp(-1 / 0.32), 1.0, math.exp(-1 / 0.32)])
+    g /= g.sum()
+    assert K.disk_kernel(0.3, 0.4) == pytest.approx(np.outer(g, g))
+    # Motion blur, radius 6: 13 taps, a one-sided Gaussian along the angle, rounded offsets.
+    weights, dx, dy = K.motion_kernel(6, 1.0, np.array([0.0, 90.0, 45.0]))
+    assert len(weights) == 13 and weights.sum() == pytest.approx(1.0)
+    assert weights[1] / weights[0] == pytest.approx(math.exp(-0.5))
+    assert dx[0].tolist() == list(range(13)) and dy[0].tolist() == [0] * 13
+    assert dx[1].tolist() == [0] * 13 and dy[1].tolist() == list(range(13))
+    assert dx[2, :4].tolist() == [0, 1, 1, 2] and dy[2, :4].tolist() == [0, 1, 1, 2]  # i·cos 45° rounded
+
+
+def test_noise_corruptions_have_the_published_strength():
+    grey = np.full((200, 32, 32, 3), 128, dtype=np.uint8)
+    noisy = K.corrupt(grey, "gaussian_noise", 5).astype(float)
+    assert noisy.std() == pytest.approx(0.10 * 255, rel=0.03)  # σ = 0.10 of the range
+    assert abs(noisy.mean() - 127.5) < 0.5  # zero-mean noise, then truncation (half a level)
+    flipped = K.corrupt(grey, "impulse_noise", 5)
+    changed = flipped != 128
+    assert changed.mean() == pytest.approx(0.07, abs=0.005)  # 7% of values
+    assert set(np.unique(flipped[changed]).tolist()) == {0, 255}
+    shot = K.corrupt(grey, "shot_noise", 5).astype(float) / 255
+    # Poisson(0.502 x 50) / 50 has variance 0.502 / 50.
+    assert shot.var() == pytest.approx((128 / 255) / 50, rel=0.05)
+
+
+def test_corruptions_are_seeded_and_grow_with_severity(cifar):
+    images = cifar.test_images[:200]
+    for name in K.CORRUPTIONS:
+        runs = [K.corrupt(images, name, s, seed=0) for s in K.SEVERITIES]
+        for out in runs:
+            assert out.dtype == np.uint8 and out.shape == images.shape, name
+        again = K.corrupt(images, name, 3, seed=0)
+        assert np.array_equal(again, runs[2]), f"{name} is not reproducible"
+        distance = [np.abs(out.astype(int) - images).mean() for out in runs]
+        assert distance[0] > 0, name
+        assert distance[4] > distance[0] * 1.3, (name, distance)
+        if name in ("gaussian_noise", "shot_noise", "impulse_noise", "motion_blur", "fog"):
+            other = K.corrupt(images, name, 3, seed=1)
+            assert not np.array_equal(other, runs[2]), f"{name} ignores its seed"
+    with pytest.raises(ValueError, match="unknown corruption"):
+        K.corrupt(images, "snow", 1)
+    with pytest.raises(ValueError, match="severity"):
+        K.corrupt(images, "fog", 6)
+
+
+# --- `cifar10 evaluate` on real runs ----------------------------------------------------------------------
+
+
+def test_training_stores_calibration_and_the_temperature(trained_run):
+    results = json.loads((trained_run / "results.json").read_text())
+    for key in OLD_KEYS:
+        assert key in results, key
+    evaluation = json.loads((trained_run / "eval" / "metrics.json").read_text())
+    cal = evaluation["calibration"]
+    assert cal["val_size"] == 200 and cal["temperature"] > 0
+    assert results["temperature"] == cal["temperature"]
+    # Stored with the weights for predict and serve, fitted without TTA (this run has none: the same one).
+    assert read_metadata(trained_run / "model.safetensors")["temperature"] == pytest.approx(
+        cal["temperature"]
+    )
+    # Temperature scaling fitted on validation lowers the validation NLL; on test it changes no prediction.
+    assert cal["calibrated"]["accuracy"] == cal["uncalibrated"]["accuracy"] == results["test_accuracy"]
+    assert results["test_ece"] == cal["uncalibrated"]["ece"]
+    lo, hi = results["test_accuracy_ci95"]
+    assert lo < results["test_accuracy"] < hi and hi - lo < 0.02  # 10,000 test images
+    assert sum(sum(row) for row in evaluation["confusion_matrix"]) == 10_000
+    assert len(evaluation["confident_errors"]) == 24
+    confs = [e["confidence"] for e in evaluation["confident_errors"]]
+    assert confs == sorted(confs, reverse=True) and all(
+        e["true"] != e["pred"] for e in evaluation["confident_errors"]
+    )
+    for name in ("eval/reliability.png", "eval/confident_errors.png", "plots/per_class.png"):
+        assert (trained_run / name).stat().st_size > 10_000, name
+    assert not (trained_run / "eval" / "robustness.json").exists()
+
+
+def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path, cache_dir):
+    run = copy_run(trained_run, tmp_path)
+    proc = run_cli("evaluate", str(run), "--corruption-images", "300", "--no-progress")
+    assert "gaussian_noise" in proc.stdout and "mean corruption accuracy" in proc.stdout
+    rob = json.loads((run / "eval" / "robustness.json").read_text())
+    assert rob["images"] == 300 and set(rob["accuracy"]) == set(K.CORRUPTIONS)
+    assert all(len(v) == 5 and all(0 <= a <= 1 for a in v) for v in rob["accuracy"].values())
+    assert rob["mean_corruption_accuracy"] == pytest.approx(np.mean(list(rob["accuracy"].values())))
+    assert "regenerated approximation, not the official CIFAR-10-C files" in rob["note"]
+    results = json.loads((run / "results.json").read_text())
+    assert results["mean_corruption_accuracy"] == rob["mean_corruption_accuracy"]
+    assert (run / "eval" / "corruptions.png").stat().st_size > 10_000
+    report = (run / "report.md").read_text()
+    assert "regenerated approximation, not the official CIFAR-10-C files" in report
+    assert "](eval/corruptions.png)" in report and "| mean over corruptions |" in report.replace("**", "")
+
+    # A plain re-evaluation keeps the robustness results of the same weights, and reproduces the figures.
+    run_cli("evaluate", str(run), "--no-progress")
+    again = json.loads((run / "results.json").read_text())
+    assert again["mean_corruption_accuracy"] == rob["mean_corruption_accuracy"]
+    assert again["test_accuracy"] == results["test_accuracy"]
+    assert again["temperature"] == pytest.approx(results["temperature"])
+
+    # A weights file works too: results, plots and report in <name>-eval/ beside it (or --out).
+    weights = tmp_path / "weights" / "model.safetensors"
+    weights.parent.mkdir()
+    shutil.copy(run / "model.safetensors", weights)
+    run_cli("evaluate", str(weights), "--no-progress")
+    out = tmp_path / "weights" / "model-eval"
+    res = json.loads((out / "results.json").read_text())
+    assert res["test_accuracy"] == results["test_accuracy"] and res["model"] == "seed_cnn"
+    # The weights' metadata carries the run's config, so the same validation split gives the same T.
+    assert res["temperature"] == pytest.approx(results["temperature"])
+    assert (out / "report.html").is_file() and (out / "eval" / "reliability.png").is_file()
+
+
+def test_a_run_without_validation_fits_no_temperature(cifar, tmp_path):
+    from cifar10_cnn.config import recipe_config
+    from cifar10_cnn.train import train
+
+    run = train(
+        recipe_config("seed", epochs=1, subset=500, val_size=0),
+        data=cifar,
+        out=tmp_path / "noval",
+        progress=False,
+        echo=lambda *_: None,
+    )
+    results = json.loads((run / "results.json").read_text())
+    assert results["temperature"] is None and results["test_ece_calibrated"] is None
+    assert "temperature" not in read_metadata(run / "model.safetensors")
+    note = json.loads((run / "eval" / "metrics.json").read_text())["calibration"]["note"]
+    assert "no validation split" in note and "no temperature" in note
+    assert "no temperature was fitted" in (run / "report.md").read_text()
+
+
+# --- errors: one line each, nothing written ------------------------------------------------------------------
+
+
+def test_evaluate_errors_are_one_line_and_write_nothing(trained_run, tmp_path, cache_dir):
+    empty = tmp_path / "unfinished"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    line = error_line(run_cli("evaluate", str(empty), check=False))
+    assert "no finished model" in line and "--resume" in line
+    assert listing(empty) == {"config.json": (empty / "config.json").stat().st_mtime_ns}
+
+    # A weights file for an architecture this version does not know.
+    tensors = load_file(str(trained_run / "model.safetensors"))
+    alien = tmp_path / "alien.safetensors"
+    save_file(
+        tensors,
+        str(alien),
+        metadata={"architecture": "transformer9000", "classes": json.dumps(list(D.CLASSES))},
+    )
+    line = error_line(run_cli("evaluate", str(alien), check=False))
+    assert "transformer9000" in line and "seed_cnn" in line
+    assert not (tmp_path / "alien-eval").exists()
+
+    # Data that fails verification (a doctored copy): refused before anything is written.
+    run = copy_run(trained_run, tmp_path)
+    before = listing(run)
+    bad = tmp_path / "bad-data"
+    bad.mkdir()
+    images, labels = np.zeros((20, 32, 32, 3), np.uint8), np.arange(20) % 10
+    np.savez(bad / "train.npz", images=images, labels=labels)
+    np.savez(bad / "test.npz", images=images, labels=labels)
+    line = error_line(run_cli("evaluate", str(run), "--data-dir", str(bad), check=False))
+    assert "not the real CIFAR-10" in line and "--allow-unverified" in line
+    assert listing(run) == before
+
+    line = error_line(run_cli("evaluate", str(run), "--out", str(tmp_path / "x"), check=False))
+    assert "--out is for a weights file" in line
+    assert listing(run) == before
