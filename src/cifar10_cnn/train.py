@@ -442,7 +442,10 @@ def train_seeds(
     echo: Callable[[str], None] = print,
 ) -> Path:
     """`seeds` runs of cfg with seeds cfg.seed, cfg.seed + 1, ...; writes summary.json beside their run dirs."""
-    out = Path(out) if out else default_run_dir(cfg).with_name(default_run_dir(cfg).name + f"-{seeds}seeds")
+    if out is None:
+        base = default_run_dir(cfg)  # once: two calls could straddle a second and name different folders
+        out = base.with_name(f"{base.name}-{seeds}seeds")
+    out = Path(out)
     if data is None:
         data = D.load_cifar10(data_dir, allow_unverified=allow_unverified, progress=progress)
     runs = []
