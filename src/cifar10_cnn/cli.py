@@ -14,14 +14,13 @@ from .errors import UserError
 TRAIN_FIELDS = (
     "model", "epochs", "batch_size", "micro_batch", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule",
     "warmup_epochs", "label_smoothing", "crop_padding", "crop_mode", "flip", "alternate_flip", "cutout", "seed",
-    "split_seed", "val_size", "subset", "patience", "tta", "device", "amp",
+    "split_seed", "val_size", "subset", "patience", "tta", "device", "amp", "sync_bn",
 )  # fmt: skip
 # Options that may differ on --resume without changing what the run computes.
 RESUME_FREE = ("device",)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import list_models
 
     parser = argparse.ArgumentParser(prog="cifar10", description=__doc__.splitlines()[0].rstrip(".") + ".")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -29,6 +28,88 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train", help="train a model and write a run directory with metrics, plots and a report"
     )
+    add_config_options(t)
+    t.add_argument("--data-dir", help="where CIFAR-10 is or goes (default $CIFAR10_DATA, else ./data)")
+    t.add_argument("--allow-unverified", action="store_true", help="use data that fails the sha256 check")
+    t.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>-<recipe>)")
+    t.add_argument("--force", action="store_true", help="replace the run already in --out")
+    t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run exactly where it stopped")
+    t.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+    t.add_argument("--seeds", type=int, help="N runs with seeds seed..seed+N-1, and a summary (mean ± std)")
+    t.add_argument(
+        "--cv",
+        type=int,
+        metavar="K",
+        help="K-fold cross-validation: a run per stratified fold, and a summary",
+    )
+
+    e = sub.add_parser(
+        "evaluate", help="test metrics, calibration, robustness, plots and report of a run or weights file"
+    )
+    e.add_argument("run", type=Path, metavar="RUN_OR_WEIGHTS", help="a run directory or a .safetensors file")
+    e.add_argument("--data-dir")
+    e.add_argument("--allow-unverified", action="store_true")
+    e.add_argument(
+        "--corruptions", action="store_true", help="add the robustness suite: 10 corruptions x 5 severities"
+    )
+    e.add_argument(
+        "--corruption-images",
+        type=int,
+        metavar="N",
+        help="run the robustness suite on the first N test images",
+    )
+    e.add_argument(
+        "--out", type=Path, help="output directory for a weights file (default <name>-eval/ beside it)"
+    )
+    e.add_argument(
+        "--tta",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        choices=(0, 1, 2),
+        help="test-time augmentation: 1 mirror, 2 mirror + 1-pixel shifts",
+    )
+    e.add_argument("--no-progress", action="store_true")
+
+    u = sub.add_parser("tune", help="hyperparameter search with Optuna (TPE, random or grid), or its report")
+    add_config_options(u)
+    u.add_argument(
+        "--trials", type=int, help="finished trials the study should reach (default 20; grid: its size)"
+    )
+    u.add_argument(
+        "--sampler", choices=("tpe", "random", "grid"), help="tpe (default; grid when --grid is given)"
+    )
+    u.add_argument(
+        "--grid", nargs="+", metavar="NAME=A,B", help="grid search over these values, e.g. lr=0.01,0.1"
+    )
+    u.add_argument(
+        "--space",
+        nargs="+",
+        metavar="NAME=LOW:HIGH",
+        help="replace or add ranges: lr=log:1e-3:0.1 epochs=int:4:12",
+    )
+    u.add_argument("--storage", default="sqlite:///tune.db", help="Optuna storage URL (sqlite:///tune.db)")
+    u.add_argument("--study", help="study name (default: the recipe's name)")
+    u.add_argument("--out", type=Path, help="folder of the trials' run directories (default tune/<study>)")
+    u.add_argument("--cv", type=int, metavar="K", help="score each trial by K-fold cross-validation")
+    u.add_argument("--no-prune", action="store_true", help="never stop unpromising trials early")
+    u.add_argument("--report", action="store_true", help="table of trials, best config file and plots")
+    u.add_argument("--best-config", type=Path, default=Path("tune-best.json"), help="(tune-best.json)")
+    u.add_argument("--data-dir")
+    u.add_argument("--allow-unverified", action="store_true")
+
+    r = sub.add_parser("report", help="rebuild a run's report.html; several runs are compared side by side")
+    r.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories (or a --seeds output)")
+    r.add_argument("--out", type=Path, help="the comparison page of several runs (default: beside the runs)")
+    add_use_parsers(sub)
+    return parser
+
+
+def add_config_options(t: argparse.ArgumentParser) -> None:
+    """--recipe/--config and the options that set TrainConfig fields (train and tune share them)."""
+    from .models import list_models
+
     t.add_argument("--recipe", help=f"named recipe: {', '.join(sorted(RECIPES))} (default {DEFAULT_RECIPE})")
     t.add_argument(
         "--config", type=Path, help="a saved config.json to start from (e.g. runs/<run>/config.json)"
@@ -74,50 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
     t.add_argument(
-        "--amp", choices=("auto", "off", "fp16", "bf16"), help="mixed precision (auto: on for CUDA)"
+        "--amp",
+        choices=("auto", "off", "fp16", "bf16"),
+        help="mixed precision (auto: on for CUDA and for CPUs with native bf16)",
     )
-    t.add_argument("--data-dir", help="where CIFAR-10 is or goes (default $CIFAR10_DATA, else ./data)")
-    t.add_argument("--allow-unverified", action="store_true", help="use data that fails the sha256 check")
-    t.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>-<recipe>)")
-    t.add_argument("--force", action="store_true", help="replace the run already in --out")
-    t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run exactly where it stopped")
-    t.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
-    t.add_argument("--seeds", type=int, help="N runs with seeds seed..seed+N-1, and a summary (mean ± std)")
-
-    e = sub.add_parser(
-        "evaluate", help="test metrics, calibration, robustness, plots and report of a run or weights file"
+    t.add_argument(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="under torchrun: batch-norm statistics over the global batch (SyncBatchNorm)",
     )
-    e.add_argument("run", type=Path, metavar="RUN_OR_WEIGHTS", help="a run directory or a .safetensors file")
-    e.add_argument("--data-dir")
-    e.add_argument("--allow-unverified", action="store_true")
-    e.add_argument(
-        "--corruptions", action="store_true", help="add the robustness suite: 10 corruptions x 5 severities"
-    )
-    e.add_argument(
-        "--corruption-images",
-        type=int,
-        metavar="N",
-        help="run the robustness suite on the first N test images",
-    )
-    e.add_argument(
-        "--out", type=Path, help="output directory for a weights file (default <name>-eval/ beside it)"
-    )
-    e.add_argument(
-        "--tta",
-        type=int,
-        nargs="?",
-        const=1,
-        default=0,
-        choices=(0, 1, 2),
-        help="test-time augmentation: 1 mirror, 2 mirror + 1-pixel shifts",
-    )
-    e.add_argument("--no-progress", action="store_true")
-
-    r = sub.add_parser("report", help="rebuild a run's report.html; several runs are compared side by side")
-    r.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories (or a --seeds output)")
-    r.add_argument("--out", type=Path, help="the comparison page of several runs (default: beside the runs)")
-    add_use_parsers(sub)
-    return parser
 
 
 def add_use_parsers(sub: argparse._SubParsersAction) -> None:
@@ -154,10 +201,14 @@ def add_use_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--no-access-log", action="store_true", help="do not log every request")
 
 
+def given_options(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in TRAIN_FIELDS if getattr(args, name) is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Recipe (or --config file, or the resumed run's config) with the options given on the command line."""
-    given = {name: getattr(args, name) for name in TRAIN_FIELDS if getattr(args, name) is not None}
-    if args.resume is not None:
+    given = given_options(args)
+    if getattr(args, "resume", None) is not None:
         if args.recipe or args.config:
             raise UserError(
                 "--resume continues a run with its own config; do not combine it with --recipe/--config"
@@ -183,7 +234,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train, train_seeds
+    from .distributed import launched
+    from .train import select_device, train, train_cv, train_seeds
 
     cfg = config_from_args(args)
     common = dict(
@@ -192,12 +244,50 @@ def cmd_train(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.no_progress,
     )
-    if args.seeds is not None:
-        if args.resume is not None or args.seeds < 1:
-            raise UserError("--seeds takes a number of runs (1 or more) and cannot be combined with --resume")
-        train_seeds(cfg, args.seeds, out=args.out, **common)
-    else:
-        train(cfg, out=args.out, resume=args.resume, **common)
+    if (args.seeds is not None or args.cv is not None) and args.resume is not None:
+        raise UserError("--seeds and --cv start new runs; they cannot be combined with --resume")
+    if args.seeds is not None and args.cv is not None:
+        raise UserError("give either --seeds or --cv, not both")
+    if args.seeds is not None and args.seeds < 1:
+        raise UserError("--seeds takes a number of runs (1 or more)")
+    with launched(select_device(cfg.device)):  # joins torchrun's process group, if any
+        if args.seeds is not None:
+            train_seeds(cfg, args.seeds, out=args.out, **common)
+        elif args.cv is not None:
+            train_cv(cfg, args.cv, out=args.out, **common)
+        else:
+            train(cfg, out=args.out, resume=args.resume, **common)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from . import tune
+
+    if args.report:
+        tune.report(
+            args.storage,
+            args.study or args.recipe or DEFAULT_RECIPE,
+            out=args.out,
+            best_config=args.best_config,
+        )
+        return 0
+    cfg = config_from_args(args)
+    grid = tune.parse_grid(args.grid) if args.grid else None
+    tune.tune(
+        cfg,
+        fixed=given_options(args),
+        trials=args.trials,
+        sampler=args.sampler or ("grid" if grid else "tpe"),
+        grid=grid,
+        space=tune.parse_space(args.space) if args.space else None,
+        storage=args.storage,
+        study_name=args.study,
+        out=args.out,
+        cv=args.cv,
+        prune=not args.no_prune,
+        data_dir=args.data_dir,
+        allow_unverified=args.allow_unverified,
+    )
     return 0
 
 
@@ -266,6 +356,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": cmd_train,
+    "tune": cmd_tune,
     "evaluate": cmd_evaluate,
     "report": cmd_report,
     "predict": cmd_predict,
@@ -282,7 +373,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; a run continues with: cifar10 train --resume <run dir>", file=sys.stderr)
+        hint = {
+            "train": "a run continues with: cifar10 train --resume <run dir>",
+            "tune": "the study is intact; the same command continues it",
+        }.get(args.verb, "nothing was left half-written")
+        print(f"interrupted; {hint}", file=sys.stderr)
         return 130
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -49,6 +49,8 @@ class TrainConfig:
     seed: int = 0
     split_seed: int = 0  # the validation split's seed, separate so that all seeds share one split
     val_size: int | None = None  # None: 5000, or a tenth of --subset
+    folds: int = 0  # cross-validation: validate on fold `fold` of this many stratified folds (0: off)
+    fold: int = 0
     subset: int | None = None
     patience: int | None = None
     tta: int = (
@@ -57,6 +59,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"
     channels_last: bool = True
+    sync_bn: bool = False  # under torchrun: batch-norm statistics over the whole global batch (SyncBatchNorm)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -83,11 +86,15 @@ class TrainConfig:
             raise UserError("--subset must be between 10 and 50000")
         if self.val_size is not None and self.val_size < 0:
             raise UserError("--val-size must be 0 or more")
+        if self.folds == 1 or self.folds < 0 or not 0 <= self.fold < max(self.folds, 1):
+            raise UserError("--cv needs at least 2 folds (and fold must be one of them)")
         if self.patience is not None and self.patience < 1:
             raise UserError("--patience must be at least 1")
 
     @property
     def resolved_val_size(self) -> int:
+        if self.folds:
+            return (self.subset or 50_000) // self.folds
         if self.val_size is not None:
             return self.val_size
         return 5000 if self.subset is None else self.subset // 10
@@ -102,6 +109,16 @@ class TrainConfig:
         parts += [("alternating " if self.alternate_flip else "") + "flip"] if self.flip else []
         parts += [f"cutout{self.cutout}"] if self.cutout else []
         return "+".join(parts) or "none"
+
+    def split_args(self) -> dict[str, Any]:
+        """The arguments of data.make_splits that rebuild this run's train/validation split."""
+        return dict(
+            val_size=self.resolved_val_size,
+            split_seed=self.split_seed,
+            subset=self.subset,
+            folds=self.folds,
+            fold=self.fold,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

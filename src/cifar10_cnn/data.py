@@ -328,6 +328,20 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.n
     return train, val
 
 
+def stratified_fold(labels: np.ndarray, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) of fold `fold` of `folds` stratified folds.
+
+    Each class is shuffled by seed; the classes, one after another, are dealt to the folds in turn, so the folds
+    partition the images, their sizes differ by one at most and each keeps the class proportions.
+    """
+    if not 2 <= folds <= len(labels) or not 0 <= fold < folds:
+        raise DataError(f"fold {fold} of {folds} is not possible with {len(labels)} training images")
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)])
+    val = np.sort(order[fold::folds])
+    return np.setdiff1d(np.arange(len(labels)), val, assume_unique=True), val
+
+
 @dataclass
 class Split:
     """Images (N, 3, 32, 32) uint8 in channels_last memory, and labels, on the training device."""
@@ -359,13 +373,21 @@ def make_splits(
     val_size: int,
     split_seed: int,
     subset: int | None = None,
+    folds: int = 0,
+    fold: int = 0,
     device: torch.device | str = "cpu",
 ) -> Splits:
-    """Train/validation from the (first `subset`) training images; the test set as it is."""
+    """Train/validation from the (first `subset`) training images; the test set as it is.
+
+    With folds (cross-validation), validation is fold `fold` of that many stratified folds, not val_size.
+    """
     images, labels = data.train_images, data.train_labels
     if subset is not None:
         images, labels = images[:subset], labels[:subset]
-    train_idx, val_idx = stratified_split(labels, val_size, split_seed)
+    if folds:
+        train_idx, val_idx = stratified_fold(labels, folds, fold, split_seed)
+    else:
+        train_idx, val_idx = stratified_split(labels, val_size, split_seed)
     return Splits(
         train=to_split(images[train_idx], labels[train_idx], device),
         val=to_split(images[val_idx], labels[val_idx], device),

@@ -444,9 +444,7 @@ def evaluate_path(
     val = None
     if cfg is not None and cfg.resolved_val_size > 0:
         # Rebuilt exactly as training built it: same size, seed and subset, so it never overlaps training.
-        val = D.make_splits(
-            data, val_size=cfg.resolved_val_size, split_seed=cfg.split_seed, subset=cfg.subset
-        ).val
+        val = D.make_splits(data, **cfg.split_args()).val
     test = D.to_split(data.test_images, data.test_labels)
     info: dict[str, Any] = {"data": data.describe()}
     if path.is_dir():

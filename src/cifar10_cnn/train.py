@@ -9,12 +9,13 @@ knows nothing of files other than its run directory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from . import data as D
+from . import distributed
 from .checkpoint import load_checkpoint, save_atomic, save_weights
 from .config import TrainConfig
 from .errors import TrainingDiverged, UserError
@@ -46,12 +48,28 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX).
+
+    Measured here (benchmarks/profile_step.py): with AVX512-BF16, bf16 autocast trains 1.8-2.2x faster than
+    fp32; a CPU without it emulates bf16 and runs many times slower, so it stays in fp32.
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: on CUDA bf16 where supported else fp16 by default; fp32 elsewhere unless asked."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+    """The autocast dtype for training, None for fp32.
+
+    auto: bf16 on CUDA where supported, else fp16; bf16 on a CPU with native bf16; fp32 otherwise (MPS, older
+    CPUs). Weights, optimizer state and evaluation stay fp32 either way.
+    """
+    if amp == "off":
         return None
     if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
@@ -179,6 +197,21 @@ class Logger:
         self.tb.close()
 
 
+class SilentLogger(Logger):
+    """The logger of ranks other than 0: no files, no console."""
+
+    bar = False
+
+    def __init__(self) -> None:
+        pass
+
+    def log_epoch(self, row: dict[str, float], history: list[dict[str, float]], epochs: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def fit(
     cfg: TrainConfig,
     splits: D.Splits,
@@ -187,14 +220,15 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] = print,
-    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+    on_epoch_end: Callable[[int, nn.Module, dict[str, Any]], None] | None = None,
 ) -> FitResult:
     """Train cfg.model on splits.train, validating on splits.val after every epoch; checkpoints in run_dir.
 
-    on_epoch_end(epoch, model) runs after each epoch's checkpoint, outside the epoch's timing (benchmarks use
-    it to follow test accuracy; training itself never sees the test set).
+    on_epoch_end(epoch, model, row) runs after each epoch's checkpoint, outside the epoch's timing, with the
+    epoch's metrics row (benchmarks follow test accuracy with it, never fed back; the tuner prunes on val_acc).
     """
-    device = select_device(cfg.device)
+    world = distributed.current()
+    device = distributed.local_device(select_device(cfg.device))
     amp_dtype = autocast_dtype(cfg.amp, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -202,14 +236,21 @@ def fit(
 
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model).to(device, memory_format=memory_format)
+    if world.size > 1 and cfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     steps_per_epoch = max(1, len(splits.train) // cfg.batch_size)
     optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction=cfg.loss_reduction)
-    data_gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation
+    data_gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation, the same on every rank
     base_flips = D.alternating_flips(len(splits.train), cfg.seed) if cfg.alternate_flip else None
     if hasattr(model, "init_whitening"):  # set from the data before any step (a resume overwrites it)
         model.init_whitening(D.normalize(splits.train.images[:5000]).to(device))
+    net: nn.Module = model  # what the training steps call: the model, or its DistributedDataParallel wrapper
+    if world.size > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
 
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +289,11 @@ def fit(
             "config": cfg.to_dict(),
         }
 
-    logger = Logger(run_dir, progress=progress, start_epoch=start_epoch, echo=echo)
+    logger = (
+        Logger(run_dir, progress=progress, start_epoch=start_epoch, echo=echo)
+        if world.main
+        else SilentLogger()
+    )
     has_val = len(splits.val) > 0
     stopped_early = False
     train_set = splits.train
@@ -266,29 +311,36 @@ def fit(
             batches = D.batch_indices(len(train_set), cfg.batch_size, data_gen, drop_last=True)
             for step, idx in enumerate(batches, 1):
                 optimizer.zero_grad(set_to_none=True)
+                # Every rank augments the whole batch with the same draws, then trains on its own share.
+                x_all = D.augment(
+                    train_set.images[idx.to(train_set.images.device)],
+                    data_gen,
+                    crop_padding=cfg.crop_padding,
+                    crop_mode=cfg.crop_mode,
+                    flip=cfg.flip,
+                    flip_mask=None if base_flips is None else base_flips[idx] ^ (epoch % 2 == 0),
+                    cutout_size=cfg.cutout,
+                )
+                mine = torch.arange(len(idx)).tensor_split(world.size)[world.rank]
+                x_mine = x_all[mine.to(x_all.device)]
+                y_mine = train_set.labels[idx[mine].to(train_set.labels.device)]
                 # Micro-batches accumulate gradients: the same step in smaller tensors (faster on CPU), with
-                # batch-norm statistics per micro-batch.
-                for part in idx.split(cfg.micro_batch or cfg.batch_size):
-                    x = train_set.images[part.to(train_set.images.device)]
-                    y = train_set.labels[part.to(train_set.labels.device)]
-                    flips = None if base_flips is None else base_flips[part] ^ (epoch % 2 == 0)
-                    x = D.augment(
-                        x,
-                        data_gen,
-                        crop_padding=cfg.crop_padding,
-                        crop_mode=cfg.crop_mode,
-                        flip=cfg.flip,
-                        flip_mask=flips,
-                        cutout_size=cfg.cutout,
-                    )
-                    x = D.normalize(x).contiguous(memory_format=memory_format)
-                    with torch.autocast(
-                        device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None
-                    ):
-                        out = model(x)
-                        loss = criterion(out, y)
-                    share = len(part) / len(idx) if cfg.loss_reduction == "mean" else 1.0
-                    scaler.scale(loss * share if share != 1.0 else loss).backward()
+                # batch-norm statistics per micro-batch. DDP averages over ranks once, after the last one.
+                parts = torch.arange(len(mine)).split(cfg.micro_batch or len(mine))
+                for k, part in enumerate(parts):
+                    x = D.normalize(x_mine[part.to(x_mine.device)]).contiguous(memory_format=memory_format)
+                    y = y_mine[part.to(y_mine.device)]
+                    sync = world.size == 1 or k == len(parts) - 1
+                    with contextlib.nullcontext() if sync else net.no_sync():
+                        with torch.autocast(
+                            device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None
+                        ):
+                            out = net(x)
+                            loss = criterion(out, y)
+                        # mean: each rank's share of its mean, and DDP's average over ranks is the batch mean.
+                        # sum: DDP's average over ranks would divide the batch sum by their number.
+                        scale = len(part) / len(mine) if cfg.loss_reduction == "mean" else world.size
+                        scaler.scale(loss * scale if scale != 1 else loss).backward()
                     loss_sum += loss.detach() * (len(y) if cfg.loss_reduction == "mean" else 1)
                     correct += (out.argmax(1) == y).sum()
                     seen += len(y)
@@ -296,7 +348,8 @@ def fit(
                 scaler.update()
                 scheduler.step()
                 if step % 25 == 0 or step == steps_per_epoch:
-                    mean_loss = loss_sum.item() / seen
+                    total_loss, total_seen = world.sum(loss_sum, torch.tensor(seen))
+                    mean_loss = total_loss.item() / total_seen.item()
                     if not math.isfinite(mean_loss):
                         raise TrainingDiverged(
                             f"the loss became {mean_loss} in epoch {epoch} (step {step}); training stopped and the "
@@ -312,10 +365,12 @@ def fit(
                         )
                         bar.update(step - bar.n)
             bar.close()
+            world.share_buffers(model)
+            loss_sum, correct, seen = world.sum(loss_sum, correct, torch.tensor(seen))
             row: dict[str, Any] = {
                 "epoch": epoch,
-                "train_loss": loss_sum.item() / seen,
-                "train_acc": correct.item() / seen,
+                "train_loss": loss_sum.item() / seen.item(),
+                "train_acc": correct.item() / seen.item(),
                 "val_loss": None,
                 "val_acc": None,
                 "lr": optimizer.param_groups[0]["lr"],
@@ -331,13 +386,15 @@ def fit(
                 best_val, best_epoch, bad_epochs = row["val_acc"], epoch, 0
             elif has_val:
                 bad_epochs += 1
-            state = checkpoint(epoch)
-            save_atomic(state, ckpt_dir / "last.pt")
-            if improved or not has_val:
-                save_atomic(state, ckpt_dir / "best.pt")
+            if world.main:
+                state = checkpoint(epoch)
+                save_atomic(state, ckpt_dir / "last.pt")
+                if improved or not has_val:
+                    save_atomic(state, ckpt_dir / "best.pt")
+            world.barrier()  # the checkpoint exists before any rank goes on (early stopping reads it)
             logger.log_epoch(row, history, cfg.epochs)
             if on_epoch_end is not None:
-                on_epoch_end(epoch, model)
+                on_epoch_end(epoch, model, row)
     finally:
         logger.close()
 
@@ -370,30 +427,57 @@ def train(
     force: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    on_epoch_end: Callable[[int, nn.Module, dict[str, Any]], None] | None = None,
 ) -> Path:
     """The whole job: load data, fit, write final weights, evaluate on the test set once, write the report."""
     t_start = time.perf_counter()
-    if resume is not None:
-        run_dir = Path(resume)
-    else:
+    world = distributed.current()
+    world.check_same("config", cfg.to_dict())
+    if cfg.batch_size % world.size:
+        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the {world.size} processes")
+    if not world.main:
+        echo, progress = (lambda *_: None), False
+
+    def make_run_dir() -> Path:
+        if resume is not None:
+            return Path(resume)
         run_dir = Path(out) if out else default_run_dir(cfg)
         prepare_run_dir(run_dir, force=force)
         cfg.save(run_dir / "config.json")
+        return run_dir
+
+    run_dir = world.from_main(make_run_dir)  # one name: ranks' clocks may straddle a second
     if data is None:
-        data = D.load_cifar10(data_dir, allow_unverified=allow_unverified, progress=progress)
-    device = select_device(cfg.device)
-    splits = D.make_splits(
-        data, val_size=cfg.resolved_val_size, split_seed=cfg.split_seed, subset=cfg.subset, device=device
-    )
-    if resume is None:
+        with world.main_first():  # rank 0 downloads and verifies; the others then read its cache
+            data = D.load_cifar10(data_dir, allow_unverified=allow_unverified, progress=progress)
+    device = distributed.local_device(select_device(cfg.device))
+    splits = D.make_splits(data, **cfg.split_args(), device=device)
+    if resume is None and world.main:
         augmentation_preview(splits.train, run_dir / "plots" / "augmentations.png", cfg)
     params = count_params(create_model(cfg.model))
+    precision = str(autocast_dtype(cfg.amp, device) or torch.float32).removeprefix("torch.")
     echo(
-        f"model {cfg.model} ({params:,} params) | device {device} | data {data.source} "
+        f"model {cfg.model} ({params:,} params) | device {device}, {precision} | data {data.source} "
         f"({'verified' if data.verified else 'UNVERIFIED'}) | train {len(splits.train)} / val {len(splits.val)} "
         f"/ test {len(splits.test)} | recipe {cfg.recipe}: {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}"
     )
-    result = fit(cfg, splits, run_dir, resume=resume is not None, progress=progress, echo=echo)
+    if world.size > 1:
+        echo(
+            f"distributed: {world.size} processes ({world.backend}); global batch {cfg.batch_size} = "
+            f"{cfg.batch_size // world.size} per process x {world.size}; lr {cfg.lr} applies to the global batch; "
+            f"batch-norm statistics {'over the global batch (SyncBatchNorm)' if cfg.sync_bn else 'per process'}"
+        )
+    result = fit(
+        cfg,
+        splits,
+        run_dir,
+        resume=resume is not None,
+        progress=progress,
+        echo=echo,
+        on_epoch_end=on_epoch_end,
+    )
+    if not world.main:
+        return run_dir
     save_weights(result.model, run_dir / "model.safetensors", architecture=cfg.model, config=cfg.to_dict())
     write_json(
         run_dir / "results.json",
@@ -402,6 +486,8 @@ def train(
             "params": params,
             "recipe": cfg.recipe,
             "device": str(device),
+            "precision": precision,
+            "processes": world.size,
             "train_size": len(splits.train),
             "val_size": len(splits.val),
             "epochs_run": len(result.history),
@@ -429,6 +515,46 @@ def summarize(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": n}
 
 
+def _group_dir(cfg: TrainConfig, out: Path | None, suffix: str) -> Path:
+    """The folder of a group of runs: out, or runs/<timestamp>-<recipe>-<suffix> (named once, on rank 0)."""
+    if out is not None:
+        return Path(out)
+    base = default_run_dir(cfg)
+    return base.with_name(f"{base.name}-{suffix}")
+
+
+def _train_group(
+    cfgs: dict[str, TrainConfig],
+    out: Path,
+    *,
+    data: D.CIFAR10 | None,
+    data_dir: str | os.PathLike | None,
+    allow_unverified: bool,
+    force: bool,
+    progress: bool,
+    echo: Callable[[str], None],
+    on_run_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]] | None:
+    """Each config trained into out/<name>; their results.json (None on ranks other than 0).
+
+    on_run_end(k, results) runs on rank 0 after run k (the tuner prunes between folds with it)."""
+    world = distributed.current()
+    if data is None:
+        with world.main_first():
+            data = D.load_cifar10(
+                data_dir, allow_unverified=allow_unverified, progress=progress and world.main
+            )
+    runs = []
+    for k, (name, cfg) in enumerate(cfgs.items()):
+        echo(f"--- {name} ({k + 1}/{len(cfgs)})")
+        run = train(cfg, out=out / name, data=data, force=force, progress=progress, echo=echo)
+        if world.main:
+            runs.append({"run": str(run), **read_json(run / "results.json")})
+            if on_run_end is not None:
+                on_run_end(k, runs[-1])
+    return runs if world.main else None
+
+
 def train_seeds(
     cfg: TrainConfig,
     seeds: int,
@@ -442,27 +568,20 @@ def train_seeds(
     echo: Callable[[str], None] = print,
 ) -> Path:
     """`seeds` runs of cfg with seeds cfg.seed, cfg.seed + 1, ...; writes summary.json beside their run dirs."""
-    if out is None:
-        base = default_run_dir(cfg)  # once: two calls could straddle a second and name different folders
-        out = base.with_name(f"{base.name}-{seeds}seeds")
-    out = Path(out)
-    if data is None:
-        data = D.load_cifar10(data_dir, allow_unverified=allow_unverified, progress=progress)
-    runs = []
-    for k in range(seeds):
-        run_cfg = TrainConfig.from_dict({**cfg.to_dict(), "seed": cfg.seed + k})
-        echo(f"--- seed {run_cfg.seed} ({k + 1}/{seeds})")
-        runs.append(
-            train(
-                run_cfg, out=out / f"seed{run_cfg.seed}", data=data, force=force, progress=progress, echo=echo
-            )
-        )
-    results = [read_json(run / "results.json") for run in runs]
+    world = distributed.current()
+    out = world.from_main(lambda: _group_dir(cfg, out, f"{seeds}seeds"))
+    cfgs = {f"seed{cfg.seed + k}": replace(cfg, seed=cfg.seed + k) for k in range(seeds)}
+    results = _train_group(
+        cfgs, out, data=data, data_dir=data_dir, allow_unverified=allow_unverified, force=force,
+        progress=progress, echo=echo,
+    )  # fmt: skip
+    if results is None:
+        return out
     summary = {
         "recipe": cfg.recipe,
         "model": cfg.model,
-        "runs": [str(run) for run in runs],
-        "seeds": [cfg.seed + k for k in range(seeds)],
+        "runs": [r["run"] for r in results],
+        "seeds": [c.seed for c in cfgs.values()],
         **{
             key: summarize([r[key] for r in results])
             for key in ("test_accuracy", "train_seconds", "total_seconds")
@@ -473,5 +592,54 @@ def train_seeds(
     echo(
         f"{cfg.recipe}: test accuracy {acc['mean']:.2%} ± {acc['std']:.2%} (min {acc['min']:.2%}, max "
         f"{acc['max']:.2%}) over {seeds} seeds; {secs['mean']:.0f} ± {secs['std']:.0f} s per run -> {out}"
+    )
+    return out
+
+
+def run_val_accuracy(results: dict[str, Any]) -> float:
+    """Validation accuracy of the weights a run kept (the best epoch's after early stopping, else the last)."""
+    return results["best_val_accuracy"] if results["weights"] == "best" else results["final_val_accuracy"]
+
+
+def train_cv(
+    cfg: TrainConfig,
+    folds: int,
+    *,
+    out: Path | None = None,
+    data: D.CIFAR10 | None = None,
+    data_dir: str | os.PathLike | None = None,
+    allow_unverified: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    on_fold_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> Path:
+    """K-fold cross-validation: one run per stratified fold; cv.json holds the validation accuracy mean ± std."""
+    if folds < 2:
+        raise UserError("--cv needs at least 2 folds")
+    world = distributed.current()
+    out = world.from_main(lambda: _group_dir(cfg, out, f"cv{folds}"))
+    cfgs = {f"fold{k}": replace(cfg, folds=folds, fold=k, val_size=None) for k in range(folds)}
+    results = _train_group(
+        cfgs, out, data=data, data_dir=data_dir, allow_unverified=allow_unverified, force=force,
+        progress=progress, echo=echo, on_run_end=on_fold_end,
+    )  # fmt: skip
+    if results is None:
+        return out
+    val = summarize([run_val_accuracy(r) for r in results])
+    summary = {
+        "recipe": cfg.recipe,
+        "model": cfg.model,
+        "folds": folds,
+        "runs": [r["run"] for r in results],
+        "val_accuracy": val,
+        "per_fold_val_accuracy": [run_val_accuracy(r) for r in results],
+        "test_accuracy": summarize([r["test_accuracy"] for r in results]),  # reported, never used to choose
+        "total_seconds": summarize([r["total_seconds"] for r in results]),
+    }
+    write_json(out / "cv.json", summary)
+    echo(
+        f"{cfg.recipe}: {folds}-fold cross-validation accuracy {val['mean']:.2%} ± {val['std']:.2%} "
+        f"(min {val['min']:.2%}, max {val['max']:.2%}) -> {out / 'cv.json'}"
     )
     return out

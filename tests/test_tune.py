@@ -1,0 +1,147 @@
+"""Hyperparameter search and cross-validation: real Optuna studies in real SQLite files, real runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import optuna
+import pytest
+
+from cifar10_cnn import data as D
+from cifar10_cnn.config import TrainConfig
+
+from .conftest import DATA_DIR, error_line, run_cli
+
+TINY = ["--subset", "600", "--epochs", "1", "--no-prune"]
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cifar10_cnn", *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "CIFAR10_DATA": str(DATA_DIR), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def trials_of(db, study: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{db}").get_trials()
+
+
+def test_two_processes_share_one_study_without_lost_or_duplicated_trials(tmp_path, cache_dir):
+    db, out = tmp_path / "tune.db", tmp_path / "trials"
+    args = ["tune", "--sampler", "random", "--trials", "4", "--storage", f"sqlite:///{db}", "--study", "s"]
+    args += ["--out", str(out), "--space", "lr=log:0.003:0.1", *TINY]
+    procs = [
+        subprocess.Popen(
+            cli(*args), env=env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+
+    trials = trials_of(db, "s")
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 4 <= len(complete) <= 5 and len(complete) == len(
+        trials
+    )  # the cap may overshoot by one racing trial
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    run_dirs = [t.user_attrs["run_dir"] for t in complete]
+    assert len(set(run_dirs)) == len(run_dirs)
+    for t in complete:  # every trial is a whole run whose validation accuracy is the trial's value
+        results = json.loads((tmp_path / t.user_attrs["run_dir"] / "results.json").read_text())
+        assert results["final_val_accuracy"] == pytest.approx(t.value)
+        assert results["val_size"] == 60 and set(t.params) == {"lr", "momentum", "weight_decay", "batch_size",
+                                                               "label_smoothing", "crop_padding", "cutout"}  # fmt: skip
+    both = outputs[0][0] + outputs[1][0]
+    assert sum(both.count(f"trial {t.number}:") for t in complete) == len(complete)  # each ran exactly once
+
+    # The report: a table, the best config as a file `train --config` accepts, and three PNG plots.
+    report = run_cli("tune", "--study", "s", "--storage", f"sqlite:///{db}", "--out", str(out), "--report",
+                     "--best-config", str(tmp_path / "best.json"), cwd=tmp_path)  # fmt: skip
+    best = max(complete, key=lambda t: t.value)
+    assert f"best: trial {best.number}, val_acc {best.value:.2%}" in report.stdout
+    cfg = TrainConfig.load(tmp_path / "best.json")
+    assert cfg.lr == pytest.approx(best.params["lr"]) and cfg.subset == 600 and cfg.epochs == 1
+    for name in ("optimization_history", "param_importances", "parallel_coordinate"):
+        assert (out / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "trials.csv").read_text().splitlines()) == len(trials) + 1
+
+    # The same study with another space is refused, and left as it was.
+    proc = run_cli(*args[: -len(TINY)], "--space", "lr=log:0.001:0.1", *TINY, check=False, cwd=tmp_path)
+    assert "was created with another search space (differs in space)" in error_line(proc)
+    assert len(trials_of(db, "s")) == len(trials)
+
+
+def test_interrupted_search_leaves_a_consistent_study_and_continues(tmp_path, cache_dir):
+    db = tmp_path / "tune.db"
+    args = cli("tune", "--grid", "lr=0.003,0.03", "--storage", f"sqlite:///{db}", "--study", "g", *TINY)
+    proc = subprocess.Popen(
+        args, env=env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("tune/g/trial-0001/checkpoints/*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C in the middle of the second trial
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted; the study is intact" in err
+    states = [t.state for t in trials_of(db, "g")]
+    assert optuna.trial.TrialState.RUNNING not in states and optuna.trial.TrialState.COMPLETE in states
+
+    again = subprocess.run(args, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    complete = [t for t in trials_of(db, "g") if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.params["lr"] for t in complete) == [0.003, 0.03]  # the grid, each point once
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--grid", "lr=0.1", "wings=2,4"], "--grid: unknown parameter 'wings'"),
+        (["--space", "lr=0.1:0.01"], "--space 'lr=0.1:0.01': write NAME=LOW:HIGH"),
+        (
+            ["--storage", "sqlite:////no/such/folder/t.db"],
+            "cannot open the study storage 'sqlite:////no/such/folder/t.db'",
+        ),
+        (["--storage", "nosuchdb://x"], "cannot open the study storage 'nosuchdb://x'"),
+        (["--recipe", "fast"], "tuning scores validation accuracy: give --val-size > 0 (or --cv K)"),
+        (["--report", "--study", "nothing"], "no study 'nothing' in this storage"),
+    ],
+)
+def test_tune_errors_are_one_line(tmp_path, args, message):
+    proc = run_cli("tune", *args, check=False, cwd=tmp_path)
+    assert message in error_line(proc)
+    assert not (tmp_path / "tune").exists()
+
+
+def test_stratified_folds_partition_the_images_and_keep_class_shares(cifar):
+    labels = cifar.train_labels[:5000]
+    vals = [D.stratified_fold(labels, 5, k, seed=0)[1] for k in range(5)]
+    assert sorted(np.concatenate(vals).tolist()) == list(range(5000))  # a partition: no overlap, nothing left
+    overall = np.bincount(labels, minlength=10) / len(labels)
+    for k, val in enumerate(vals):
+        train = D.stratified_fold(labels, 5, k, seed=0)[0]
+        assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 5000
+        assert np.abs(np.bincount(labels[val], minlength=10) / len(val) - overall).max() < 0.005
+    assert not np.array_equal(vals[0], D.stratified_fold(labels, 5, 0, seed=1)[1])
+
+
+def test_cross_validation_runs_every_fold_and_summarises(tmp_path, cache_dir):
+    out = tmp_path / "cv"
+    proc = run_cli(
+        "train", "--cv", "2", "--subset", "600", "--epochs", "1", "--out", str(out), "--no-progress"
+    )
+    summary = json.loads((out / "cv.json").read_text())
+    folds = [json.loads((out / f"fold{k}" / "results.json").read_text()) for k in range(2)]
+    assert [f["val_size"] for f in folds] == [300, 300] and [f["train_size"] for f in folds] == [300, 300]
+    assert summary["per_fold_val_accuracy"] == [f["final_val_accuracy"] for f in folds]
+    assert summary["val_accuracy"]["mean"] == pytest.approx(np.mean(summary["per_fold_val_accuracy"]))
+    assert "2-fold cross-validation accuracy" in proc.stdout
+    configs = [TrainConfig.load(out / f"fold{k}" / "config.json") for k in range(2)]
+    assert [(c.folds, c.fold) for c in configs] == [(2, 0), (2, 1)]  # each fold run is reproducible
