@@ -5,7 +5,7 @@ from .config import RECIPES, TrainConfig, recipe_config
 from .data import CLASSES, load_cifar10, make_splits
 from .evaluate import classification_metrics, evaluate_logits, evaluate_run
 from .models import count_params, create_model, list_models
-from .train import fit, train
+from .train import fit, train, train_cv, train_seeds
 
 __version__ = "0.1.0"
 __all__ = [
@@ -24,4 +24,6 @@ __all__ = [
     "make_splits",
     "recipe_config",
     "train",
+    "train_cv",
+    "train_seeds",
 ]

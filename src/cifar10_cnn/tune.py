@@ -158,7 +158,7 @@ def open_storage(url: str) -> Any:
                 grace_period=30,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
-        except (IntegrityError, OperationalError) as e:  # e.g. two processes creating one new database at once
+        except (IntegrityError, OperationalError) as e:  # e.g. two processes creating one database at once
             if attempt == 3:
                 raise UserError(f"cannot open the study storage {url!r}: {_first_line(e)}") from None
             time.sleep(0.5 * (attempt + 1))
@@ -224,7 +224,7 @@ def tune(
 ) -> Any:
     """Run trials until the study holds `trials` finished ones; returns the study.
 
-    fixed: options set on the command line; they are not searched. The base config's seed seeds the sampler.
+    fixed: options set on the command line; they are not searched.
     """
     require_optuna()
     import optuna
@@ -257,8 +257,10 @@ def tune(
         "cv": cv,
     }
     samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=base.seed),
-        "random": lambda: optuna.samplers.RandomSampler(seed=base.seed),
+        # Unseeded, so that processes sharing a study do not draw the same points; TPE's "constant liar"
+        # counts running trials as poor so that parallel workers spread out.
+        "tpe": lambda: optuna.samplers.TPESampler(constant_liar=True),
+        "random": lambda: optuna.samplers.RandomSampler(),
         "grid": lambda: _grid_sampler(grid or {}),
     }
     if sampler not in samplers:
