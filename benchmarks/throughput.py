@@ -1,7 +1,10 @@
 """Training and inference throughput of every registered model on this machine, and the seed recipe's epoch.
 
-    python benchmarks/throughput.py                      # all models, ~3 minutes on 2 CPU cores
+    python benchmarks/throughput.py                      # all models, ~6 minutes on 2 CPU cores
     python benchmarks/throughput.py --models seed_cnn --seconds 5
+
+Each model is measured in fp32 and, where training uses it (`--amp auto`: CUDA, or a CPU with native bf16),
+in bf16 autocast; "% peak" compares with the matrix-multiply rate of the same precision, measured here.
 
 Figures are images/s measured in this run. The machine is shared and noisy, so the seed recipe is also
 compared, as a ratio, against a naive baseline measured in the same run: a plain PyTorch loop with a
@@ -25,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from cifar10_cnn import data as D
 from cifar10_cnn.config import recipe_config
 from cifar10_cnn.models import count_params, create_model, list_models
-from cifar10_cnn.train import build_optimizer, fit
+from cifar10_cnn.train import autocast_dtype, build_optimizer, fit
 
 
 def timed(step, seconds: float, images_per_step: int, warmup: int = 3) -> float:
@@ -39,9 +42,9 @@ def timed(step, seconds: float, images_per_step: int, warmup: int = 3) -> float:
     return n * images_per_step / (time.perf_counter() - t0)
 
 
-def matmul_gflops(seconds: float = 3.0, n: int = 2048) -> float:
-    """The machine's fp32 matrix-multiply rate, the practical peak for convolutions."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(dtype: torch.dtype = torch.float32, seconds: float = 3.0, n: int = 2048) -> float:
+    """The machine's matrix-multiply rate in this dtype, the practical peak for convolutions."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     rate = timed(lambda: a @ b, seconds, 1)
     return rate * 2 * n**3 / 1e9
 
@@ -53,7 +56,9 @@ def forward_flops(model: nn.Module) -> int:
     return counter.get_total_flops()
 
 
-def model_rates(name: str, images: torch.Tensor, batch_size: int, seconds: float) -> dict[str, float]:
+def model_rates(
+    name: str, images: torch.Tensor, batch_size: int, seconds: float, dtype: torch.dtype | None = None
+) -> dict[str, float]:
     torch.manual_seed(0)
     model = create_model(name).to(memory_format=torch.channels_last)
     # Each net with the optimizer its recipe uses (Muon for the airbench nets).
@@ -67,7 +72,8 @@ def model_rates(name: str, images: torch.Tensor, batch_size: int, seconds: float
         model.train()
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)
         x = D.normalize(D.augment(images[idx], gen)).contiguous(memory_format=torch.channels_last)
-        loss = loss_fn(model(x), labels)
+        with torch.autocast("cpu", dtype or torch.float32, enabled=dtype is not None):
+            loss = loss_fn(model(x), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -76,7 +82,7 @@ def model_rates(name: str, images: torch.Tensor, batch_size: int, seconds: float
 
     def infer_step():
         model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", dtype or torch.float32, enabled=dtype is not None):
             model(eval_x)
 
     flops = forward_flops(create_model(name))
@@ -157,27 +163,34 @@ def main() -> None:
     data = D.load_cifar10(args.data_dir, progress=False)
     images = torch.from_numpy(data.train_images[:5000]).permute(0, 3, 1, 2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    peak = matmul_gflops()
-    print(f"fp32 matmul peak: {peak:.0f} GFLOP/s\n")
+    precisions: dict[str, torch.dtype | None] = {"fp32": None}
+    if autocast_dtype("auto", torch.device("cpu")) == torch.bfloat16:
+        precisions["bf16"] = torch.bfloat16
+    peaks = {p: matmul_gflops(d or torch.float32) for p, d in precisions.items()}
+    print("matmul peak: " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items()) + "\n")
     print(
-        f"{'model':<14} {'params':>10} {'MFLOP/img':>10} {'train img/s':>12} {'train GFLOP/s':>14} "
+        f"{'model':<14} {'prec':>4} {'params':>10} {'MFLOP/img':>10} {'train img/s':>12} {'train GFLOP/s':>14} "
         f"{'% peak':>7} {'infer img/s':>12} {'infer GFLOP/s':>14}"
     )
     for name in args.models:
         batch = args.batch_size or (500 if name.startswith("airbench") else 64)
-        r = model_rates(name, images, batch, args.seconds)
-        print(
-            f"{name:<14} {r['params']:>10,} {r['flops'] / 1e6:>10.1f} {r['train']:>12.0f} "
-            f"{r['train_gflops']:>14.1f} {r['train_gflops'] / peak:>7.0%} {r['infer']:>12.0f} "
-            f"{r['infer_gflops']:>14.1f}"
-        )
+        for prec, dtype in precisions.items():
+            r = model_rates(name, images, batch, args.seconds, dtype)
+            print(
+                f"{name:<14} {prec:>4} {r['params']:>10,} {r['flops'] / 1e6:>10.1f} {r['train']:>12.0f} "
+                f"{r['train_gflops']:>14.1f} {r['train_gflops'] / peaks[prec]:>7.0%} {r['infer']:>12.0f} "
+                f"{r['infer_gflops']:>14.1f}"
+            )
 
     n = args.epoch_images
     with tempfile.TemporaryDirectory() as tmp:
         ours = ours_epoch_seconds(data, n, tmp)
     naive = naive_epoch_seconds(data.train_images[:n], data.train_labels[:n])
     scale = 45_000 / n
-    print(f"\nseed recipe, one epoch of {n} images (batch 64, crop+flip):")
+    precision = "bf16 autocast" if "bf16" in precisions else "fp32"
+    print(
+        f"\nseed recipe, one epoch of {n} images (batch 64, crop+flip; fit() in {precision}, naive loop in fp32):"
+    )
     print(
         f"  naive tutorial loop : {naive:6.1f} s  ({n / naive:.0f} img/s; 45,000 images ~ {naive * scale:.0f} s)"
     )

@@ -126,3 +126,13 @@ def test_ranks_that_disagree_on_the_config_stop_with_one_line(tmp_path, cache_di
         assert p.returncode != 0
         assert "error: the ranks disagree on the config: rank 0 and rank 1 differ in lr=0.01 vs 0.02" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_sync_bn_on_cpu_is_one_line_on_every_rank(tmp_path, cache_dir):
+    cmd = torchrun(
+        2, "-m", "cifar10_cnn", "train", "--sync-bn", "--subset", "600", "--out", str(tmp_path / "r")
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env(), cwd=ROOT)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: --sync-bn needs CUDA") == 2  # both ranks, one line each
+    assert not (tmp_path / "r").exists()

@@ -105,6 +105,7 @@ def test_interrupted_search_leaves_a_consistent_study_and_continues(tmp_path, ca
     [
         (["--grid", "lr=0.1", "wings=2,4"], "--grid: unknown parameter 'wings'"),
         (["--space", "lr=0.1:0.01"], "--space 'lr=0.1:0.01': write NAME=LOW:HIGH"),
+        (["--grid", "epochs=2,abc"], "--grid epochs=abc: epochs takes int"),
         (
             ["--storage", "sqlite:////no/such/folder/t.db"],
             "cannot open the study storage 'sqlite:////no/such/folder/t.db'",

@@ -93,6 +93,14 @@ class World:
                 shown = ", ".join(f"{k}={values[0].get(k)!r} vs {other.get(k)!r}" for k in diff[:3])
                 raise UserError(f"the ranks disagree on the {what}: rank 0 and rank {rank} differ in {shown}")
 
+    def broadcast(self, value: T) -> T:
+        """Rank 0's value on every rank (a picklable object)."""
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def share_buffers(self, model: torch.nn.Module) -> None:
         """Rank 0's buffers (batch-norm running statistics) on every rank, so that all evaluate alike."""
         if self.size > 1:
@@ -100,8 +108,8 @@ class World:
                 dist.broadcast(buffer, src=0)
 
     def sum(self, *values: torch.Tensor) -> list[torch.Tensor]:
-        """Scalars summed over the ranks, as float64 CPU tensors (one all-reduce)."""
-        device = values[0].device
+        """Scalars summed over the ranks, as float64 CPU tensors (one all-reduce; NCCL needs them on the GPU)."""
+        device = values[0].device if self.size > 1 and self.backend == "nccl" else torch.device("cpu")
         flat = torch.stack([v.detach().to(device, torch.float64).reshape(()) for v in values])
         if self.size > 1:
             dist.all_reduce(flat)

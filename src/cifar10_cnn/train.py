@@ -263,12 +263,15 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        cuda_rng = state["rng"].get("cuda")
+        if device.type == "cuda" and cuda_rng is not None and len(cuda_rng):
+            torch.cuda.set_rng_state(cuda_rng[0] if isinstance(cuda_rng, list) else cuda_rng, device)
         data_gen.set_state(state["rng"]["data"])
         history, start_epoch = state["history"], state["epoch"]
         best_val, best_epoch, bad_epochs = state["best_val_acc"], state["best_epoch"], state["bad_epochs"]
         echo(f"resumed {run_dir} after epoch {start_epoch}")
+    # Every rank must have read the same checkpoint: on several machines the run directory must be shared.
+    world.check_same("checkpoint", {"epoch": start_epoch, "run_dir": str(run_dir)})
 
     def checkpoint(epoch: int) -> dict[str, Any]:
         return {
@@ -278,7 +281,7 @@ def fit(
             "scaler": scaler.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else [],
                 "data": data_gen.get_state(),
             },
             "epoch": epoch,
@@ -375,9 +378,13 @@ def fit(
                 "val_acc": None,
                 "lr": optimizer.param_groups[0]["lr"],
             }
-            if has_val:
-                row["val_loss"], row["val_acc"] = loss_and_accuracy(
-                    evaluate_logits(model, splits.val, amp_dtype=amp_dtype), splits.val.labels
+            if has_val:  # rank 0's figures decide for every rank (kernels may differ between GPUs)
+                row["val_loss"], row["val_acc"] = world.broadcast(
+                    loss_and_accuracy(
+                        evaluate_logits(model, splits.val, amp_dtype=amp_dtype), splits.val.labels
+                    )
+                    if world.main
+                    else None
                 )
             row["seconds"] = time.perf_counter() - t0
             history.append(row)
@@ -435,6 +442,10 @@ def train(
     world.check_same("config", cfg.to_dict())
     if cfg.batch_size % world.size:
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the {world.size} processes")
+    if cfg.sync_bn and world.size > 1 and select_device(cfg.device).type != "cuda":
+        raise UserError(
+            "--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only); leave it out on CPU"
+        )
     if not world.main:
         echo, progress = (lambda *_: None), False
 

@@ -75,13 +75,23 @@ def default_space(cfg: TrainConfig) -> dict[str, Param]:
     return space
 
 
-def _number(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
+def _typed(name: str, text: str, flag: str) -> Any:
+    """A command-line value as the type of the TrainConfig field it sets ('none' for optional fields)."""
+    default = getattr(TrainConfig(), name)
+    text = text.strip()
+    try:
+        if default is None or name in ("micro_batch", "val_size", "subset", "patience"):
+            return None if text.lower() == "none" else int(text)
+        if isinstance(default, bool):
+            return {"true": True, "false": False, "on": True, "off": False}[text.lower()]
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        return text
+    except (ValueError, KeyError):
+        kind = "true or false" if isinstance(default, bool) else type(default or 0).__name__
+        raise UserError(f"{flag} {name}={text}: {name} takes {kind}") from None
 
 
 def _field_names() -> set[str]:
@@ -100,10 +110,11 @@ def _split(item: str, flag: str) -> tuple[str, str]:
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     """`lr=0.01,0.03 batch_size=64,128` -> {"lr": [0.01, 0.03], "batch_size": [64, 128]}."""
-    return {
-        name: [_number(v) for v in values.split(",")]
-        for name, values in map(lambda i: _split(i, "--grid"), items)
-    }
+    grid = {}
+    for item in items:
+        name, values = _split(item, "--grid")
+        grid[name] = [_typed(name, v, "--grid") for v in values.split(",")]
+    return grid
 
 
 def parse_space(items: list[str]) -> dict[str, Param]:
@@ -114,7 +125,9 @@ def parse_space(items: list[str]) -> dict[str, Param]:
         parts = value.split(":")
         log = parts[0] == "log"
         parts = parts[1:] if log else parts
-        kind = "float"
+        default = getattr(TrainConfig(), name)
+        integral = default is None or (isinstance(default, int) and not isinstance(default, bool))
+        kind = "int" if integral else "float"
         if parts[0] == "int":
             kind, parts = "int", parts[1:]
         try:
@@ -123,8 +136,10 @@ def parse_space(items: list[str]) -> dict[str, Param]:
                 if not low < high or (log and low <= 0):
                     raise ValueError
                 space[name] = Param(kind, low, high, log=log)
-            elif len(parts) == 1 and not log and kind == "float":
-                space[name] = Param("choice", choices=tuple(_number(v) for v in parts[0].split(",")))
+            elif len(parts) == 1 and not log:
+                space[name] = Param(
+                    "choice", choices=tuple(_typed(name, v, "--space") for v in parts[0].split(","))
+                )
             else:
                 raise ValueError
         except ValueError:
@@ -228,6 +243,7 @@ def tune(
     """
     require_optuna()
     import optuna
+    import torch
 
     from .train import run_val_accuracy, train, train_cv
 
@@ -270,7 +286,7 @@ def tune(
     if trials < 1:
         raise UserError("--trials must be at least 1")
     pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+        optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=30)  # never before 30% of a run
         if prune
         else optuna.pruners.NopPruner()
     )
@@ -296,14 +312,16 @@ def tune(
             cfg = replace(base, **params)
         except UserError as e:  # a combination the trainer refuses counts as a failed trial, with the reason
             trial.set_user_attr("error", str(e))
+            echo(f"trial {trial.number}: failed: {e}  {_fmt_params(params)}")
             raise
         run_dir = out / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
         quiet = lambda *_: None  # noqa: E731
 
         def prune_epoch(epoch: int, _model: Any, row: dict[str, Any]) -> None:
+            # Steps are percent of the schedule, so that trials of different lengths compare at the same point.
             if row.get("val_acc") is not None:
-                trial.report(row["val_acc"], epoch)
+                trial.report(row["val_acc"], round(100 * epoch / cfg.epochs))
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"val_acc {row['val_acc']:.2%} at epoch {epoch}")
 
@@ -325,6 +343,13 @@ def tune(
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)  # Optuna marks it failed; the next start queues it again
             raise
+        except (
+            UserError,
+            torch.OutOfMemoryError,
+        ) as e:  # e.g. diverged: this trial fails, the search goes on
+            trial.set_user_attr("error", str(e))
+            echo(f"trial {trial.number}: failed: {e}  {_fmt_params(params)}")
+            raise
         value = sum(scores) / len(scores)
         echo(f"trial {trial.number}: val_acc {value:.2%}  {_fmt_params(params)}")
         return value
@@ -333,11 +358,12 @@ def tune(
         f"study {study_name!r} in {storage}: {sampler} over {', '.join(searched)}; "
         f"{remaining} more trials to reach {trials}; runs in {out}/"
     )
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported above, in one line
     study.optimize(
         objective,
-        n_trials=remaining,
+        n_trials=2 * remaining,  # the callback stops at `trials` finished; failed ones get as many more tries
         callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished)],
-        catch=(UserError,),
+        catch=(UserError, torch.OutOfMemoryError),
     )
     best = study.best_trial if _completed(study) else None
     if best is not None:
