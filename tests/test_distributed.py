@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,19 +15,9 @@ from safetensors.torch import load_file
 
 from cifar10_cnn.runs import read_metrics_csv
 
-from .conftest import DATA_DIR, ROOT
+from .conftest import ROOT, free_port, one_thread_env
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "CIFAR10_DATA": str(DATA_DIR), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def torchrun(
@@ -42,7 +31,9 @@ def torchrun(
 
 
 def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=one_thread_env(), cwd=ROOT
+    )
     assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -79,7 +70,7 @@ def test_torchrun_cli_learns_and_resumes_on_another_number_of_processes(tmp_path
 
     cut = tmp_path / "cut"
     proc = subprocess.Popen(
-        torchrun(2, *common, "--out", str(cut)), env=env(), cwd=ROOT, start_new_session=True,
+        torchrun(2, *common, "--out", str(cut)), env=one_thread_env(), cwd=ROOT, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -113,7 +104,7 @@ def test_ranks_that_disagree_on_the_config_stop_with_one_line(tmp_path, cache_di
     procs = [
         subprocess.Popen(
             torchrun(1, *args, "--lr", lr, nnodes=2, node_rank=rank, port=port),
-            env=env(),
+            env=one_thread_env(),
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -132,7 +123,7 @@ def test_sync_bn_on_cpu_is_one_line_on_every_rank(tmp_path, cache_dir):
     cmd = torchrun(
         2, "-m", "cifar10_cnn", "train", "--sync-bn", "--subset", "600", "--out", str(tmp_path / "r")
     )
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env(), cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=one_thread_env(), cwd=ROOT)
     assert proc.returncode != 0
     assert proc.stderr.count("error: --sync-bn needs CUDA") == 2  # both ranks, one line each
     assert not (tmp_path / "r").exists()

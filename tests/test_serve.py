@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from cifar10_cnn.predict import load_image, load_predictor
-from tests.conftest import DATA_DIR, error_line, run_cli
+from tests.conftest import DATA_DIR, error_line, free_port, run_cli
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -39,12 +39,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

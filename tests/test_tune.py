@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,17 +15,13 @@ import pytest
 from cifar10_cnn import data as D
 from cifar10_cnn.config import TrainConfig
 
-from .conftest import DATA_DIR, error_line, run_cli
+from .conftest import error_line, one_thread_env, run_cli
 
 TINY = ["--subset", "600", "--epochs", "1", "--no-prune"]
 
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "cifar10_cnn", *args]
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "CIFAR10_DATA": str(DATA_DIR), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def trials_of(db, study: str) -> list[optuna.trial.FrozenTrial]:
@@ -39,7 +34,12 @@ def test_two_processes_share_one_study_without_lost_or_duplicated_trials(tmp_pat
     args += ["--out", str(out), "--space", "lr=log:0.003:0.1", *TINY]
     procs = [
         subprocess.Popen(
-            cli(*args), env=env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            cli(*args),
+            env=one_thread_env(),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for _ in range(2)
     ]
@@ -83,7 +83,7 @@ def test_interrupted_search_leaves_a_consistent_study_and_continues(tmp_path, ca
     db = tmp_path / "tune.db"
     args = cli("tune", "--grid", "lr=0.003,0.03", "--storage", f"sqlite:///{db}", "--study", "g", *TINY)
     proc = subprocess.Popen(
-        args, env=env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        args, env=one_thread_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("tune/g/trial-0001/checkpoints/*")) and time.monotonic() < deadline:
@@ -94,7 +94,9 @@ def test_interrupted_search_leaves_a_consistent_study_and_continues(tmp_path, ca
     states = [t.state for t in trials_of(db, "g")]
     assert optuna.trial.TrialState.RUNNING not in states and optuna.trial.TrialState.COMPLETE in states
 
-    again = subprocess.run(args, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        args, env=one_thread_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0, again.stderr
     complete = [t for t in trials_of(db, "g") if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.params["lr"] for t in complete) == [0.003, 0.03]  # the grid, each point once
