@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from cifar10_cnn import augment
 from cifar10_cnn import data as D
 from cifar10_cnn.export import onnx_bytes, verification_images, verify_onnx
 from cifar10_cnn.models import count_params, create_model
@@ -61,7 +62,7 @@ def main() -> None:
     print(
         f"\n{'model':<16}{'params':>12}{'eager NCHW':>12}{'eager CL':>10}{'ONNX RT':>10}{'ORT/eager':>11}{'ORT/CL':>8}"
     )
-    x = D.normalize(torch.from_numpy(images).permute(0, 3, 1, 2)).contiguous()
+    x = augment.normalize(torch.from_numpy(images).permute(0, 3, 1, 2)).contiguous()
     for name in args.models:
         torch.manual_seed(0)
         model = create_model(name).eval()

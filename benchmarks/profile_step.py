@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from cifar10_cnn import data as D
+from cifar10_cnn import augment
 from cifar10_cnn.config import recipe_config
 from cifar10_cnn.models import create_model
 from cifar10_cnn.train import build_optimizer
@@ -36,8 +36,8 @@ def make_step(model_name: str, batch: int, micro: int, dtype: torch.dtype | None
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         for i in range(0, batch, micro):
-            x = D.augment(images[i : i + micro], gen, crop_padding=2, crop_mode="reflect")
-            x = D.normalize(x).contiguous(memory_format=torch.channels_last)
+            x = augment.augment_batch(images[i : i + micro], gen, crop_padding=2, crop_mode="reflect")
+            x = augment.normalize(x).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype or torch.float32, enabled=dtype is not None):
                 loss = loss_fn(model(x), labels[i : i + micro])
             loss.backward()

@@ -140,7 +140,7 @@ def prepare_model(spec: str, work: Path) -> Path:
         return Path(spec)
     import torch
 
-    from cifar10_cnn.checkpoint import save_weights
+    from cifar10_cnn.weights import save_weights
     from cifar10_cnn.models import create_model
 
     torch.manual_seed(0)

@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from cifar10_cnn import augment
 from cifar10_cnn import data as D
 from cifar10_cnn.config import recipe_config
 from cifar10_cnn.models import count_params, create_model, list_models
@@ -71,14 +72,16 @@ def model_rates(
     def train_step():
         model.train()
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)
-        x = D.normalize(D.augment(images[idx], gen)).contiguous(memory_format=torch.channels_last)
+        x = augment.normalize(augment.augment_batch(images[idx], gen)).contiguous(
+            memory_format=torch.channels_last
+        )
         with torch.autocast("cpu", dtype or torch.float32, enabled=dtype is not None):
             loss = loss_fn(model(x), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    eval_x = D.normalize(images[:500]).contiguous(memory_format=torch.channels_last)
+    eval_x = augment.normalize(images[:500]).contiguous(memory_format=torch.channels_last)
 
     def infer_step():
         model.eval()

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from cifar10_cnn import data as D
 from cifar10_cnn.config import recipe_config
-from cifar10_cnn.evaluate import evaluate_logits
+from cifar10_cnn.inference import evaluate_logits
 from cifar10_cnn.train import fit, summarize
 
 THRESHOLDS = (0.90, 0.93, 0.94)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from cifar10_cnn import augment
 from cifar10_cnn import data as D
 from cifar10_cnn.errors import DataError
 
@@ -309,7 +310,7 @@ def test_make_splits_keeps_test_set_apart(cifar):
 
 def test_random_crop_takes_windows_of_the_padded_image(cifar):
     x = torch.from_numpy(cifar.train_images[:64]).permute(0, 3, 1, 2)
-    out = D.random_crop(x, 4, torch.Generator().manual_seed(0))
+    out = augment.random_crop(x, 4, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and out.dtype == torch.uint8
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for i in range(len(x)):
@@ -325,17 +326,17 @@ def test_random_crop_takes_windows_of_the_padded_image(cifar):
 
 def test_flip_mirrors_about_half_and_is_seeded(cifar):
     x = torch.from_numpy(cifar.train_images[:1000]).permute(0, 3, 1, 2)
-    out = D.random_flip(x, torch.Generator().manual_seed(1))
+    out = augment.random_flip(x, torch.Generator().manual_seed(1))
     flipped = torch.tensor([torch.equal(o, xi.flip(2)) for o, xi in zip(out, x, strict=True)])
     same = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x, strict=True)])
     assert bool((flipped | same).all()) and 400 < int(flipped.sum()) < 600
-    assert torch.equal(out, D.random_flip(x, torch.Generator().manual_seed(1)))
+    assert torch.equal(out, augment.random_flip(x, torch.Generator().manual_seed(1)))
 
 
 def test_cutout_zeroes_one_square(cifar):
     x = torch.from_numpy(cifar.train_images[:16]).permute(0, 3, 1, 2).clone()
     x[x == 0] = 1  # so that zeros can only come from cutout
-    out = D.cutout(x, 8, torch.Generator().manual_seed(2))
+    out = augment.cutout(x, 8, torch.Generator().manual_seed(2))
     zeros = (out == 0).all(1)  # (B, H, W)
     counts = zeros.flatten(1).sum(1)
     assert bool((counts > 0).all()) and bool((counts <= 64).all())
@@ -343,7 +344,7 @@ def test_cutout_zeroes_one_square(cifar):
 
 def test_normalize_uses_true_statistics(cifar):
     x = torch.from_numpy(cifar.train_images[:5000]).permute(0, 3, 1, 2)
-    z = D.normalize(x)
+    z = augment.normalize(x)
     assert z.dtype == torch.float32
     assert torch.allclose(z.mean((0, 2, 3)), torch.zeros(3), atol=0.05)
     assert torch.allclose(z.std((0, 2, 3)), torch.ones(3), atol=0.05)

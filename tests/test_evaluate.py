@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 from cifar10_cnn import calibration as C
 from cifar10_cnn import corruptions as K
 from cifar10_cnn import data as D
-from cifar10_cnn.checkpoint import load_model, read_metadata, save_weights
 from cifar10_cnn.evaluate import (
     accuracy_interval,
     classification_metrics,
@@ -25,6 +24,7 @@ from cifar10_cnn.evaluate import (
     topk_accuracy,
 )
 from cifar10_cnn.models import create_model
+from cifar10_cnn.weights import load_model, read_metadata, save_weights
 
 from .conftest import error_line, run_cli
 

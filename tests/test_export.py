@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from cifar10_cnn import export as E
-from cifar10_cnn.checkpoint import load_model, read_metadata, save_weights
 from cifar10_cnn.models import create_model
+from cifar10_cnn.weights import load_model, read_metadata, save_weights
 from tests.conftest import error_line, run_cli
 
 
@@ -27,7 +27,7 @@ def fast_net(cifar, tmp_path_factory) -> Path:
     batch-norm statistics, saved as a weights file: the hardest of the registry to export exactly."""
     torch.manual_seed(0)
     model = create_model("airbench_small")
-    from cifar10_cnn.data import normalize
+    from cifar10_cnn.augment import normalize
 
     x = normalize(torch.from_numpy(cifar.train_images[:500]).permute(0, 3, 1, 2))
     model.init_whitening(x)

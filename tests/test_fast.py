@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from cifar10_cnn import augment
 from cifar10_cnn import data as D
 from cifar10_cnn.config import recipe_config
-from cifar10_cnn.evaluate import evaluate_logits
+from cifar10_cnn.inference import evaluate_logits
 from cifar10_cnn.models import create_model
 from cifar10_cnn.optim import Muon, orthogonalize
 from cifar10_cnn.train import build_optimizer, fit
@@ -14,7 +15,7 @@ from cifar10_cnn.train import build_optimizer, fit
 
 def test_whitening_layer_decorrelates_real_patches(cifar):
     model = create_model("airbench")
-    x = D.normalize(torch.from_numpy(cifar.train_images[:2000]).permute(0, 3, 1, 2))
+    x = augment.normalize(torch.from_numpy(cifar.train_images[:2000]).permute(0, 3, 1, 2))
     model.init_whitening(x)
     out = torch.nn.functional.conv2d(x, model.whiten.weight[:12])  # the 12 positive filters
     flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
@@ -67,10 +68,10 @@ def test_fast_recipe_groups_and_schedules():
 
 
 def test_alternating_flips_flip_every_image_every_other_epoch():
-    base = D.alternating_flips(1000, seed=0)
+    base = augment.alternating_flips(1000, seed=0)
     odd, even = base ^ False, base ^ True
     assert bool((odd != even).all()) and 400 < int(base.sum()) < 600
-    assert torch.equal(base, D.alternating_flips(1000, seed=0))
+    assert torch.equal(base, augment.alternating_flips(1000, seed=0))
 
 
 def test_tta_levels_on_a_symmetric_model(cifar):

@@ -224,8 +224,8 @@ def test_find_images_walks_folders_recursively(image_tree):
 
 
 def test_predictions_match_the_model_on_the_arrays(trained_run, test_images):
-    from cifar10_cnn.checkpoint import load_model
     from cifar10_cnn.export import torch_logits
+    from cifar10_cnn.weights import load_model
 
     predictor = load_predictor(trained_run)
     model, meta = load_model(trained_run)
@@ -241,8 +241,8 @@ def test_predictions_match_the_model_on_the_arrays(trained_run, test_images):
 
 
 def test_temperature_scales_the_probabilities(trained_run, test_images, tmp_path, cifar):
-    from cifar10_cnn.checkpoint import load_model, read_metadata, save_weights
     from cifar10_cnn.export import export_model, torch_logits
+    from cifar10_cnn.weights import load_model, read_metadata, save_weights
 
     model, meta = load_model(trained_run)
     hot = tmp_path / "hot.safetensors"

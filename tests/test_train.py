@@ -18,12 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 from cifar10_cnn import data as D
-from cifar10_cnn.checkpoint import load_checkpoint, load_model, read_metadata
+from cifar10_cnn.checkpoint import load_checkpoint
 from cifar10_cnn.config import TrainConfig, recipe_config
 from cifar10_cnn.errors import CheckpointError, TrainingDiverged
-from cifar10_cnn.evaluate import evaluate_logits
+from cifar10_cnn.inference import evaluate_logits
 from cifar10_cnn.models import count_params, create_model, list_models
 from cifar10_cnn.train import fit, lr_factor
+from cifar10_cnn.weights import load_model, read_metadata
 
 from .conftest import DATA_DIR, error_line, run_cli
 

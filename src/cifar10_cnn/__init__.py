@@ -1,11 +1,12 @@
 """cifar10-cnn: train, evaluate, explain and serve convolutional image classifiers for CIFAR-10."""
 
-from .checkpoint import load_model
 from .config import RECIPES, TrainConfig, recipe_config
 from .data import CLASSES, load_cifar10, make_splits
-from .evaluate import classification_metrics, evaluate_logits, evaluate_run
+from .evaluate import classification_metrics, evaluate_run
+from .inference import evaluate_logits
 from .models import count_params, create_model, list_models
 from .train import fit, train, train_cv, train_seeds
+from .weights import load_model
 
 __version__ = "0.1.0"
 __all__ = [

@@ -136,10 +136,10 @@ def write_temperature(weights: Path, temperature: float) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file, save
 
-    from .checkpoint import write_bytes_atomic
+    from .runs import write_atomic
 
     with safe_open(str(weights), framework="pt") as f:
         metadata = dict(f.metadata() or {})
     tensors = load_file(str(weights))
     metadata["temperature"] = json.dumps(float(temperature))
-    write_bytes_atomic(Path(weights), save(tensors, metadata=metadata))
+    write_atomic(Path(weights), save(tensors, metadata=metadata))

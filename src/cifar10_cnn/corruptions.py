@@ -260,7 +260,7 @@ def evaluate_corruptions(
 ) -> dict[str, Any]:
     """Accuracy of the model (no test-time augmentation) on each corruption and severity of the images."""
     from . import data as D
-    from .evaluate import evaluate_logits
+    from .inference import evaluate_logits
 
     labels = np.asarray(labels)
 

@@ -15,3 +15,9 @@ class CheckpointError(UserError):
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when it has none), at most limit characters."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]

@@ -9,7 +9,6 @@ The test set is only ever measured here; the temperature is fitted on the run's 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -21,61 +20,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import augment, plots
 from . import calibration as C
 from . import data as D
-from . import plots
-from .checkpoint import load_model, weights_path
 from .config import TrainConfig
 from .errors import UserError
+from .inference import evaluate_logits
 from .runs import read_json, read_metrics_csv, write_json
+from .weights import load_model, model_fingerprint, weights_path
 
 EVAL_DIR = "eval"
 N_CONFIDENT_ERRORS = 24
-
-
-def evaluate_logits(
-    model: nn.Module,
-    split: D.Split,
-    *,
-    batch_size: int = 1000,
-    tta: int = 0,
-    amp_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Logits for a whole split (float32, on CPU), with test-time augmentation at level tta.
-
-    Level 1 averages each image with its mirror; level 2 also averages that with the two views shifted by
-    one pixel (up-left and down-right, reflect padding), with the unshifted views weighted one half.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-
-    def mirrored(x: torch.Tensor) -> torch.Tensor:
-        logits = model(x).float()
-        return 0.5 * (logits + model(x.flip(3)).float()) if tta else logits
-
-    with (
-        torch.inference_mode(),
-        torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None),
-    ):
-        for idx in D.batch_indices(len(split), batch_size):
-            x = D.normalize(split.images[idx.to(split.images.device)]).to(device, non_blocking=True)
-            x = x.contiguous(memory_format=torch.channels_last)
-            logits = mirrored(x)
-            if tta == 2:
-                padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
-                shifted = [padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]]
-                logits = 0.5 * logits + 0.25 * sum(
-                    mirrored(v.contiguous(memory_format=torch.channels_last)) for v in shifted
-                )
-            out.append(logits.cpu())
-    return torch.cat(out) if out else torch.zeros(0, 10)
-
-
-def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    labels = labels.to(logits.device)
-    loss = nn.functional.cross_entropy(logits, labels).item()
-    return loss, (logits.argmax(1) == labels).float().mean().item()
 
 
 def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int = 10) -> np.ndarray:
@@ -159,15 +114,6 @@ def classification_metrics(
         "confusion_matrix": cm.tolist(),
         "confusion_matrix_normalized": normalize_rows(cm).round(6).tolist(),
     }
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of the model's tensors: ties stored results (e.g. robustness) to the weights they measured."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def temperature_scaling(
@@ -478,7 +424,7 @@ def augmentation_preview(train: D.Split, out: Path, cfg, seed: int = 0) -> Path:
     """A grid of training images after the run's augmentation (cfg: the run's TrainConfig)."""
     gen = torch.Generator().manual_seed(seed)
     x = train.images[: min(32, len(train))].cpu()
-    aug = D.augment(
+    aug = augment.augment_batch(
         x, gen, crop_padding=cfg.crop_padding, crop_mode=cfg.crop_mode, flip=cfg.flip, cutout_size=cfg.cutout
     )
     out.parent.mkdir(parents=True, exist_ok=True)

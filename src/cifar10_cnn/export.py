@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import load_model, save_weights, weights_path
 from .errors import DataError, UserError
 from .models import count_params
 from .predict import ModelInfo, describe
+from .weights import load_model, save_weights, weights_path
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "torchscript": ".pt"}
 ATOL = 1e-4
@@ -69,7 +69,7 @@ def wrap(model: nn.Module, meta: dict[str, Any]) -> UInt8Classifier:
 
 def torch_logits(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """The reference: the PyTorch model's logits for uint8 NHWC images, normalised as in training."""
-    from .data import normalize
+    from .augment import normalize
 
     model.eval()
     out = []

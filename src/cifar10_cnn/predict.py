@@ -280,7 +280,7 @@ class TorchPredictor(Predictor):
     def _logits(self, images: np.ndarray) -> np.ndarray:
         import torch
 
-        from .data import normalize
+        from .augment import normalize
 
         with torch.inference_mode():
             x = normalize(torch.from_numpy(images).permute(0, 3, 1, 2))
@@ -367,8 +367,8 @@ def load_predictor(
             raise UserError(f"{path} is an ONNX model; serve it with --backend onnx (or auto)")
         return OnnxPredictor(path, batch_size=batch_size)
 
-    from .checkpoint import load_model, weights_path
     from .models import count_params
+    from .weights import load_model, weights_path
 
     weights = weights_path(path)
     model, meta = load_model(weights)

@@ -1,67 +1,261 @@
-"""The run directory: its files, written atomically, and the rules for creating one."""
+"""The run directory: every file a run holds (named here and nowhere else), one atomic writer, and readers.
+
+    runs/<run>/
+      .cifar10-run          marker: written first, proof that the folder is a run of ours (--force trusts only it)
+      config.json           the TrainConfig            metrics.csv    one row per epoch
+      results.json          the run's figures          model.safetensors  final weights (+ temperature)
+      checkpoints/          last.pt, best.pt           tb/            TensorBoard events
+      plots/, eval/         figures and evaluation     report.md, report.html
+
+`--force` deletes only the files in RUN_FILES (and our temporary and TensorBoard files), and only in a folder
+that holds the marker; anything else a user put there stays. `Run.update_results` is the one place where
+results.json is merged.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
-import shutil
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
-from .errors import UserError
+from .errors import UserError, first_line
 
+MARKER = ".cifar10-run"
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
-RUN_FILES = ("config.json", "metrics.csv", "results.json", "model.safetensors", "report.md", "report.html")
-RUN_DIRS = ("checkpoints", "plots", "tb", "eval")
+
+# Every file a run writes, by key; the values are paths relative to the run directory.
+RUN_FILES = {
+    "config": "config.json",
+    "metrics": "metrics.csv",
+    "results": "results.json",
+    "weights": "model.safetensors",
+    "report_md": "report.md",
+    "report_html": "report.html",
+    "last": "checkpoints/last.pt",
+    "best": "checkpoints/best.pt",
+    "evaluation": "eval/metrics.json",
+    "robustness": "eval/robustness.json",
+    "reliability_png": "eval/reliability.png",
+    "confident_errors_png": "eval/confident_errors.png",
+    "corruptions_png": "eval/corruptions.png",
+    "explanations_png": "eval/explanations.png",
+    "curves_png": "plots/curves.png",
+    "confusion_png": "plots/confusion.png",
+    "per_class_png": "plots/per_class.png",
+    "predictions_png": "plots/predictions.png",
+    "augmentations_png": "plots/augmentations.png",
+}
+RUN_DIRS = ("checkpoints", "eval", "plots", "tb")
+TMP_PATTERN = re.compile(r"^\..+\.tmp-\d+$")  # write_atomic's temporary files
+TB_PATTERN = re.compile(r"^events\.out\.tfevents\.")
 
 
-def write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: "" if row.get(k) is None else row[k] for k in METRIC_FIELDS})
-    os.replace(tmp, path)
+# --- the one atomic writer ------------------------------------------------------------------------------------
 
 
-def read_metrics_csv(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
+def write_atomic(path: str | os.PathLike, payload: bytes | bytearray | memoryview | str) -> None:
+    """Write to a temporary file beside path, fsync, then rename: path is always whole, new or old."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    data = payload.encode() if isinstance(payload, str) else payload
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike, *, max_bytes: int = 64 * 2**20) -> dict[str, Any]:
+    """A JSON object from a file ({} if the file does not exist); anything else is a one-line error."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > max_bytes:
+            raise UserError(f"{path} is larger than {max_bytes // 2**20} MB; it is not a file of ours")
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return data
+
+
+def metrics_csv(history: Iterable[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in METRIC_FIELDS})
+    return out.getvalue()
+
+
+def read_metrics_csv(path: str | os.PathLike) -> list[dict[str, float | None]]:
+    """The per-epoch rows of a metrics.csv ([] if there is none); values that are not numbers read as None."""
+
+    def number(v: str | None) -> float | None:
+        try:
+            return float(v) if v not in ("", None) else None
+        except ValueError:
+            return None
+
+    try:
+        with open(path, newline="") as f:
+            return [{k: number(v) for k, v in row.items() if k} for row in csv.DictReader(f)]
+    except FileNotFoundError:
         return []
-    with open(path, newline="") as f:
-        return [
-            {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
-            for row in csv.DictReader(f)
-        ]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path} is not a readable metrics file ({first_line(e)})") from None
+
+
+# --- a run directory ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run directory and the files in it."""
+
+    path: Path
+
+    def file(self, key: str) -> Path:
+        return self.path / RUN_FILES[key]
+
+    def dir(self, name: str) -> Path:
+        assert name in RUN_DIRS, name
+        return self.path / name
+
+    @property
+    def is_ours(self) -> bool:
+        return (self.path / MARKER).is_file()
+
+    @property
+    def started(self) -> bool:
+        """Whether an epoch finished (a checkpoint) or the run is done (weights): then it is worth keeping."""
+        return self.file("last").exists() or self.file("weights").exists()
+
+    def read_config(self) -> TrainConfig:
+        return TrainConfig.load(self.file("config"))
+
+    def write_config(self, cfg: TrainConfig) -> None:
+        write_json(self.file("config"), cfg.to_dict())
+
+    def read_results(self) -> dict[str, Any]:
+        return read_json(self.file("results"))
+
+    def update_results(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """results.json merged with fields (the only place it is written); returns the new whole."""
+        results = {**self.read_results(), **fields}
+        write_json(self.file("results"), results)
+        return results
+
+    def read_metrics(self) -> list[dict[str, float | None]]:
+        return read_metrics_csv(self.file("metrics"))
+
+    def write_metrics(self, history: Iterable[dict[str, Any]]) -> None:
+        write_atomic(self.file("metrics"), metrics_csv(history))
+
+    def mkdir(self, name: str) -> Path:
+        path = self.dir(name)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files that a killed writer of ours left behind (ours by name pattern)."""
+        removed = []
+        for folder in (self.path, *(self.path / d for d in RUN_DIRS)):
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if TMP_PATTERN.match(p.name) and p.is_file() and not p.is_symlink():
+                        p.unlink(missing_ok=True)
+                        removed.append(p)
+        return removed
+
+    def clear(self) -> None:
+        """Delete what a run of ours wrote here (RUN_FILES, our temporaries and TensorBoard events), no more."""
+        for rel in RUN_FILES.values():
+            p = self.path / rel
+            if p.is_file() or p.is_symlink():
+                p.unlink()
+        self.remove_stale_temporaries()
+        tb = self.dir("tb")
+        if tb.is_dir():
+            for p in tb.iterdir():
+                if TB_PATTERN.match(p.name) and p.is_file():
+                    p.unlink()
+        for name in RUN_DIRS:
+            with contextlib.suppress(OSError):  # only if empty: a user's files keep their folder
+                self.dir(name).rmdir()
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.recipe}"
 
 
-def prepare_run_dir(run_dir: Path, *, force: bool) -> None:
-    """Create the run directory; refuse one that holds another run unless force, then clear that run."""
-    if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
-        if not force:
+def _check_writable_dir(path: Path) -> None:
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {path}: {parent} is a file, not a folder; choose another --out")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(f"--out {path}: cannot write in {parent} (read-only); choose another --out")
+            return
+
+
+def create_run(path: str | os.PathLike, cfg: TrainConfig, *, force: bool) -> Run:
+    """A new run directory holding the marker and config.json.
+
+    A folder that holds a run of ours with a finished epoch is refused unless force, which then clears only
+    what that run wrote. A folder that is not ours is refused if it holds anything a run would write.
+    """
+    run = Run(Path(path))
+    _check_writable_dir(run.path)
+    if run.path.exists() and not run.path.is_dir():
+        raise UserError(f"--out {run.path} is a file, not a folder; choose another --out")
+    if run.is_ours:
+        if run.started and not force:
             raise UserError(
-                f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, "
+                f"{run.path} already holds a run; pass --resume {run.path} to continue it, "
                 "--force to replace it, or choose another --out"
             )
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-        for name in RUN_DIRS:
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        run.clear()
+    elif run.path.is_dir():
+        taken = [rel for rel in (*RUN_FILES.values(), *RUN_DIRS) if (run.path / rel).exists()]
+        if taken:
+            raise UserError(
+                f"{run.path} holds files that no run of ours wrote ({', '.join(taken[:3])}); "
+                "nothing was changed: move them away or choose another --out"
+            )
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_atomic(run.path / MARKER, "cifar10-cnn run directory\n")
+        run.write_config(cfg)
+    except OSError as e:
+        if e.errno in (28, 122):  # ENOSPC, EDQUOT: the CLI words these
+            raise
+        raise UserError(f"cannot create the run directory {run.path} ({first_line(e)})") from None
+    return run
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+def open_run(path: str | os.PathLike) -> Run:
+    """An existing run directory (for --resume, evaluate, report)."""
+    run = Run(Path(path))
+    if not run.file("config").is_file():
+        raise UserError(f"{run.path} is not a run directory (no {RUN_FILES['config']})")
+    return run

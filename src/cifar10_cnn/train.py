@@ -23,15 +23,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import augment, distributed
 from . import data as D
-from . import distributed
-from .checkpoint import load_checkpoint, save_atomic, save_weights
+from .checkpoint import load_checkpoint, save_atomic
 from .config import TrainConfig
 from .errors import TrainingDiverged, UserError
-from .evaluate import augmentation_preview, evaluate_logits, evaluate_run, loss_and_accuracy
+from .evaluate import augmentation_preview, evaluate_run
+from .inference import evaluate_logits, loss_and_accuracy
 from .models import count_params, create_model
 from .optim import Muon
-from .runs import default_run_dir, prepare_run_dir, read_json, write_json, write_metrics_csv
+from .runs import Run, create_run, default_run_dir, read_json, write_json
+from .weights import save_weights
 
 # --- device and precision ---------------------------------------------------------------------------------
 
@@ -178,7 +180,7 @@ class Logger:
         )
 
     def log_epoch(self, row: dict[str, float], history: list[dict[str, float]], epochs: int) -> None:
-        write_metrics_csv(self.run_dir / "metrics.csv", history)
+        Run(self.run_dir).write_metrics(history)
         for key, value in row.items():
             if key != "epoch" and value is not None:
                 self.tb.add_scalar(key, value, row["epoch"])
@@ -243,9 +245,9 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction=cfg.loss_reduction)
     data_gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation, the same on every rank
-    base_flips = D.alternating_flips(len(splits.train), cfg.seed) if cfg.alternate_flip else None
+    base_flips = augment.alternating_flips(len(splits.train), cfg.seed) if cfg.alternate_flip else None
     if hasattr(model, "init_whitening"):  # set from the data before any step (a resume overwrites it)
-        model.init_whitening(D.normalize(splits.train.images[:5000]).to(device))
+        model.init_whitening(augment.normalize(splits.train.images[:5000]).to(device))
     net: nn.Module = model  # what the training steps call: the model, or its DistributedDataParallel wrapper
     if world.size > 1:
         net = nn.parallel.DistributedDataParallel(
@@ -315,7 +317,7 @@ def fit(
             for step, idx in enumerate(batches, 1):
                 optimizer.zero_grad(set_to_none=True)
                 # Every rank augments the whole batch with the same draws, then trains on its own share.
-                x_all = D.augment(
+                x_all = augment.augment_batch(
                     train_set.images[idx.to(train_set.images.device)],
                     data_gen,
                     crop_padding=cfg.crop_padding,
@@ -331,7 +333,9 @@ def fit(
                 # batch-norm statistics per micro-batch. DDP averages over ranks once, after the last one.
                 parts = torch.arange(len(mine)).split(cfg.micro_batch or len(mine))
                 for k, part in enumerate(parts):
-                    x = D.normalize(x_mine[part.to(x_mine.device)]).contiguous(memory_format=memory_format)
+                    x = augment.normalize(x_mine[part.to(x_mine.device)]).contiguous(
+                        memory_format=memory_format
+                    )
                     y = y_mine[part.to(y_mine.device)]
                     sync = world.size == 1 or k == len(parts) - 1
                     with contextlib.nullcontext() if sync else net.no_sync():
@@ -452,10 +456,7 @@ def train(
     def make_run_dir() -> Path:
         if resume is not None:
             return Path(resume)
-        run_dir = Path(out) if out else default_run_dir(cfg)
-        prepare_run_dir(run_dir, force=force)
-        cfg.save(run_dir / "config.json")
-        return run_dir
+        return create_run(Path(out) if out else default_run_dir(cfg), cfg, force=force).path
 
     run_dir = world.from_main(make_run_dir)  # one name: ranks' clocks may straddle a second
     if data is None:

@@ -1,0 +1,83 @@
+"""Batched augmentation as tensor ops on the training device: normalisation, crops, flips, cutout.
+
+All functions take uint8 (or float) image batches (B, 3, H, W) and a torch.Generator, so that a seed decides
+every draw and a resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data import MEAN, STD
+
+
+def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> normalised float with the true CIFAR-10 mean and std."""
+    mean = torch.tensor(MEAN, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    inv_std = 1 / (torch.tensor(STD, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255)
+    return (x.to(dtype) - mean) * inv_std
+
+
+def _randint(high: int, size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.randint(0, high, (size,), generator=generator).to(device, non_blocking=True)
+
+
+def random_crop(
+    x: torch.Tensor, padding: int, generator: torch.Generator, mode: str = "zeros"
+) -> torch.Tensor:
+    """Pad every image by `padding` (zeros or reflection) and take a random crop of the original size."""
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4, mode="constant" if mode == "zeros" else mode)
+    dy = _randint(2 * padding + 1, b, generator, x.device)
+    dx = _randint(2 * padding + 1, b, generator, x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols].contiguous(memory_format=torch.channels_last)
+
+
+def random_flip(
+    x: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mirror the images where mask is true (default: a random half) left-right."""
+    if mask is None:
+        mask = _randint(2, len(x), generator, x.device).bool()
+    return torch.where(mask.to(x.device)[:, None, None, None], x.flip(3), x)
+
+
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero a size x size square at a random centre of each image (clipped at the borders)."""
+    b, _, h, w = x.shape
+    cy = _randint(h, b, generator, x.device)[:, None, None, None]
+    cx = _randint(w, b, generator, x.device)[:, None, None, None]
+    ys = torch.arange(h, device=x.device)[None, None, :, None]
+    xs = torch.arange(w, device=x.device)[None, None, None, :]
+    half = size // 2
+    inside = (ys >= cy - half) & (ys < cy - half + size) & (xs >= cx - half) & (xs < cx - half + size)
+    return x.masked_fill(inside, 0)
+
+
+def augment_batch(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    crop_padding: int = 4,
+    crop_mode: str = "zeros",
+    flip: bool = True,
+    flip_mask: torch.Tensor | None = None,
+    cutout_size: int = 0,
+) -> torch.Tensor:
+    """The training augmentation of one uint8 batch, as a few batched tensor ops."""
+    if crop_padding:
+        x = random_crop(x, crop_padding, generator, crop_mode)
+    if flip:
+        x = random_flip(x, generator, flip_mask)
+    if cutout_size:
+        x = cutout(x, cutout_size, generator)
+    return x
+
+
+def alternating_flips(n: int, seed: int) -> torch.Tensor:
+    """A fixed random half of n images, to be flipped on odd epochs and the other half on even epochs."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed + 0x5EED)) < 0.5

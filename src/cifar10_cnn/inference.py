@@ -1,0 +1,69 @@
+"""Logits of uint8 images for any model: the one batched inference loop (evaluation, validation, predict, export).
+
+Images are uint8 (N, 3, 32, 32) tensors, on any device and in any memory format; they are normalised here
+exactly as in training. Test-time augmentation: level 1 averages each image with its mirror; level 2 also
+averages that with two views shifted by one pixel (up-left and down-right, reflect padding), the unshifted
+views weighted one half.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .augment import normalize
+from .data import Split
+
+
+def _views(model: nn.Module, x: torch.Tensor, tta: int) -> torch.Tensor:
+    def mirrored(v: torch.Tensor) -> torch.Tensor:
+        v = v.contiguous(memory_format=torch.channels_last)
+        logits = model(v).float()
+        return 0.5 * (logits + model(v.flip(3)).float()) if tta else logits
+
+    logits = mirrored(x)
+    if tta == 2:
+        padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        logits = 0.5 * logits + 0.25 * (mirrored(padded[:, :, :-2, :-2]) + mirrored(padded[:, :, 2:, 2:]))
+    return logits
+
+
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 1000,
+    tta: int = 0,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Logits (float32, on CPU) of uint8 images (N, 3, H, W), batch by batch, in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None),
+    ):
+        for start in range(0, len(images), batch_size):
+            x = normalize(images[start : start + batch_size].to(device, non_blocking=True))
+            out.append(_views(model, x, tta).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 10)
+
+
+def evaluate_logits(
+    model: nn.Module,
+    split: Split,
+    *,
+    batch_size: int = 1000,
+    tta: int = 0,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Logits for a whole split (float32, on CPU), with test-time augmentation at level tta."""
+    return predict_logits(model, split.images, batch_size=batch_size, tta=tta, amp_dtype=amp_dtype)
+
+
+def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of logits against labels."""
+    labels = labels.to(logits.device)
+    loss = nn.functional.cross_entropy(logits, labels).item()
+    return loss, (logits.argmax(1) == labels).float().mean().item()
