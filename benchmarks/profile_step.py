@@ -14,34 +14,26 @@ import argparse
 import time
 
 import torch
-from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from cifar10_cnn import augment
 from cifar10_cnn.config import recipe_config
-from cifar10_cnn.models import create_model
-from cifar10_cnn.train import build_optimizer
+from cifar10_cnn.data import Split
+from cifar10_cnn.train import setup, train_step
 
 
 def make_step(model_name: str, batch: int, micro: int, dtype: torch.dtype | None):
-    cfg = recipe_config("fast", model=model_name, batch_size=batch)
-    torch.manual_seed(0)
-    model = create_model(model_name).to(memory_format=torch.channels_last)
-    opt, _ = build_optimizer(model, cfg, steps_per_epoch=25)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.2, reduction="sum")
+    """The library's own training step (train.train_step) of the fast recipe on random images."""
+    amp = "bf16" if dtype == torch.bfloat16 else "off"
+    cfg = recipe_config("fast", model=model_name, batch_size=batch, micro_batch=micro, amp=amp, device="cpu")
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (batch,))
+    trainer = setup(cfg, Split(images, labels), torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        for i in range(0, batch, micro):
-            x = augment.augment_batch(images[i : i + micro], gen, crop_padding=2, crop_mode="reflect")
-            x = augment.normalize(x).contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype or torch.float32, enabled=dtype is not None):
-                loss = loss_fn(model(x), labels[i : i + micro])
-            loss.backward()
-        opt.step()
+        x = augment.augment_batch(images, gen, crop_padding=2, crop_mode="reflect")
+        train_step(trainer, x, labels)
 
     return step
 

@@ -140,8 +140,8 @@ def prepare_model(spec: str, work: Path) -> Path:
         return Path(spec)
     import torch
 
-    from cifar10_cnn.weights import save_weights
     from cifar10_cnn.models import create_model
+    from cifar10_cnn.weights import save_weights
 
     torch.manual_seed(0)
     path = work / f"{spec}.safetensors"

@@ -28,8 +28,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from cifar10_cnn import augment
 from cifar10_cnn import data as D
 from cifar10_cnn.config import recipe_config
+from cifar10_cnn.data import Split
+from cifar10_cnn.device import autocast_dtype
 from cifar10_cnn.models import count_params, create_model, list_models
-from cifar10_cnn.train import autocast_dtype, build_optimizer, fit
+from cifar10_cnn.train import fit, setup, train_step
 
 
 def timed(step, seconds: float, images_per_step: int, warmup: int = 3) -> float:
@@ -60,26 +62,19 @@ def forward_flops(model: nn.Module) -> int:
 def model_rates(
     name: str, images: torch.Tensor, batch_size: int, seconds: float, dtype: torch.dtype | None = None
 ) -> dict[str, float]:
-    torch.manual_seed(0)
-    model = create_model(name).to(memory_format=torch.channels_last)
-    # Each net with the optimizer its recipe uses (Muon for the airbench nets).
-    cfg = recipe_config("fast" if name.startswith("airbench") else "seed", model=name, batch_size=batch_size)
-    opt, _ = build_optimizer(model, cfg, steps_per_epoch=100)
-    loss_fn = nn.CrossEntropyLoss()
+    # Each net with the optimizer its recipe uses (Muon for the airbench nets), through the library's own step.
+    recipe = "fast" if name.startswith("airbench") else "seed"
+    amp = "bf16" if dtype == torch.bfloat16 else "off"
+    cfg = recipe_config(recipe, model=name, batch_size=batch_size, micro_batch=None, amp=amp, device="cpu")
+    labels = torch.randint(0, 10, (len(images),))
+    trainer = setup(cfg, Split(images, labels), torch.device("cpu"))
+    model = trainer.model
     gen = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 10, (batch_size,))
 
-    def train_step():
+    def one_step():
         model.train()
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)
-        x = augment.normalize(augment.augment_batch(images[idx], gen)).contiguous(
-            memory_format=torch.channels_last
-        )
-        with torch.autocast("cpu", dtype or torch.float32, enabled=dtype is not None):
-            loss = loss_fn(model(x), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(trainer, augment.augment_batch(images[idx], gen), labels[idx])
 
     eval_x = augment.normalize(images[:500]).contiguous(memory_format=torch.channels_last)
 
@@ -89,7 +84,7 @@ def model_rates(
             model(eval_x)
 
     flops = forward_flops(create_model(name))
-    train = timed(train_step, seconds, batch_size)
+    train = timed(one_step, seconds, batch_size)
     infer = timed(infer_step, seconds, len(eval_x))
     return {
         "params": count_params(model),

@@ -9,8 +9,8 @@ from cifar10_cnn import data as D
 from cifar10_cnn.config import recipe_config
 from cifar10_cnn.inference import evaluate_logits
 from cifar10_cnn.models import create_model
-from cifar10_cnn.optim import Muon, orthogonalize
-from cifar10_cnn.train import build_optimizer, fit
+from cifar10_cnn.optim import Muon, build_optimizer, orthogonalize
+from cifar10_cnn.train import fit
 
 
 def test_whitening_layer_decorrelates_real_patches(cifar):

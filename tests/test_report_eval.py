@@ -35,7 +35,7 @@ def embedded_images(page: str) -> list[bytes]:
 def seeds_dir(cifar, tmp_path_factory) -> Path:
     """Two runs of one recipe (seeds 0 and 1) as `cifar10 train --seeds 2` writes them, with a summary."""
     from cifar10_cnn.config import recipe_config
-    from cifar10_cnn.train import train_seeds
+    from cifar10_cnn.experiments import train_seeds
 
     cfg = recipe_config("seed", epochs=1, subset=1000, val_size=200)
     out = tmp_path_factory.mktemp("seeds") / "seed-2seeds"

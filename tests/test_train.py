@@ -23,7 +23,8 @@ from cifar10_cnn.config import TrainConfig, recipe_config
 from cifar10_cnn.errors import CheckpointError, TrainingDiverged
 from cifar10_cnn.inference import evaluate_logits
 from cifar10_cnn.models import count_params, create_model, list_models
-from cifar10_cnn.train import fit, lr_factor
+from cifar10_cnn.optim import lr_factor
+from cifar10_cnn.train import fit
 from cifar10_cnn.weights import load_model, read_metadata
 
 from .conftest import DATA_DIR, error_line, run_cli

@@ -1,30 +1,47 @@
-"""cifar10-cnn: train, evaluate, explain and serve convolutional image classifiers for CIFAR-10."""
+"""cifar10-cnn: train, evaluate, explain and serve convolutional image classifiers for CIFAR-10.
 
-from .config import RECIPES, TrainConfig, recipe_config
-from .data import CLASSES, load_cifar10, make_splits
-from .evaluate import classification_metrics, evaluate_run
-from .inference import evaluate_logits
-from .models import count_params, create_model, list_models
-from .train import fit, train, train_cv, train_seeds
-from .weights import load_model
+The package is lazy (PEP 562): `import cifar10_cnn` loads nothing heavy, and each name below imports its
+module on first use, so `cifar10 --help` and `cifar10 predict` never load the training code or matplotlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "CLASSES",
-    "RECIPES",
-    "TrainConfig",
-    "classification_metrics",
-    "count_params",
-    "create_model",
-    "evaluate_logits",
-    "evaluate_run",
-    "fit",
-    "list_models",
-    "load_cifar10",
-    "load_model",
-    "make_splits",
-    "recipe_config",
-    "train",
-    "train_cv",
-    "train_seeds",
-]
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "CLASSES": "data",
+    "load_cifar10": "data",
+    "make_splits": "data",
+    "RECIPES": "config",
+    "TrainConfig": "config",
+    "recipe_config": "config",
+    "count_params": "models",
+    "create_model": "models",
+    "list_models": "models",
+    "load_model": "weights",
+    "evaluate_logits": "inference",
+    "classification_metrics": "evaluate",
+    "evaluate_run": "evaluate",
+    "fit": "train",
+    "train": "train",
+    "train_step": "train",
+    "train_seeds": "experiments",
+    "train_cv": "experiments",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,77 +1,79 @@
-"""Command line: argument parsing only; each verb calls one library function."""
+"""Command line: argument parsing only; each verb calls one library function.
+
+Nothing heavy is imported here: each verb imports its module when it runs, so `cifar10 --help` and
+`cifar10 predict` load neither the training code nor matplotlib.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import sys
+import typing
 from pathlib import Path
 
-from .config import DEFAULT_RECIPE, RECIPES, SCHEDULES, TrainConfig, recipe_config
+from .config import DEFAULT_RECIPE, RECIPES, TrainConfig, recipe_config
 from .errors import UserError
 
-# Options that map one-to-one onto TrainConfig fields; None means "not given".
-TRAIN_FIELDS = (
-    "model", "epochs", "batch_size", "micro_batch", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule",
-    "warmup_epochs", "label_smoothing", "crop_padding", "crop_mode", "flip", "alternate_flip", "cutout", "seed",
-    "split_seed", "val_size", "subset", "patience", "tta", "device", "amp", "sync_bn",
-)  # fmt: skip
-# Options that may differ on --resume without changing what the run computes.
-RESUME_FREE = ("device",)
+DESCRIPTION = "Train, evaluate, explain and serve convolutional image classifiers for CIFAR-10."
+# The TrainConfig fields that are command-line options (their metadata says how), in declaration order.
+CONFIG_OPTIONS = tuple(f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-
-    parser = argparse.ArgumentParser(prog="cifar10", description=__doc__.splitlines()[0].rstrip(".") + ".")
+    parser = argparse.ArgumentParser(prog="cifar10", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    add_train_parser(sub)
+    add_evaluate_parser(sub)
+    add_tune_parser(sub)
+    r = sub.add_parser("report", help="rebuild a run's report.html; several runs are compared side by side")
+    r.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories (or a --seeds output)")
+    r.add_argument("--out", type=Path, help="the comparison page of several runs (default: beside the runs)")
+    add_use_parsers(sub)
+    return parser
 
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="where CIFAR-10 is or goes (default $CIFAR10_DATA, else ./data)")
+    p.add_argument("--allow-unverified", action="store_true", help="use data that fails the sha256 check")
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
         "train", help="train a model and write a run directory with metrics, plots and a report"
     )
     add_config_options(t)
-    t.add_argument("--data-dir", help="where CIFAR-10 is or goes (default $CIFAR10_DATA, else ./data)")
-    t.add_argument("--allow-unverified", action="store_true", help="use data that fails the sha256 check")
+    add_data_options(t)
     t.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>-<recipe>)")
-    t.add_argument("--force", action="store_true", help="replace the run already in --out")
+    t.add_argument("--force", action="store_true", help="replace the run of ours already in --out")
     t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run exactly where it stopped")
     t.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
     t.add_argument("--seeds", type=int, help="N runs with seeds seed..seed+N-1, and a summary (mean ± std)")
-    t.add_argument(
-        "--cv",
-        type=int,
-        metavar="K",
-        help="K-fold cross-validation: a run per stratified fold, and a summary",
-    )
+    t.add_argument("--cv", type=int, metavar="K", help="K-fold cross-validation: a run per stratified fold")
 
+
+def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "evaluate", help="test metrics, calibration, robustness, plots and report of a run or weights file"
     )
     e.add_argument("run", type=Path, metavar="RUN_OR_WEIGHTS", help="a run directory or a .safetensors file")
-    e.add_argument("--data-dir")
-    e.add_argument("--allow-unverified", action="store_true")
+    add_data_options(e)
     e.add_argument(
         "--corruptions", action="store_true", help="add the robustness suite: 10 corruptions x 5 severities"
     )
     e.add_argument(
-        "--corruption-images",
-        type=int,
-        metavar="N",
-        help="run the robustness suite on the first N test images",
+        "--corruption-images", type=int, metavar="N", help="run the robustness suite on N test images"
     )
     e.add_argument(
         "--out", type=Path, help="output directory for a weights file (default <name>-eval/ beside it)"
     )
-    e.add_argument(
-        "--tta",
-        type=int,
-        nargs="?",
-        const=1,
-        default=0,
-        choices=(0, 1, 2),
-        help="test-time augmentation: 1 mirror, 2 mirror + 1-pixel shifts",
-    )
+    e.add_argument("--tta", type=int, nargs="?", const=1, default=0, choices=(0, 1, 2),
+                   help="test-time augmentation: 1 mirror, 2 mirror + 1-pixel shifts")  # fmt: skip
     e.add_argument("--no-progress", action="store_true")
 
+
+def add_tune_parser(sub: argparse._SubParsersAction) -> None:
     u = sub.add_parser("tune", help="hyperparameter search with Optuna (TPE, random or grid), or its report")
     add_config_options(u)
     u.add_argument(
@@ -83,12 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument(
         "--grid", nargs="+", metavar="NAME=A,B", help="grid search over these values, e.g. lr=0.01,0.1"
     )
-    u.add_argument(
-        "--space",
-        nargs="+",
-        metavar="NAME=LOW:HIGH",
-        help="replace or add ranges: lr=log:1e-3:0.1 epochs=int:4:12",
-    )
+    u.add_argument("--space", nargs="+", metavar="NAME=LOW:HIGH",
+                   help="replace or add ranges: lr=log:1e-3:0.1 epochs=int:4:12")  # fmt: skip
     u.add_argument("--storage", default="sqlite:///tune.db", help="Optuna storage URL (sqlite:///tune.db)")
     u.add_argument("--study", help="study name (default: the recipe's name)")
     u.add_argument("--out", type=Path, help="folder of the trials' run directories (default tune/<study>)")
@@ -96,75 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--no-prune", action="store_true", help="never stop unpromising trials early")
     u.add_argument("--report", action="store_true", help="table of trials, best config file and plots")
     u.add_argument("--best-config", type=Path, default=Path("tune-best.json"), help="(tune-best.json)")
-    u.add_argument("--data-dir")
-    u.add_argument("--allow-unverified", action="store_true")
-
-    r = sub.add_parser("report", help="rebuild a run's report.html; several runs are compared side by side")
-    r.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories (or a --seeds output)")
-    r.add_argument("--out", type=Path, help="the comparison page of several runs (default: beside the runs)")
-    add_use_parsers(sub)
-    return parser
+    add_data_options(u)
 
 
-def add_config_options(t: argparse.ArgumentParser) -> None:
-    """--recipe/--config and the options that set TrainConfig fields (train and tune share them)."""
-    from .models import list_models
-
-    t.add_argument("--recipe", help=f"named recipe: {', '.join(sorted(RECIPES))} (default {DEFAULT_RECIPE})")
-    t.add_argument(
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """--recipe/--config, and an option for every TrainConfig field marked cli (from its metadata)."""
+    p.add_argument("--recipe", help=f"named recipe: {', '.join(sorted(RECIPES))} (default {DEFAULT_RECIPE})")
+    p.add_argument(
         "--config", type=Path, help="a saved config.json to start from (e.g. runs/<run>/config.json)"
     )
-    t.add_argument("--model", help=f"architecture: {', '.join(list_models())}")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--micro-batch", type=int, help="accumulate each batch from micro-batches of this size")
-    t.add_argument(
-        "--optimizer", choices=("sgd", "muon"), help="sgd, or muon (Muon on conv filters, SGD on the rest)"
-    )
-    t.add_argument("--lr", type=float, help="peak learning rate")
-    t.add_argument("--momentum", type=float)
-    t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--schedule", choices=SCHEDULES)
-    t.add_argument("--warmup-epochs", type=float, help="linear warm-up length (fractions allowed)")
-    t.add_argument("--label-smoothing", type=float)
-    t.add_argument("--crop-padding", type=int, help="random-crop padding in pixels (0: no crop)")
-    t.add_argument("--crop-mode", choices=("zeros", "reflect"), help="padding of the random crop")
-    t.add_argument(
-        "--alternate-flip",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="flip each image on alternate epochs instead of at random",
-    )
-    t.add_argument(
-        "--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flip"
-    )
-    t.add_argument("--cutout", type=int, help="cutout square size in pixels (0: off)")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--split-seed", type=int, help="seed of the validation split (default 0)")
-    t.add_argument("--val-size", type=int, help="images held out for validation (default 5000; 0 allowed)")
-    t.add_argument("--subset", type=int, help="train on the first N training images only")
-    t.add_argument("--patience", type=int, help="stop after N epochs without a better validation accuracy")
-    t.add_argument(
-        "--tta",
-        type=int,
-        nargs="?",
-        const=1,
-        choices=(0, 1, 2),
-        help="test-time augmentation of the final test: 1 mirror, 2 mirror + shifts (--tta alone: 1)",
-    )
-    t.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
-    t.add_argument(
-        "--amp",
-        choices=("auto", "off", "fp16", "bf16"),
-        help="mixed precision (auto: on for CUDA and for CPUs with native bf16)",
-    )
-    t.add_argument(
-        "--sync-bn",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="under torchrun: batch-norm statistics over the global batch (SyncBatchNorm)",
-    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in CONFIG_OPTIONS:
+        flag, meta, kind = f"--{f.name.replace('_', '-')}", f.metadata, hints[f.name]
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+            continue
+        number = int if kind in (int, int | None) else float if kind is float else str
+        extra = {"nargs": "?", "const": meta["const"]} if "const" in meta else {}
+        p.add_argument(flag, type=number, choices=meta["choices"], help=meta["help"], **extra)
 
 
 def add_use_parsers(sub: argparse._SubParsersAction) -> None:
@@ -202,30 +149,24 @@ def add_use_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def given_options(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in TRAIN_FIELDS if getattr(args, name) is not None}
+    """The TrainConfig fields given on the command line (None means "not given")."""
+    return {f.name: getattr(args, f.name) for f in CONFIG_OPTIONS if getattr(args, f.name) is not None}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Recipe (or --config file, or the resumed run's config) with the options given on the command line."""
+    """Recipe (or --config file, or the resumed run's config) with the options given on the command line.
+
+    For --resume, the library (train.resumed_config) refuses options that differ from the run's own.
+    """
     given = given_options(args)
     if getattr(args, "resume", None) is not None:
+        from .runs import open_run
+
         if args.recipe or args.config:
             raise UserError(
                 "--resume continues a run with its own config; do not combine it with --recipe/--config"
             )
-        saved = TrainConfig.load(args.resume / "config.json") if args.resume.is_dir() else None
-        if saved is None:
-            raise UserError(f"--resume {args.resume}: not a run directory (no config.json)")
-        conflicts = [
-            f"--{k.replace('_', '-')} {v} (run has {getattr(saved, k)})"
-            for k, v in given.items()
-            if k not in RESUME_FREE and v != getattr(saved, k)
-        ]
-        if conflicts:
-            raise UserError(
-                f"--resume {args.resume} conflicts with {', '.join(conflicts)}; drop those options"
-            )
-        return TrainConfig(**{**saved.to_dict(), **given})
+        return TrainConfig(**{**open_run(args.resume).read_config().to_dict(), **given})
     if args.config is not None:
         if args.recipe:
             raise UserError("give either --recipe or --config, not both")
@@ -234,8 +175,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .device import select_device
     from .distributed import launched
-    from .train import select_device, train, train_cv, train_seeds
+    from .experiments import train_cv, train_seeds
+    from .train import train
 
     cfg = config_from_args(args)
     common = dict(
@@ -382,9 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             where = f" writing {e.filename}" if e.filename else ""
-            print(
-                f"error: no space left on device{where}; free some space, then continue with --resume",
-                file=sys.stderr,
-            )
+            then = "continue with --resume" if args.verb == "train" else "run the command again"
+            print(f"error: no space left on device{where}; free some space, then {then}", file=sys.stderr)
             return 1
         raise

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,64 +16,92 @@ SCHEDULES = ("none", "step", "cosine", "onecycle", "linear")
 OPTIMIZERS = ("sgd", "muon")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AMP_MODES = ("auto", "off", "fp16", "bf16")
+LOSS_REDUCTIONS = ("mean", "sum")
+CROP_MODES = ("zeros", "reflect")
+
+
+def opt(default: Any, help: str = "", *, choices: tuple | None = None, cli: bool = True, **kw: Any) -> Any:
+    """A TrainConfig field whose metadata makes its command-line option (--name-with-dashes)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli, **kw})
 
 
 @dataclass
 class TrainConfig:
-    """Everything that decides what a training run computes (saved as config.json and in checkpoints)."""
+    """Everything that decides what a training run computes (saved as config.json and in checkpoints).
 
-    recipe: str = "seed"
-    model: str = "seed_cnn"
-    epochs: int = 20
-    batch_size: int = 64
-    micro_batch: int | None = None  # split each batch into micro-batches of this size (gradient accumulation)
-    optimizer: str = "sgd"  # sgd, or muon: Muon on conv filters and SGD on the rest
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    decoupled_wd: bool = False  # weight_decay is then the per-step shrink factor at peak LR, in every group
-    bias_lr_scale: float = 1.0  # LR multiplier for biases and norm shifts
-    muon_lr: float = 0.24
-    muon_momentum: float = 0.6
-    whiten_bias_epochs: float = 0.0  # a whitening layer's bias learns for this long (its LR decays to 0)
-    loss_reduction: str = "mean"  # mean, or sum over the batch (the LRs scale with it)
-    schedule: str = "none"
-    warmup_epochs: float = 0.0
-    step_size: int = 10  # epochs between LR drops for schedule=step
-    step_gamma: float = 0.1
-    label_smoothing: float = 0.0
-    crop_padding: int = 4  # random crop with this much padding; 0 turns it off
-    crop_mode: str = "zeros"  # padding of the crop: zeros, or reflect
-    flip: bool = True
-    alternate_flip: bool = False  # flip each image on every other epoch instead of at random
-    cutout: int = 0  # side of the square cut out of each training image; 0 turns it off
-    seed: int = 0
-    split_seed: int = 0  # the validation split's seed, separate so that all seeds share one split
-    val_size: int | None = None  # None: 5000, or a tenth of --subset
-    folds: int = 0  # cross-validation: validate on fold `fold` of this many stratified folds (0: off)
-    fold: int = 0
-    subset: int | None = None
-    patience: int | None = None
-    tta: int = (
-        0  # test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel shifts
+    Each field with cli=True is a `cifar10 train` / `cifar10 tune` option; the help texts are here, once.
+    """
+
+    recipe: str = opt("seed", cli=False)
+    model: str = opt("seed_cnn", "architecture by name: seed_cnn, resnet18, airbench, ... (a wrong name lists all)")
+    epochs: int = opt(20, "passes over the training images")
+    batch_size: int = opt(64, "images per optimisation step (the global batch under torchrun)")
+    micro_batch: int | None = opt(None, "accumulate each batch from micro-batches of this size")
+    optimizer: str = opt("sgd", "sgd, or muon (Muon on conv filters, SGD on the rest)", choices=OPTIMIZERS)
+    lr: float = opt(0.01, "peak learning rate")
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(False, "Nesterov momentum")
+    weight_decay: float = opt(0.0, "L2 weight decay (with --decoupled-wd: the per-step shrink at peak LR)")
+    decoupled_wd: bool = opt(False, "decoupled weight decay, the same shrink factor in every group")
+    bias_lr_scale: float = opt(1.0, "LR multiplier for biases and norm shifts")
+    muon_lr: float = opt(0.24, "Muon's learning rate (conv filters)")
+    muon_momentum: float = opt(0.6, "Muon's momentum")
+    whiten_bias_epochs: float = opt(0.0, "a whitening layer's bias learns for this long (its LR decays to 0)")
+    loss_reduction: str = opt(
+        "mean", "mean, or sum over the batch (the LRs scale with it)", choices=LOSS_REDUCTIONS
     )
-    device: str = "auto"
-    amp: str = "auto"
-    channels_last: bool = True
-    sync_bn: bool = False  # under torchrun: batch-norm statistics over the whole global batch (SyncBatchNorm)
-    extra: dict[str, Any] = field(default_factory=dict)
+    schedule: str = opt("none", "LR schedule after the warm-up", choices=SCHEDULES)
+    warmup_epochs: float = opt(0.0, "linear warm-up length (fractions allowed)")
+    step_size: int = opt(10, "epochs between LR drops for --schedule step")
+    step_gamma: float = opt(0.1, "LR factor at each drop for --schedule step")
+    label_smoothing: float = opt(0.0, "label smoothing of the loss")
+    crop_padding: int = opt(4, "random-crop padding in pixels (0: no crop)")
+    crop_mode: str = opt("zeros", "padding of the random crop", choices=CROP_MODES)
+    flip: bool = opt(True, "random horizontal flip")
+    alternate_flip: bool = opt(False, "flip each image on alternate epochs instead of at random")
+    cutout: int = opt(0, "cutout square size in pixels (0: off)")
+    seed: int = opt(0, "the seed of initialisation, data order and augmentation")
+    split_seed: int = opt(0, "seed of the validation split (shared by all --seed values)")
+    val_size: int | None = opt(None, "images held out for validation (default 5000, or a tenth of --subset)")
+    folds: int = opt(0, cli=False)  # cross-validation: validate on fold `fold` of this many folds (0: off)
+    fold: int = opt(0, cli=False)
+    subset: int | None = opt(None, "train on the first N training images only")
+    patience: int | None = opt(None, "stop after N epochs without a better validation accuracy")
+    tta: int = opt(0, "test-time augmentation of the final test: 1 mirror, 2 mirror + shifts (alone: 1)",
+                   choices=(0, 1, 2), const=1)  # fmt: skip
+    device: str = opt("auto", "where to train", choices=DEVICES)
+    amp: str = opt(
+        "auto", "mixed precision (auto: on for CUDA and for CPUs with native bf16)", choices=AMP_MODES
+    )
+    channels_last: bool = opt(True, "channels-last memory format (faster convolutions on CPU and GPU)")
+    sync_bn: bool = opt(False, "under torchrun: batch-norm statistics over the global batch (SyncBatchNorm)")
 
     def __post_init__(self) -> None:
+        self._check_types()
+        self._check_values()
+
+    def _check_types(self) -> None:
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            value, allowed = getattr(self, f.name), _TYPES[hints[f.name]]
+            if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+                if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+                    setattr(self, f.name, float(value))  # JSON writes 1.0 as 1
+                    continue
+                raise UserError(
+                    f"config value {f.name}={value!r} must be {' or '.join(t.__name__ for t in allowed)}"
+                )
+
+    def _check_values(self) -> None:
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.device not in DEVICES:
             raise UserError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.loss_reduction not in ("mean", "sum"):
+        if self.loss_reduction not in LOSS_REDUCTIONS:
             raise UserError("loss_reduction must be mean or sum")
-        if self.crop_mode not in ("zeros", "reflect"):
+        if self.crop_mode not in CROP_MODES:
             raise UserError("crop_mode must be zeros or reflect")
         if self.tta not in (0, 1, 2):
             raise UserError("--tta must be 0, 1 or 2")
@@ -90,6 +120,12 @@ class TrainConfig:
             raise UserError("--cv needs at least 2 folds (and fold must be one of them)")
         if self.patience is not None and self.patience < 1:
             raise UserError("--patience must be at least 1")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise UserError("--micro-batch must be at least 1")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, not {value}")
 
     @property
     def resolved_val_size(self) -> int:
@@ -123,9 +159,6 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -148,6 +181,14 @@ class TrainConfig:
             raise UserError(f"config file {path} must hold a JSON object")
         return cls.from_dict(data)
 
+
+_TYPES: dict[Any, tuple[type, ...]] = {
+    int: (int,),
+    float: (float,),
+    bool: (bool,),
+    str: (str,),
+    int | None: (int, type(None)),
+}
 
 # Named recipes: each is a set of overrides of the TrainConfig defaults.
 RECIPES: dict[str, dict[str, Any]] = {

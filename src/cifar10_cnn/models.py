@@ -36,11 +36,6 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def describe_model(name: str) -> str:
-    doc = (_REGISTRY[name].__doc__ or "").strip()
-    return doc.splitlines()[0] if doc else ""
-
-
 # --- the classic CNN ------------------------------------------------------------------------------------
 
 

@@ -245,7 +245,8 @@ def tune(
     import optuna
     import torch
 
-    from .train import run_val_accuracy, train, train_cv
+    from .experiments import run_val_accuracy, train_cv
+    from .train import train
 
     study_name = study_name or base.recipe
     out = Path(out) if out is not None else Path("tune") / study_name

@@ -1,0 +1,263 @@
+"""What training may delete, and what a kill, a failed start or a broken file leaves (real processes and files)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cifar10_cnn import data as D
+from cifar10_cnn.checkpoint import load_checkpoint
+from cifar10_cnn.config import recipe_config
+from cifar10_cnn.errors import CheckpointError
+from cifar10_cnn.train import fit
+
+from .conftest import DATA_DIR, error_line, run_cli
+
+TINY = ["--subset", "100", "--val-size", "10", "--epochs", "1", "--no-progress"]
+
+
+def listing(root: Path) -> dict[str, str]:
+    """Every file under root with the sha256 of its bytes (links and folders by name)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = (
+            "link" if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        )
+    return out
+
+
+def quiet(*_):
+    pass
+
+
+# --- --force removes only what a run of ours wrote ---------------------------------------------------------
+
+
+def test_force_refuses_a_folder_that_is_not_a_run_of_ours(tmp_path):
+    p = tmp_path / "p"
+    (p / "plots").mkdir(parents=True)
+    (p / "config.json").write_text("{}")
+    (p / "plots" / "fig.png").write_text("x")
+    before = listing(tmp_path)
+    line = error_line(run_cli("train", *TINY, "--out", str(p), "--force", check=False))
+    assert "no run of ours wrote" in line and "nothing was changed" in line
+    assert listing(tmp_path) == before
+
+
+def test_force_replaces_our_run_and_keeps_the_users_files(tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", *TINY, "--out", str(run))
+    (run / "plots" / "mine.png").write_text("a user's figure")
+    (run / "notes.txt").write_text("a user's notes")
+    (run / "tb" / "my-events.txt").write_text("not an event file of ours")
+    run_cli("train", *TINY, "--lr", "0.02", "--out", str(run), "--force")
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.02
+    assert (run / "plots" / "mine.png").read_text() == "a user's figure"
+    assert (run / "notes.txt").read_text() == "a user's notes"
+    assert (run / "tb" / "my-events.txt").exists()
+    assert (run / "model.safetensors").is_file() and (run / "plots" / "curves.png").is_file()
+
+
+# --- a kill at any instant leaves a run that --resume completes, bit-identical ---------------------------------
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "CIFAR10_DATA": str(DATA_DIR), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cifar10_cnn", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> bool:
+    """SIGKILL proc as soon as ready() holds (polled every millisecond); False if it finished first."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.001)
+    proc.wait()
+    return False
+
+
+def _temporary(ckpt: Path, name: str):
+    def ready() -> bool:
+        return ckpt.is_dir() and any(n.startswith(f".{name}.tmp-") for n in os.listdir(ckpt))
+
+    return ready
+
+
+def _after(seconds: float):
+    started: list[float] = []
+
+    def ready() -> bool:
+        started.append(time.monotonic())
+        return started[-1] - started[0] >= seconds
+
+    return ready
+
+
+def test_sigkill_during_checkpoint_writes_then_resume_is_exact(tmp_path):
+    """Killed while writing best.pt, then last.pt, then at a random instant; each time --resume goes on."""
+    args = ["train", "--subset", "600", "--val-size", "100", "--epochs", "4", "--lr", "1e-9", "--patience", "1",
+            "--no-progress", "--seed", "2"]  # fmt: skip
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    ckpt = killed / "checkpoints"
+    triggers = [
+        _temporary(ckpt, "best.pt"),
+        _temporary(ckpt, "last.pt"),
+        _after(random.Random().uniform(3, 9)),
+    ]
+    kills = 0
+    for k, ready in enumerate(triggers):
+        command = (
+            [*args, "--out", str(killed)] if k == 0 else ["train", "--resume", str(killed), "--no-progress"]
+        )
+        kills += _kill_when(_start(command), ready)
+    assert kills >= 2, "the run finished before the kills it was meant to get"
+    run_cli("train", "--resume", str(killed), "--no-progress")
+    run_cli(*args, "--out", str(straight))
+    a, b = load_file(killed / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [n for n in os.listdir(ckpt) if ".tmp-" in n] == []  # stale temporaries were cleaned up
+    results = json.loads((killed / "results.json").read_text())
+    assert results["stopped_early"] and results["weights"] == "best"
+
+
+# --- a failed start leaves nothing that blocks the rerun ---------------------------------------------------
+
+
+def test_a_failed_start_does_not_block_the_same_command(tmp_path):
+    run, empty = tmp_path / "run", tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifar10_cnn", "train", *TINY, "--data-dir", str(empty), "--out", str(run)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "CIFAR10_DATA": "", "HTTPS_PROXY": "http://127.0.0.1:9"},
+    )  # fmt: skip
+    assert "cannot download" in error_line(proc)
+    assert not run.exists()
+    run_cli("train", *TINY, "--data-dir", str(DATA_DIR), "--out", str(run))
+    assert (run / "model.safetensors").is_file()
+
+
+# --- broken checkpoints and configs are one line --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_epoch(cifar, tmp_path_factory):
+    """A 1-epoch fit (the library call, no subprocess) and its splits."""
+    cfg = recipe_config("seed", epochs=2, subset=300, val_size=50)
+    splits = D.make_splits(cifar, val_size=50, split_seed=0, subset=300)
+    run = tmp_path_factory.mktemp("fit")
+    fit(recipe_config("seed", epochs=1, subset=300, val_size=50), splits, run, progress=False, echo=quiet)
+    return cfg, splits, run
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda s: s.pop("optimizer"), "lacks optimizer"),
+        (lambda s: s.update(model={}), "does not fit"),
+        (lambda s: s["model"].update({k: torch.zeros(3) for k in list(s["model"])[:1]}), "does not fit"),
+        (lambda s: s.update(history="x"), "does not fit"),
+    ],
+    ids=["no-optimizer", "empty-model", "wrong-shape", "bad-history"],
+)
+def test_resume_from_a_checkpoint_that_does_not_fit_is_one_line(one_epoch, tmp_path, damage, words):
+    cfg, splits, source = one_epoch
+    (tmp_path / "checkpoints").mkdir()
+    state = load_checkpoint(source / "checkpoints" / "last.pt")
+    damage(state)
+    torch.save(state, tmp_path / "checkpoints" / "last.pt")
+    with pytest.raises(CheckpointError, match=words) as info:
+        fit(cfg, splits, tmp_path, resume=True, progress=False, echo=quiet)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_config_values_are_one_line(tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", *TINY, "--out", str(run))
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "epochs": "abc"}))
+    before = listing(run)
+    line = error_line(run_cli("train", "--resume", str(run), check=False))
+    assert "epochs='abc' must be int" in line
+    line = error_line(
+        run_cli("train", "--config", str(run / "config.json"), "--out", str(tmp_path / "b"), check=False)
+    )
+    assert "epochs='abc'" in line
+    assert listing(run) == before and not (tmp_path / "b").exists()
+
+
+def test_library_resume_checks_the_config_too(tmp_path, cifar):
+    from cifar10_cnn.errors import UserError
+    from cifar10_cnn.train import train
+
+    run = tmp_path / "run"
+    cfg = recipe_config("seed", epochs=1, subset=100, val_size=10)
+    train(cfg, out=run, data=cifar, progress=False, echo=quiet)
+    with pytest.raises(UserError, match=r"conflicts with --lr 0\.5"):
+        train(
+            recipe_config("seed", epochs=1, subset=100, val_size=10, lr=0.5),
+            resume=run,
+            data=cifar,
+            echo=quiet,
+        )
+
+
+def test_bad_out_is_one_line_and_writes_nothing(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    before = listing(tmp_path)
+    for out in (afile, afile / "run"):
+        line = error_line(run_cli("train", *TINY, "--out", str(out), check=False))
+        assert "is a file, not a folder" in line
+    if os.geteuid() != 0:  # root writes anywhere, so a read-only folder is only read-only to others
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        assert "read-only" in error_line(run_cli("train", *TINY, "--out", str(ro / "run"), check=False))
+        ro.chmod(0o755)
+    assert listing(tmp_path) == {**before, **({"ro": "dir"} if os.geteuid() != 0 else {})}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only filesystem needs root")
+def test_out_on_a_read_only_filesystem_is_one_line(tmp_path):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        line = error_line(run_cli("train", *TINY, "--out", str(mnt / "run"), check=False))
+        assert "read-only" in line or "cannot create the run directory" in line
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+# --- what the command line imports --------------------------------------------------------------------------
+
+
+def test_help_and_the_package_load_no_training_code():
+    code = (
+        "import sys, contextlib, io\n"
+        "import cifar10_cnn\n"
+        "from cifar10_cnn.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    main(['--help'])\n"
+        "heavy = [m for m in ('torch', 'matplotlib', 'cifar10_cnn.train') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
