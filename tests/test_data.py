@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import http.server
 import io
 import os
 import pickle
+import struct
 import tarfile
 import threading
 import time
@@ -24,15 +26,34 @@ from cifar10_cnn.errors import DataError
 # --- archives in the real format, built by the tests ---------------------------------------------------------
 
 
-def batch_bytes(images: np.ndarray, labels: np.ndarray, name: str) -> bytes:
-    """One batch as the original files hold it: a protocol-2 pickle of a dict with bytes keys."""
+class Py2Pickler(pickle._Pickler):
+    """Protocol 2 as Python 2 wrote it (the original batches): bytes as raw BINSTRING, not latin-1 text."""
+
+    def save_bytes(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes}
+
+
+def py2_pickle(obj) -> bytes:
+    out = io.BytesIO()
+    Py2Pickler(out, protocol=2).dump(obj)
+    return out.getvalue()
+
+
+def batch_bytes(images: np.ndarray, labels, name: str) -> bytes:
+    """One batch as the original files hold it: a Python 2 protocol-2 pickle of a dict with bytes keys."""
     batch = {
         b"batch_label": name.encode(),
         b"labels": [int(v) for v in labels],
         b"data": images.transpose(0, 3, 1, 2).reshape(len(images), 3072).copy(),
         b"filenames": [f"img_{i}.png".encode() for i in range(len(images))],
     }
-    return pickle.dumps(batch, protocol=2)
+    return py2_pickle(batch)
 
 
 def add_bytes(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -54,7 +75,7 @@ def write_archive(path: Path, train_images, train_labels, test_images, test_labe
             )
         add_bytes(tar, f"{D.BATCHES_DIR}/test_batch", batch_bytes(test_images, test_labels, "test"))
         meta = {b"label_names": [c.encode() for c in D.CLASSES], b"num_cases_per_batch": len(chunks[0])}
-        add_bytes(tar, f"{D.BATCHES_DIR}/batches.meta", pickle.dumps(meta, protocol=2))
+        add_bytes(tar, f"{D.BATCHES_DIR}/batches.meta", py2_pickle(meta))
     return path
 
 
@@ -197,6 +218,7 @@ def test_local_archive_subset_loads_only_when_unverified_is_allowed(small_archiv
         D.load_cifar10(root, cache_dir="off", progress=False)
     data = D.load_cifar10(root, allow_unverified=True, cache_dir="off", progress=False)
     assert not data.verified
+    assert leftovers(root) == [D.ARCHIVE]  # an unverified extraction is not kept: it would shadow the archive
     assert np.array_equal(data.train_images, cifar.train_images[:1000])
     assert np.array_equal(data.test_labels, cifar.test_labels[:200])
 
@@ -213,31 +235,118 @@ def test_corrupt_archive_is_refused(tmp_path, small_archive):
     assert leftovers(root) == [D.ARCHIVE]
 
 
-@pytest.mark.parametrize(
-    "name", ["../escape.txt", "/tmp/absolute-escape.txt", f"{D.BATCHES_DIR}/../../up.txt"]
-)
-def test_member_escaping_the_target_is_refused(tmp_path, name):
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every entry under folder (not following links) with the sha256 of each file: to compare before/after."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.is_symlink() or not p.is_file():
+            out[rel] = "link" if p.is_symlink() else "dir" if p.is_dir() else "special"
+        else:
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def tiny_batch(n: int = 2) -> bytes:
+    return batch_bytes(np.zeros((n, 32, 32, 3), np.uint8), [0] * n, "tiny")
+
+
+def add_special(tar: tarfile.TarFile, name: str, kind: bytes, linkname: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    tar.addfile(info)
+
+
+HOSTILE_MEMBERS = {
+    # name: (how the archive is built after a valid first batch, the expected message)
+    "parent": (
+        lambda t: add_bytes(t, "../escape.txt", b"evil"),
+        "would be written outside the target folder",
+    ),
+    "absolute": (
+        lambda t: add_bytes(t, "/tmp/abs-escape.txt", b"e"),
+        "would be written outside the target folder",
+    ),
+    "dotdot": (lambda t: add_bytes(t, f"{D.BATCHES_DIR}/../../up.txt", b"e"), "would be written outside"),
+    "symlink": (
+        lambda t: add_special(t, f"{D.BATCHES_DIR}/data_batch_2", tarfile.SYMTYPE, "/etc/passwd"),
+        r"is a symbolic link \(to '/etc/passwd'\); the CIFAR-10 archive holds only regular files",
+    ),
+    "hardlink": (
+        lambda t: add_special(t, f"{D.BATCHES_DIR}/data_batch_2", tarfile.LNKTYPE, "/etc/passwd"),
+        r"is a hard link \(to '/etc/passwd'\)",
+    ),
+    "device": (lambda t: add_special(t, f"{D.BATCHES_DIR}/test_batch", tarfile.CHRTYPE), "is a device"),
+    "fifo": (lambda t: add_special(t, f"{D.BATCHES_DIR}/test_batch", tarfile.FIFOTYPE), "is a FIFO"),
+    "folder": (lambda t: add_special(t, f"{D.BATCHES_DIR}/sub", tarfile.DIRTYPE), "is a folder"),
+    "unknown": (
+        lambda t: add_bytes(t, f"{D.BATCHES_DIR}/notes.txt", b"hi"),
+        "'cifar-10-batches-py/notes.txt' of .* is not part of the CIFAR-10 archive",
+    ),
+    "elsewhere": (
+        lambda t: add_bytes(t, "data_batch_2", tiny_batch()),
+        "is not part of the CIFAR-10 archive",
+    ),
+    "duplicate": (lambda t: add_bytes(t, f"{D.BATCHES_DIR}/data_batch_1", tiny_batch()), "appears twice"),
+    "incomplete": (
+        lambda t: None,
+        "lacks data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch",
+    ),
+    "bad label": (
+        lambda t: add_bytes(
+            t, f"{D.BATCHES_DIR}/test_batch", batch_bytes(np.zeros((1, 32, 32, 3), np.uint8), [2**70], "x")
+        ),
+        "test_batch: its labels must be 1 integers in 0..9",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_MEMBERS))
+def test_archive_holds_only_the_known_members_as_regular_files(tmp_path, case):
+    build, message = HOSTILE_MEMBERS[case]
     root = tmp_path / "deep" / "data"
     root.mkdir(parents=True)
     with tarfile.open(root / D.ARCHIVE, "w:gz") as tar:
-        add_bytes(tar, f"{D.BATCHES_DIR}/test_batch", b"x")
-        add_bytes(tar, name, b"evil")
-    with pytest.raises(DataError, match="outside the target folder"):
+        add_bytes(tar, f"{D.BATCHES_DIR}/data_batch_1", tiny_batch())
+        build(tar)
+    before = snapshot(tmp_path)
+    with pytest.raises(DataError, match=message) as err:
         D.load_cifar10(root, cache_dir="off", progress=False)
-    assert leftovers(root) == [D.ARCHIVE]
-    assert not (tmp_path / "deep" / "escape.txt").exists() and not (tmp_path / "up.txt").exists()
-    assert not Path("/tmp/absolute-escape.txt").exists()
+    assert "\n" not in str(err.value)
+    assert snapshot(tmp_path) == before  # nothing extracted, staged or left behind, here or above
+    assert not Path("/tmp/abs-escape.txt").exists()
 
 
-def test_symlink_member_is_refused(tmp_path):
+def raw_tar_gz(path: Path, *headers_and_data: bytes) -> Path:
+    path.write_bytes(gzip.compress(b"".join(headers_and_data), compresslevel=1))
+    return path
+
+
+def test_member_larger_than_the_real_file_is_refused_before_its_data_is_read(tmp_path):
+    # The header of a 2 GiB data_batch_1 followed by a few bytes only: refused from the header alone.
     root = tmp_path / "data"
     root.mkdir()
-    with tarfile.open(root / D.ARCHIVE, "w:gz") as tar:
-        link = tarfile.TarInfo(f"{D.BATCHES_DIR}/data_batch_1")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        tar.addfile(link)
-    with pytest.raises(DataError, match="outside the target folder"):
+    info = tarfile.TarInfo(f"{D.BATCHES_DIR}/data_batch_1")
+    info.size = 2**31
+    raw_tar_gz(root / D.ARCHIVE, info.tobuf(format=tarfile.GNU_FORMAT), b"\0" * 4096)
+    with pytest.raises(DataError, match="is 2,147,483,648 bytes, more than the 31,035,704 of the real file"):
         D.load_cifar10(root, cache_dir="off", progress=False)
+    assert leftovers(root) == [D.ARCHIVE]
+
+
+def test_archive_unpacking_beyond_the_real_size_is_refused(tmp_path):
+    # A GNU long-name header of 200 MB (tarfile would hold it in memory): the unpacked-size cap stops it.
+    root = tmp_path / "data"
+    root.mkdir()
+    info = tarfile.TarInfo("././@LongLink")
+    info.type, info.size = tarfile.GNUTYPE_LONGNAME, 200 * 2**20
+    with gzip.open(root / D.ARCHIVE, "wb", compresslevel=1) as f:
+        f.write(info.tobuf(format=tarfile.GNU_FORMAT))
+        for _ in range(200):
+            f.write(bytes(2**20))
+    with pytest.raises(DataError, match="unpacks to more than 187,262,690 bytes"):
+        D.load_cifar10(root, cache_dir="off", progress=False)
+    assert leftovers(root) == [D.ARCHIVE]
 
 
 def test_batch_pickle_cannot_run_code(tmp_path):
