@@ -9,11 +9,15 @@ import http.server
 import io
 import os
 import pickle
+import re
+import shutil
 import struct
 import tarfile
 import threading
 import time
+import zipfile
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -22,6 +26,8 @@ import torch
 from cifar10_cnn import augment
 from cifar10_cnn import data as D
 from cifar10_cnn.errors import DataError
+
+from .conftest import error_line, run_cli
 
 # --- archives in the real format, built by the tests ---------------------------------------------------------
 
@@ -36,7 +42,7 @@ class Py2Pickler(pickle._Pickler):
             self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
         self.memoize(obj)
 
-    dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes}
+    dispatch: ClassVar[dict] = {**pickle._Pickler.dispatch, bytes: save_bytes}
 
 
 def py2_pickle(obj) -> bytes:
@@ -382,8 +388,195 @@ def test_npz_of_wrong_shape_is_one_clear_error(tmp_path):
     root.mkdir()
     np.savez(root / "train.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4, np.int64))
     np.savez(root / "test.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4, np.int64))
-    with pytest.raises(DataError, match=r"expected uint8 \(N,32,32,3\)"):
+    with pytest.raises(DataError, match=r"is uint8 \(4, 28, 28\), expected uint8 \(N, 32, 32, 3\)"):
         D.load_cifar10(root, cache_dir="off", progress=False)
+
+
+# --- every bad source is one line, found before memory is spent on it --------------------------------------
+
+
+@pytest.fixture(scope="session")
+def small_npz(cifar, tmp_path_factory) -> Path:
+    """A real subset as a compressed npz pair (1,000 train, 200 test)."""
+    root = tmp_path_factory.mktemp("small-npz")
+    np.savez_compressed(
+        root / "train.npz", images=cifar.train_images[:1000], labels=cifar.train_labels[:1000]
+    )
+    np.savez_compressed(root / "test.npz", images=cifar.test_images[:200], labels=cifar.test_labels[:200])
+    return root
+
+
+def npy_header(shape: tuple, dtype: str = "|u1") -> bytes:
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return out.getvalue()
+
+
+def zip_of(path: Path, **members: bytes) -> None:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, payload in members.items():
+            z.writestr(f"{name}.npy", payload)
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, arr)
+    return out.getvalue()
+
+
+def flip_bit(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+LABELS = npy_bytes(np.zeros(4, np.int64))
+BAD_NPZ = {
+    # case: (what is done to root/train.npz, the expected message)
+    "truncated": (
+        lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+        r"train.npz is not a readable .npz file \(File is not a zip file\); it should hold",
+    ),
+    "one bit flipped": (
+        lambda p: flip_bit(p, p.stat().st_size // 2),
+        "train.npz is not a readable .npz file",
+    ),
+    "one bit flipped, stored": (
+        lambda p: (
+            np.savez(p, images=np.zeros((4, 32, 32, 3), np.uint8), labels=np.zeros(4)) or flip_bit(p, 300)
+        ),
+        r"Bad CRC-32",
+    ),
+    "a renamed .npy": (
+        lambda p: p.write_bytes(npy_bytes(np.zeros((4, 32, 32, 3), np.uint8))),
+        "is a single .npy array, not an .npz archive",
+    ),
+    "a huge shape": (
+        lambda p: zip_of(p, images=npy_header((10**12, 32, 32, 3)), labels=LABELS),
+        "train.npz:images holds 1,000,000,000,000 rows; CIFAR-10 has at most 50,000",
+    ),
+    "data shorter than its header": (
+        lambda p: zip_of(p, images=npy_header((50000, 32, 32, 3)) + bytes(100), labels=LABELS),
+        r"train.npz:images is truncated \(100 of 153,600,000 data bytes\)",
+    ),
+    "floats": (
+        lambda p: np.savez(p, images=np.zeros((4, 32, 32, 3), np.float32), labels=np.zeros(4, np.int64)),
+        r"train.npz:images is float32 \(4, 32, 32, 3\), expected uint8 \(N, 32, 32, 3\)",
+    ),
+    "float labels": (
+        lambda p: np.savez(p, images=np.zeros((4, 32, 32, 3), np.uint8), labels=np.zeros(4)),
+        r"train.npz:labels is float64 \(4,\), expected integer \(N\)",
+    ),
+    "no labels": (
+        lambda p: np.savez(p, images=np.zeros((4, 32, 32, 3), np.uint8)),
+        "lacks an array 'images' or 'labels'",
+    ),
+    "labels out of range": (
+        lambda p: np.savez(p, images=np.zeros((2, 32, 32, 3), np.uint8), labels=np.array([0, 2**40])),
+        r"train labels outside 0..9",
+    ),
+    "empty": (
+        lambda p: np.savez(p, images=np.zeros((0, 32, 32, 3), np.uint8), labels=np.zeros(0, np.int64)),
+        "the train set holds 0 images; it needs 1 to 50,000",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_NPZ))
+def test_bad_npz_is_one_line_and_changes_nothing(small_npz, tmp_path, case):
+    spoil, message = BAD_NPZ[case]
+    root = tmp_path / "data"
+    root.mkdir()
+    shutil.copy(small_npz / "train.npz", root / "train.npz")
+    os.link(small_npz / "test.npz", root / "test.npz")
+    spoil(root / "train.npz")
+    before = snapshot(tmp_path)
+    with pytest.raises(DataError, match=message) as err:
+        D.load_cifar10(root, allow_unverified=True, cache_dir=tmp_path / "cache", progress=False)
+    assert "\n" not in str(err.value)
+    assert snapshot(tmp_path) == before  # not even a cache entry
+
+
+def test_empty_test_set_is_refused_at_load(small_npz, tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    os.link(small_npz / "train.npz", root / "train.npz")
+    np.savez(root / "test.npz", images=np.zeros((0, 32, 32, 3), np.uint8), labels=np.zeros(0, np.int64))
+    with pytest.raises(DataError, match="the test set holds 0 images; it needs 1 to 10,000"):
+        D.load_cifar10(root, allow_unverified=True, cache_dir="off", progress=False)
+
+
+BAD_BATCHES = {
+    "a FIFO": (lambda p: os.mkfifo(p), r"data_batch_3 is not a regular file \(a FIFO\)"),
+    "too large": (
+        lambda p: os.truncate(p.touch() or p, D.MAX_BATCH_FILE + 1),
+        "data_batch_3 is larger than 67,108,864 bytes",
+    ),
+    "a label of 2**70": (
+        lambda p: p.write_bytes(batch_bytes(np.zeros((2, 32, 32, 3), np.uint8), [1, 2**70], "x")),
+        "data_batch_3: its labels must be 2 integers in 0..9",
+    ),
+    "float labels": (
+        lambda p: p.write_bytes(py2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 0.5]})),
+        "its labels must be 2 integers",
+    ),
+    "more than a batch": (
+        lambda p: p.write_bytes(
+            py2_pickle({b"data": np.zeros((10001, 3072), np.uint8), b"labels": [0] * 10001})
+        ),
+        r"holds data of uint8 \(10001, 3072\), expected uint8 \(N, 3072\) with N at most 10,000",
+    ),
+    "not a dict": (lambda p: p.write_bytes(py2_pickle([1, 2])), "is not a CIFAR-10 batch file"),
+    "huge bytes length": (
+        lambda p: p.write_bytes(b"\x80\x02" + pickle.BINBYTES8 + struct.pack("<Q", 2**62) + b"x"),
+        "is not a CIFAR-10 batch file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BATCHES))
+def test_bad_batch_file_is_one_line(tmp_path, case):
+    spoil, message = BAD_BATCHES[case]
+    folder = tmp_path / "data" / D.BATCHES_DIR
+    folder.mkdir(parents=True)
+    for name in (*D.TRAIN_BATCHES, D.TEST_BATCH):
+        (folder / name).write_bytes(tiny_batch())
+    (folder / "data_batch_3").unlink()
+    spoil(folder / "data_batch_3")
+    before = snapshot(tmp_path)
+    with pytest.raises(DataError, match=message) as err:
+        D.load_cifar10(folder.parent, allow_unverified=True, cache_dir="off", progress=False)
+    assert "\n" not in str(err.value)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["truncated", "empty", "a label of 2**70"],
+    ids=["truncated npz", "empty train set", "label 2**70"],
+)
+def test_bad_data_through_the_cli_is_one_line_exit_2(small_npz, tmp_path, case):
+    root = tmp_path / "data"
+    root.mkdir()
+    if case in BAD_NPZ:
+        shutil.copy(small_npz / "train.npz", root / "train.npz")
+        os.link(small_npz / "test.npz", root / "test.npz")
+        BAD_NPZ[case][0](root / "train.npz")
+        message = BAD_NPZ[case][1]
+    else:
+        (root / D.BATCHES_DIR).mkdir()
+        for name in (*D.TRAIN_BATCHES, D.TEST_BATCH):
+            (root / D.BATCHES_DIR / name).write_bytes(tiny_batch())
+        BAD_BATCHES[case][0](root / D.BATCHES_DIR / "data_batch_3")
+        message = BAD_BATCHES[case][1]
+    before = snapshot(root)
+    proc = run_cli(
+        "train", "--data-dir", str(root), "--allow-unverified", "--subset", "100", "--val-size", "10",
+        "--epochs", "1", "--out", str(tmp_path / "run"), check=False, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert re.search(message, error_line(proc))
+    assert snapshot(root) == before
 
 
 # --- splits --------------------------------------------------------------------------------------------------
