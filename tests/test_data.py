@@ -170,6 +170,17 @@ def test_cache_makes_the_second_load_fast_and_identical(data_dir, tmp_path):
     assert second.verified and second.sha256 == first.sha256
     assert np.array_equal(first.test_images, second.test_images)
     assert warm < cold
+    # "verified" means verified: a cached array changed behind our back is found (re-hashed) and rebuilt.
+    entry = cache_entry(tmp_path)
+    np.save(entry / "train_labels.npy", (first.train_labels + 1) % 10)
+    third = D.load_cifar10(data_dir, cache_dir=tmp_path, progress=False)
+    assert third.verified and np.array_equal(third.train_labels, first.train_labels)
+    assert np.array_equal(np.load(entry / "train_labels.npy"), first.train_labels)
+    assert third.provenance() == {
+        "source": f"npz:{data_dir / 'train.npz'}",
+        "verified": True,
+        "sha256": D.SHA256,
+    }
 
 
 def test_download_from_local_server_extracts_and_verifies(server, full_archive, tmp_path):
@@ -577,6 +588,52 @@ def test_bad_data_through_the_cli_is_one_line_exit_2(small_npz, tmp_path, case):
     assert proc.returncode == 2
     assert re.search(message, error_line(proc))
     assert snapshot(root) == before
+
+
+def cache_entry(cache: Path) -> Path:
+    (meta,) = cache.glob("*/meta.json")
+    return meta.parent
+
+
+def npy_hashes(entry: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(entry.glob("*.npy"))}
+
+
+def shifted_labels(p: Path) -> None:
+    np.save(p.with_name("train_labels.npy"), (np.load(p.with_name("train_labels.npy")) + 1) % 10)
+
+
+BAD_CACHE = {
+    # case: what is done to the cache entry (given its meta.json)
+    "labels shifted": shifted_labels,
+    "labels of another shape": lambda p: np.save(p.with_name("test_labels.npy"), np.zeros(5, np.int64)),
+    "images as floats": lambda p: np.save(
+        p.with_name("test_images.npy"), np.zeros((200, 32, 32, 3), np.float32)
+    ),
+    "a huge header": lambda p: p.with_name("train_images.npy").write_bytes(npy_header((10**12, 32, 32, 3))),
+    "truncated": lambda p: os.truncate(p.with_name("test_images.npy"), 1000),
+    "a FIFO": lambda p: (p.with_name("test_labels.npy").unlink(), os.mkfifo(p.with_name("test_labels.npy"))),
+    "meta a list": lambda p: p.write_text("[]"),
+    "meta not JSON": lambda p: p.write_text("{"),
+    "meta of another source": lambda p: p.write_text(p.read_text().replace("npz:", "batches:")),
+    "meta sha256 a string": lambda p: p.write_text('{"source": "x", "sha256": "abc"}'),
+    "meta huge": lambda p: p.write_bytes(b" " * (D.MAX_META_JSON + 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CACHE))
+def test_a_changed_cache_is_rebuilt_from_the_source(small_npz, tmp_path, case):
+    cache = tmp_path / "cache"
+    first = D.load_cifar10(small_npz, allow_unverified=True, cache_dir=cache, progress=False)
+    entry = cache_entry(cache)
+    written = npy_hashes(entry)
+    BAD_CACHE[case](entry / "meta.json")
+    again = D.load_cifar10(small_npz, allow_unverified=True, cache_dir=cache, progress=False)
+    for name in D.ARRAY_NAMES:
+        assert np.array_equal(getattr(again, name), getattr(first, name)), name
+    assert again.sha256 == first.sha256 and not again.verified
+    assert npy_hashes(entry) == written  # rebuilt from the source, byte for byte
+    assert leftovers(cache) == [entry.name] and not [n for n in leftovers(entry) if n.startswith(".")]
 
 
 # --- splits --------------------------------------------------------------------------------------------------
