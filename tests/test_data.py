@@ -12,6 +12,8 @@ import pickle
 import re
 import shutil
 import struct
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -634,6 +636,68 @@ def test_a_changed_cache_is_rebuilt_from_the_source(small_npz, tmp_path, case):
     assert again.sha256 == first.sha256 and not again.verified
     assert npy_hashes(entry) == written  # rebuilt from the source, byte for byte
     assert leftovers(cache) == [entry.name] and not [n for n in leftovers(entry) if n.startswith(".")]
+
+
+# --- read-only and full disks: real mounts, in a private mount namespace that vanishes with the process ----
+
+
+def in_private_mounts(shell: str) -> subprocess.CompletedProcess:
+    """Run shell as root in a new mount namespace, so its mounts need no cleanup (skip where not allowed)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) to mount a read-only or tiny filesystem")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("mount namespaces are not allowed here")
+    return subprocess.run(["unshare", "-m", "sh", "-ec", shell], capture_output=True, text=True, timeout=120)
+
+
+LOAD = """
+import os, sys
+from cifar10_cnn import data as D
+from cifar10_cnn.errors import DataError
+for root, cache, url in zip(*[iter(sys.argv[1:])] * 3):
+    try:
+        data = D.load_cifar10(root, allow_unverified=True, cache_dir=cache, url=url, progress=False)
+        print(root, "loaded", len(data.train_images), len(data.test_images), data.sha256["train_images"])
+    except DataError as e:
+        print(root, "error:", e)
+    print(root, "left:", sorted(os.listdir(root)))
+"""
+
+
+def test_read_only_and_full_disks(server, small_archive, tmp_path):
+    """One process (imports are slow), three real mounts: a read-only data folder holding the archive, a
+    folder with room for the archive but not for its 3.7 MB unpacked, and one too small for the download."""
+    www, url = server
+    os.link(small_archive, www / D.ARCHIVE)
+    ro, full, tiny = (tmp_path / name for name in ("ro", "full", "tiny"))
+    for root in (ro, full, tiny):
+        root.mkdir()
+    shutil.copy(small_archive, ro / D.ARCHIVE)
+    before = snapshot(ro)
+    room = small_archive.stat().st_size + 256 * 1024
+    proc = in_private_mounts(
+        f"mount --bind {ro} {ro}; mount -o remount,bind,ro {ro}; ! touch {ro}/probe 2>/dev/null; "
+        f"mount -t tmpfs -o size={room} tmpfs {full}; cp {small_archive} {full}/; "
+        f"mount -t tmpfs -o size=1m tmpfs {tiny}; "
+        f"{sys.executable} -c '{LOAD}' {ro} {tmp_path / 'cache'} none {full} off none "
+        f"{tiny} off {url}/{D.ARCHIVE}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    # Read-only: read in memory, nothing written there, the cache (elsewhere) written.
+    sha = D.content_sha256(D.extract_archive(small_archive, tmp_path))["train_images"]
+    assert f"{ro} loaded 1000 200 {sha}" in out, out
+    assert snapshot(ro) == before and len(list((tmp_path / "cache").glob("*/meta.json"))) == 1
+    # Full during extraction: loads all the same, nothing staged is left.
+    assert f"{full} loaded 1000 200 {sha}" in out and f"{full} left: ['{D.ARCHIVE}']" in out, out
+    # Full during the download: one line that says so (not the network), the partial download gone.
+    assert re.search(
+        rf"{tiny} error: cannot download into {tiny} \(\[Errno 28\] No space left on device.*\); the archive "
+        r"needs 163 MB there: free some space or pass --data-dir",
+        out,
+    ), out
+    assert f"{tiny} left: []" in out
 
 
 # --- splits --------------------------------------------------------------------------------------------------
