@@ -563,25 +563,14 @@ def test_bad_batch_file_is_one_line(tmp_path, case):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["truncated", "empty", "a label of 2**70"],
-    ids=["truncated npz", "empty train set", "label 2**70"],
-)
+@pytest.mark.parametrize("case", ["truncated", "empty"], ids=["truncated npz", "empty train set"])
 def test_bad_data_through_the_cli_is_one_line_exit_2(small_npz, tmp_path, case):
     root = tmp_path / "data"
     root.mkdir()
-    if case in BAD_NPZ:
-        shutil.copy(small_npz / "train.npz", root / "train.npz")
-        os.link(small_npz / "test.npz", root / "test.npz")
-        BAD_NPZ[case][0](root / "train.npz")
-        message = BAD_NPZ[case][1]
-    else:
-        (root / D.BATCHES_DIR).mkdir()
-        for name in (*D.TRAIN_BATCHES, D.TEST_BATCH):
-            (root / D.BATCHES_DIR / name).write_bytes(tiny_batch())
-        BAD_BATCHES[case][0](root / D.BATCHES_DIR / "data_batch_3")
-        message = BAD_BATCHES[case][1]
+    shutil.copy(small_npz / "train.npz", root / "train.npz")
+    os.link(small_npz / "test.npz", root / "test.npz")
+    spoil, message = BAD_NPZ[case]
+    spoil(root / "train.npz")
     before = snapshot(root)
     proc = run_cli(
         "train", "--data-dir", str(root), "--allow-unverified", "--subset", "100", "--val-size", "10",
