@@ -336,6 +336,19 @@ def test_archive_holds_only_the_known_members_as_regular_files(tmp_path, case):
     assert not Path("/tmp/abs-escape.txt").exists()
 
 
+def test_archive_written_with_a_leading_dot_slash_loads(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    with tarfile.open(root / D.ARCHIVE, "w:gz") as tar:
+        add_special(tar, ".", tarfile.DIRTYPE)
+        add_special(tar, f"./{D.BATCHES_DIR}", tarfile.DIRTYPE)
+        for name in (*D.TRAIN_BATCHES, D.TEST_BATCH):
+            add_bytes(tar, f"./{D.BATCHES_DIR}/{name}", tiny_batch())
+    data = D.load_cifar10(root, allow_unverified=True, cache_dir="off", progress=False)
+    assert len(data.train_images) == 10 and len(data.test_images) == 2
+    assert leftovers(root) == [D.ARCHIVE]
+
+
 def raw_tar_gz(path: Path, *headers_and_data: bytes) -> Path:
     path.write_bytes(gzip.compress(b"".join(headers_and_data), compresslevel=1))
     return path

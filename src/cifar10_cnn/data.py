@@ -2,7 +2,9 @@
 
 Every source (the official download, that archive on disk, its extracted folder, or a train.npz/test.npz
 pair) ends up as the same arrays: images (N, 32, 32, 3) uint8 RGB and labels (N,) int64, checked against
-the content sha256 of the real CIFAR-10 once and then cached as plain .npy files.
+the content sha256 of the real CIFAR-10. They are cached as plain .npy files, re-hashed on every read.
+Nothing read from a file sizes an allocation without a bound: every file is opened only if it is a regular
+file, archive members and batch files have size caps, and .npy headers are checked before any data is read.
 """
 
 from __future__ import annotations
@@ -309,15 +311,16 @@ def _member_name(member: tarfile.TarInfo, archive: Path) -> str | None:
         raise DataError(
             f"archive member {member.name!r} of {archive} would be written outside the target folder; refusing it"
         )
-    if member.name.rstrip("/") == BATCHES_DIR and member.isdir():
+    if member.name.removeprefix("./").rstrip("/") in (BATCHES_DIR, ".") and member.isdir():
         return None
     if not member.isfile():
         raise DataError(
             f"archive member {member.name!r} of {archive} is {_member_kind(member)}; the CIFAR-10 archive holds "
             "only regular files; refusing it"
         )
-    name = member.name.removeprefix(f"{BATCHES_DIR}/")
-    if name not in MEMBER_SIZES or member.name != f"{BATCHES_DIR}/{name}":
+    path = member.name.removeprefix("./")  # as `tar -C dir .` would write it
+    name = path.removeprefix(f"{BATCHES_DIR}/")
+    if name not in MEMBER_SIZES or path != f"{BATCHES_DIR}/{name}":
         raise DataError(
             f"archive member {member.name!r} of {archive} is not part of the CIFAR-10 archive; refusing it"
         )
