@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import http.server
 import io
 import os
 import pickle
+import re
+import shutil
+import struct
+import subprocess
+import sys
 import tarfile
 import threading
 import time
+import zipfile
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -21,18 +29,39 @@ from cifar10_cnn import augment
 from cifar10_cnn import data as D
 from cifar10_cnn.errors import DataError
 
+from .conftest import error_line, run_cli
+
 # --- archives in the real format, built by the tests ---------------------------------------------------------
 
 
-def batch_bytes(images: np.ndarray, labels: np.ndarray, name: str) -> bytes:
-    """One batch as the original files hold it: a protocol-2 pickle of a dict with bytes keys."""
+class Py2Pickler(pickle._Pickler):
+    """Protocol 2 as Python 2 wrote it (the original batches): bytes as raw BINSTRING, not latin-1 text."""
+
+    def save_bytes(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch: ClassVar[dict] = {**pickle._Pickler.dispatch, bytes: save_bytes}
+
+
+def py2_pickle(obj) -> bytes:
+    out = io.BytesIO()
+    Py2Pickler(out, protocol=2).dump(obj)
+    return out.getvalue()
+
+
+def batch_bytes(images: np.ndarray, labels, name: str) -> bytes:
+    """One batch as the original files hold it: a Python 2 protocol-2 pickle of a dict with bytes keys."""
     batch = {
         b"batch_label": name.encode(),
         b"labels": [int(v) for v in labels],
         b"data": images.transpose(0, 3, 1, 2).reshape(len(images), 3072).copy(),
         b"filenames": [f"img_{i}.png".encode() for i in range(len(images))],
     }
-    return pickle.dumps(batch, protocol=2)
+    return py2_pickle(batch)
 
 
 def add_bytes(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -54,7 +83,7 @@ def write_archive(path: Path, train_images, train_labels, test_images, test_labe
             )
         add_bytes(tar, f"{D.BATCHES_DIR}/test_batch", batch_bytes(test_images, test_labels, "test"))
         meta = {b"label_names": [c.encode() for c in D.CLASSES], b"num_cases_per_batch": len(chunks[0])}
-        add_bytes(tar, f"{D.BATCHES_DIR}/batches.meta", pickle.dumps(meta, protocol=2))
+        add_bytes(tar, f"{D.BATCHES_DIR}/batches.meta", py2_pickle(meta))
     return path
 
 
@@ -143,6 +172,17 @@ def test_cache_makes_the_second_load_fast_and_identical(data_dir, tmp_path):
     assert second.verified and second.sha256 == first.sha256
     assert np.array_equal(first.test_images, second.test_images)
     assert warm < cold
+    # "verified" means verified: a cached array changed behind our back is found (re-hashed) and rebuilt.
+    entry = cache_entry(tmp_path)
+    np.save(entry / "train_labels.npy", (first.train_labels + 1) % 10)
+    third = D.load_cifar10(data_dir, cache_dir=tmp_path, progress=False)
+    assert third.verified and np.array_equal(third.train_labels, first.train_labels)
+    assert np.array_equal(np.load(entry / "train_labels.npy"), first.train_labels)
+    assert third.provenance() == {
+        "source": f"npz:{data_dir / 'train.npz'}",
+        "verified": True,
+        "sha256": D.SHA256,
+    }
 
 
 def test_download_from_local_server_extracts_and_verifies(server, full_archive, tmp_path):
@@ -197,6 +237,7 @@ def test_local_archive_subset_loads_only_when_unverified_is_allowed(small_archiv
         D.load_cifar10(root, cache_dir="off", progress=False)
     data = D.load_cifar10(root, allow_unverified=True, cache_dir="off", progress=False)
     assert not data.verified
+    assert leftovers(root) == [D.ARCHIVE]  # an unverified extraction is not kept: it would shadow the archive
     assert np.array_equal(data.train_images, cifar.train_images[:1000])
     assert np.array_equal(data.test_labels, cifar.test_labels[:200])
 
@@ -213,31 +254,131 @@ def test_corrupt_archive_is_refused(tmp_path, small_archive):
     assert leftovers(root) == [D.ARCHIVE]
 
 
-@pytest.mark.parametrize(
-    "name", ["../escape.txt", "/tmp/absolute-escape.txt", f"{D.BATCHES_DIR}/../../up.txt"]
-)
-def test_member_escaping_the_target_is_refused(tmp_path, name):
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every entry under folder (not following links) with the sha256 of each file: to compare before/after."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.is_symlink() or not p.is_file():
+            out[rel] = "link" if p.is_symlink() else "dir" if p.is_dir() else "special"
+        else:
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def tiny_batch(n: int = 2) -> bytes:
+    return batch_bytes(np.zeros((n, 32, 32, 3), np.uint8), [0] * n, "tiny")
+
+
+def add_special(tar: tarfile.TarFile, name: str, kind: bytes, linkname: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    tar.addfile(info)
+
+
+HOSTILE_MEMBERS = {
+    # name: (how the archive is built after a valid first batch, the expected message)
+    "parent": (
+        lambda t: add_bytes(t, "../escape.txt", b"evil"),
+        "would be written outside the target folder",
+    ),
+    "absolute": (
+        lambda t: add_bytes(t, "/tmp/abs-escape.txt", b"e"),
+        "would be written outside the target folder",
+    ),
+    "dotdot": (lambda t: add_bytes(t, f"{D.BATCHES_DIR}/../../up.txt", b"e"), "would be written outside"),
+    "symlink": (
+        lambda t: add_special(t, f"{D.BATCHES_DIR}/data_batch_2", tarfile.SYMTYPE, "/etc/passwd"),
+        r"is a symbolic link \(to '/etc/passwd'\); the CIFAR-10 archive holds only regular files",
+    ),
+    "hardlink": (
+        lambda t: add_special(t, f"{D.BATCHES_DIR}/data_batch_2", tarfile.LNKTYPE, "/etc/passwd"),
+        r"is a hard link \(to '/etc/passwd'\)",
+    ),
+    "device": (lambda t: add_special(t, f"{D.BATCHES_DIR}/test_batch", tarfile.CHRTYPE), "is a device"),
+    "fifo": (lambda t: add_special(t, f"{D.BATCHES_DIR}/test_batch", tarfile.FIFOTYPE), "is a FIFO"),
+    "folder": (lambda t: add_special(t, f"{D.BATCHES_DIR}/sub", tarfile.DIRTYPE), "is a folder"),
+    "unknown": (
+        lambda t: add_bytes(t, f"{D.BATCHES_DIR}/notes.txt", b"hi"),
+        "'cifar-10-batches-py/notes.txt' of .* is not part of the CIFAR-10 archive",
+    ),
+    "elsewhere": (
+        lambda t: add_bytes(t, "data_batch_2", tiny_batch()),
+        "is not part of the CIFAR-10 archive",
+    ),
+    "duplicate": (lambda t: add_bytes(t, f"{D.BATCHES_DIR}/data_batch_1", tiny_batch()), "appears twice"),
+    "incomplete": (
+        lambda t: None,
+        "lacks data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch",
+    ),
+    "bad label": (
+        lambda t: add_bytes(
+            t, f"{D.BATCHES_DIR}/test_batch", batch_bytes(np.zeros((1, 32, 32, 3), np.uint8), [2**70], "x")
+        ),
+        "test_batch: its labels must be 1 integers in 0..9",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_MEMBERS))
+def test_archive_holds_only_the_known_members_as_regular_files(tmp_path, case):
+    build, message = HOSTILE_MEMBERS[case]
     root = tmp_path / "deep" / "data"
     root.mkdir(parents=True)
     with tarfile.open(root / D.ARCHIVE, "w:gz") as tar:
-        add_bytes(tar, f"{D.BATCHES_DIR}/test_batch", b"x")
-        add_bytes(tar, name, b"evil")
-    with pytest.raises(DataError, match="outside the target folder"):
+        add_bytes(tar, f"{D.BATCHES_DIR}/data_batch_1", tiny_batch())
+        build(tar)
+    before = snapshot(tmp_path)
+    with pytest.raises(DataError, match=message) as err:
         D.load_cifar10(root, cache_dir="off", progress=False)
-    assert leftovers(root) == [D.ARCHIVE]
-    assert not (tmp_path / "deep" / "escape.txt").exists() and not (tmp_path / "up.txt").exists()
-    assert not Path("/tmp/absolute-escape.txt").exists()
+    assert "\n" not in str(err.value)
+    assert snapshot(tmp_path) == before  # nothing extracted, staged or left behind, here or above
+    assert not Path("/tmp/abs-escape.txt").exists()
 
 
-def test_symlink_member_is_refused(tmp_path):
+def test_archive_written_with_a_leading_dot_slash_loads(tmp_path):
     root = tmp_path / "data"
     root.mkdir()
     with tarfile.open(root / D.ARCHIVE, "w:gz") as tar:
-        link = tarfile.TarInfo(f"{D.BATCHES_DIR}/data_batch_1")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        tar.addfile(link)
-    with pytest.raises(DataError, match="outside the target folder"):
+        add_special(tar, ".", tarfile.DIRTYPE)
+        add_special(tar, f"./{D.BATCHES_DIR}", tarfile.DIRTYPE)
+        for name in (*D.TRAIN_BATCHES, D.TEST_BATCH):
+            add_bytes(tar, f"./{D.BATCHES_DIR}/{name}", tiny_batch())
+    data = D.load_cifar10(root, allow_unverified=True, cache_dir="off", progress=False)
+    assert len(data.train_images) == 10 and len(data.test_images) == 2
+    assert leftovers(root) == [D.ARCHIVE]
+
+
+def raw_tar_gz(path: Path, *headers_and_data: bytes) -> Path:
+    path.write_bytes(gzip.compress(b"".join(headers_and_data), compresslevel=1))
+    return path
+
+
+def test_member_larger_than_the_real_file_is_refused_before_its_data_is_read(tmp_path):
+    # The header of a 2 GiB data_batch_1 followed by a few bytes only: refused from the header alone.
+    root = tmp_path / "data"
+    root.mkdir()
+    info = tarfile.TarInfo(f"{D.BATCHES_DIR}/data_batch_1")
+    info.size = 2**31
+    raw_tar_gz(root / D.ARCHIVE, info.tobuf(format=tarfile.GNU_FORMAT), b"\0" * 4096)
+    with pytest.raises(DataError, match="is 2,147,483,648 bytes, more than the 31,035,704 of the real file"):
         D.load_cifar10(root, cache_dir="off", progress=False)
+    assert leftovers(root) == [D.ARCHIVE]
+
+
+def test_archive_unpacking_beyond_the_real_size_is_refused(tmp_path):
+    # A GNU long-name header of 200 MB (tarfile would hold it in memory): the unpacked-size cap stops it.
+    root = tmp_path / "data"
+    root.mkdir()
+    info = tarfile.TarInfo("././@LongLink")
+    info.type, info.size = tarfile.GNUTYPE_LONGNAME, 200 * 2**20
+    with gzip.open(root / D.ARCHIVE, "wb", compresslevel=1) as f:
+        f.write(info.tobuf(format=tarfile.GNU_FORMAT))
+        for _ in range(200):
+            f.write(bytes(2**20))
+    with pytest.raises(DataError, match="unpacks to more than 187,262,690 bytes"):
+        D.load_cifar10(root, cache_dir="off", progress=False)
+    assert leftovers(root) == [D.ARCHIVE]
 
 
 def test_batch_pickle_cannot_run_code(tmp_path):
@@ -273,8 +414,292 @@ def test_npz_of_wrong_shape_is_one_clear_error(tmp_path):
     root.mkdir()
     np.savez(root / "train.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4, np.int64))
     np.savez(root / "test.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4, np.int64))
-    with pytest.raises(DataError, match=r"expected uint8 \(N,32,32,3\)"):
+    with pytest.raises(DataError, match=r"is uint8 \(4, 28, 28\), expected uint8 \(N, 32, 32, 3\)"):
         D.load_cifar10(root, cache_dir="off", progress=False)
+
+
+# --- every bad source is one line, found before memory is spent on it --------------------------------------
+
+
+@pytest.fixture(scope="session")
+def small_npz(cifar, tmp_path_factory) -> Path:
+    """A real subset as a compressed npz pair (1,000 train, 200 test)."""
+    root = tmp_path_factory.mktemp("small-npz")
+    np.savez_compressed(
+        root / "train.npz", images=cifar.train_images[:1000], labels=cifar.train_labels[:1000]
+    )
+    np.savez_compressed(root / "test.npz", images=cifar.test_images[:200], labels=cifar.test_labels[:200])
+    return root
+
+
+def npy_header(shape: tuple, dtype: str = "|u1") -> bytes:
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return out.getvalue()
+
+
+def zip_of(path: Path, **members: bytes) -> None:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, payload in members.items():
+            z.writestr(f"{name}.npy", payload)
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, arr)
+    return out.getvalue()
+
+
+def flip_bit(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+LABELS = npy_bytes(np.zeros(4, np.int64))
+BAD_NPZ = {
+    # case: (what is done to root/train.npz, the expected message)
+    "truncated": (
+        lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+        r"train.npz is not a readable .npz file \(File is not a zip file\); it should hold",
+    ),
+    "one bit flipped": (
+        lambda p: flip_bit(p, p.stat().st_size // 2),
+        "train.npz is not a readable .npz file",
+    ),
+    "one bit flipped, stored": (
+        lambda p: (
+            np.savez(p, images=np.zeros((4, 32, 32, 3), np.uint8), labels=np.zeros(4)) or flip_bit(p, 300)
+        ),
+        r"Bad CRC-32",
+    ),
+    "a renamed .npy": (
+        lambda p: p.write_bytes(npy_bytes(np.zeros((4, 32, 32, 3), np.uint8))),
+        "is a single .npy array, not an .npz archive",
+    ),
+    "a huge shape": (
+        lambda p: zip_of(p, images=npy_header((10**12, 32, 32, 3)), labels=LABELS),
+        "train.npz:images holds 1,000,000,000,000 rows; CIFAR-10 has at most 50,000",
+    ),
+    "data shorter than its header": (
+        lambda p: zip_of(p, images=npy_header((50000, 32, 32, 3)) + bytes(100), labels=LABELS),
+        r"train.npz:images is truncated \(100 of 153,600,000 data bytes\)",
+    ),
+    "floats": (
+        lambda p: np.savez(p, images=np.zeros((4, 32, 32, 3), np.float32), labels=np.zeros(4, np.int64)),
+        r"train.npz:images is float32 \(4, 32, 32, 3\), expected uint8 \(N, 32, 32, 3\)",
+    ),
+    "float labels": (
+        lambda p: np.savez(p, images=np.zeros((4, 32, 32, 3), np.uint8), labels=np.zeros(4)),
+        r"train.npz:labels is float64 \(4,\), expected integer \(N\)",
+    ),
+    "no labels": (
+        lambda p: np.savez(p, images=np.zeros((4, 32, 32, 3), np.uint8)),
+        "lacks an array 'images' or 'labels'",
+    ),
+    "labels out of range": (
+        lambda p: np.savez(p, images=np.zeros((2, 32, 32, 3), np.uint8), labels=np.array([0, 2**40])),
+        r"train labels outside 0..9",
+    ),
+    "empty": (
+        lambda p: np.savez(p, images=np.zeros((0, 32, 32, 3), np.uint8), labels=np.zeros(0, np.int64)),
+        "the train set holds 0 images; it needs 1 to 50,000",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_NPZ))
+def test_bad_npz_is_one_line_and_changes_nothing(small_npz, tmp_path, case):
+    spoil, message = BAD_NPZ[case]
+    root = tmp_path / "data"
+    root.mkdir()
+    shutil.copy(small_npz / "train.npz", root / "train.npz")
+    os.link(small_npz / "test.npz", root / "test.npz")
+    spoil(root / "train.npz")
+    before = snapshot(tmp_path)
+    with pytest.raises(DataError, match=message) as err:
+        D.load_cifar10(root, allow_unverified=True, cache_dir=tmp_path / "cache", progress=False)
+    assert "\n" not in str(err.value)
+    assert snapshot(tmp_path) == before  # not even a cache entry
+
+
+def test_empty_test_set_is_refused_at_load(small_npz, tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    os.link(small_npz / "train.npz", root / "train.npz")
+    np.savez(root / "test.npz", images=np.zeros((0, 32, 32, 3), np.uint8), labels=np.zeros(0, np.int64))
+    with pytest.raises(DataError, match="the test set holds 0 images; it needs 1 to 10,000"):
+        D.load_cifar10(root, allow_unverified=True, cache_dir="off", progress=False)
+
+
+BAD_BATCHES = {
+    "a FIFO": (lambda p: os.mkfifo(p), r"data_batch_3 is not a regular file \(a FIFO\)"),
+    "too large": (
+        lambda p: os.truncate(p.touch() or p, D.MAX_BATCH_FILE + 1),
+        "data_batch_3 is larger than 67,108,864 bytes",
+    ),
+    "a label of 2**70": (
+        lambda p: p.write_bytes(batch_bytes(np.zeros((2, 32, 32, 3), np.uint8), [1, 2**70], "x")),
+        "data_batch_3: its labels must be 2 integers in 0..9",
+    ),
+    "float labels": (
+        lambda p: p.write_bytes(py2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 0.5]})),
+        "its labels must be 2 integers",
+    ),
+    "more than a batch": (
+        lambda p: p.write_bytes(
+            py2_pickle({b"data": np.zeros((10001, 3072), np.uint8), b"labels": [0] * 10001})
+        ),
+        r"holds data of uint8 \(10001, 3072\), expected uint8 \(N, 3072\) with N at most 10,000",
+    ),
+    "not a dict": (lambda p: p.write_bytes(py2_pickle([1, 2])), "is not a CIFAR-10 batch file"),
+    "huge bytes length": (
+        lambda p: p.write_bytes(b"\x80\x02" + pickle.BINBYTES8 + struct.pack("<Q", 2**62) + b"x"),
+        "is not a CIFAR-10 batch file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BATCHES))
+def test_bad_batch_file_is_one_line(tmp_path, case):
+    spoil, message = BAD_BATCHES[case]
+    folder = tmp_path / "data" / D.BATCHES_DIR
+    folder.mkdir(parents=True)
+    for name in (*D.TRAIN_BATCHES, D.TEST_BATCH):
+        (folder / name).write_bytes(tiny_batch())
+    (folder / "data_batch_3").unlink()
+    spoil(folder / "data_batch_3")
+    before = snapshot(tmp_path)
+    with pytest.raises(DataError, match=message) as err:
+        D.load_cifar10(folder.parent, allow_unverified=True, cache_dir="off", progress=False)
+    assert "\n" not in str(err.value)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", ["truncated", "empty"], ids=["truncated npz", "empty train set"])
+def test_bad_data_through_the_cli_is_one_line_exit_2(small_npz, tmp_path, case):
+    root = tmp_path / "data"
+    root.mkdir()
+    shutil.copy(small_npz / "train.npz", root / "train.npz")
+    os.link(small_npz / "test.npz", root / "test.npz")
+    spoil, message = BAD_NPZ[case]
+    spoil(root / "train.npz")
+    before = snapshot(root)
+    proc = run_cli(
+        "train", "--data-dir", str(root), "--allow-unverified", "--subset", "100", "--val-size", "10",
+        "--epochs", "1", "--out", str(tmp_path / "run"), check=False, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert re.search(message, error_line(proc))
+    assert snapshot(root) == before
+
+
+def cache_entry(cache: Path) -> Path:
+    (meta,) = cache.glob("*/meta.json")
+    return meta.parent
+
+
+def npy_hashes(entry: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(entry.glob("*.npy"))}
+
+
+def shifted_labels(p: Path) -> None:
+    np.save(p.with_name("train_labels.npy"), (np.load(p.with_name("train_labels.npy")) + 1) % 10)
+
+
+BAD_CACHE = {
+    # case: what is done to the cache entry (given its meta.json)
+    "labels shifted": shifted_labels,
+    "labels of another shape": lambda p: np.save(p.with_name("test_labels.npy"), np.zeros(5, np.int64)),
+    "images as floats": lambda p: np.save(
+        p.with_name("test_images.npy"), np.zeros((200, 32, 32, 3), np.float32)
+    ),
+    "a huge header": lambda p: p.with_name("train_images.npy").write_bytes(npy_header((10**12, 32, 32, 3))),
+    "truncated": lambda p: os.truncate(p.with_name("test_images.npy"), 1000),
+    "a FIFO": lambda p: (p.with_name("test_labels.npy").unlink(), os.mkfifo(p.with_name("test_labels.npy"))),
+    "meta a list": lambda p: p.write_text("[]"),
+    "meta not JSON": lambda p: p.write_text("{"),
+    "meta of another source": lambda p: p.write_text(p.read_text().replace("npz:", "batches:")),
+    "meta sha256 a string": lambda p: p.write_text('{"source": "x", "sha256": "abc"}'),
+    "meta huge": lambda p: p.write_bytes(b" " * (D.MAX_META_JSON + 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CACHE))
+def test_a_changed_cache_is_rebuilt_from_the_source(small_npz, tmp_path, case):
+    cache = tmp_path / "cache"
+    first = D.load_cifar10(small_npz, allow_unverified=True, cache_dir=cache, progress=False)
+    entry = cache_entry(cache)
+    written = npy_hashes(entry)
+    BAD_CACHE[case](entry / "meta.json")
+    again = D.load_cifar10(small_npz, allow_unverified=True, cache_dir=cache, progress=False)
+    for name in D.ARRAY_NAMES:
+        assert np.array_equal(getattr(again, name), getattr(first, name)), name
+    assert again.sha256 == first.sha256 and not again.verified
+    assert npy_hashes(entry) == written  # rebuilt from the source, byte for byte
+    assert leftovers(cache) == [entry.name] and not [n for n in leftovers(entry) if n.startswith(".")]
+
+
+# --- read-only and full disks: real mounts, in a private mount namespace that vanishes with the process ----
+
+
+def in_private_mounts(shell: str) -> subprocess.CompletedProcess:
+    """Run shell as root in a new mount namespace, so its mounts need no cleanup (skip where not allowed)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) to mount a read-only or tiny filesystem")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("mount namespaces are not allowed here")
+    return subprocess.run(["unshare", "-m", "sh", "-ec", shell], capture_output=True, text=True, timeout=120)
+
+
+LOAD = """
+import os, sys
+from cifar10_cnn import data as D
+from cifar10_cnn.errors import DataError
+for root, cache, url in zip(*[iter(sys.argv[1:])] * 3):
+    try:
+        data = D.load_cifar10(root, allow_unverified=True, cache_dir=cache, url=url, progress=False)
+        print(root, "loaded", len(data.train_images), len(data.test_images), data.sha256["train_images"])
+    except DataError as e:
+        print(root, "error:", e)
+    print(root, "left:", sorted(os.listdir(root)))
+"""
+
+
+def test_read_only_and_full_disks(server, small_archive, tmp_path):
+    """One process (imports are slow), three real mounts: a read-only data folder holding the archive, a
+    folder with room for the archive but not for its 3.7 MB unpacked, and one too small for the download."""
+    www, url = server
+    os.link(small_archive, www / D.ARCHIVE)
+    ro, full, tiny = (tmp_path / name for name in ("ro", "full", "tiny"))
+    for root in (ro, full, tiny):
+        root.mkdir()
+    shutil.copy(small_archive, ro / D.ARCHIVE)
+    before = snapshot(ro)
+    room = small_archive.stat().st_size + 256 * 1024
+    proc = in_private_mounts(
+        f"mount --bind {ro} {ro}; mount -o remount,bind,ro {ro}; ! touch {ro}/probe 2>/dev/null; "
+        f"mount -t tmpfs -o size={room} tmpfs {full}; cp {small_archive} {full}/; "
+        f"mount -t tmpfs -o size=1m tmpfs {tiny}; "
+        f"{sys.executable} -c '{LOAD}' {ro} {tmp_path / 'cache'} none {full} off none "
+        f"{tiny} off {url}/{D.ARCHIVE}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    # Read-only: read in memory, nothing written there, the cache (elsewhere) written.
+    sha = D.content_sha256(D.extract_archive(small_archive, tmp_path))["train_images"]
+    assert f"{ro} loaded 1000 200 {sha}" in out, out
+    assert snapshot(ro) == before and len(list((tmp_path / "cache").glob("*/meta.json"))) == 1
+    # Full during extraction: loads all the same, nothing staged is left.
+    assert f"{full} loaded 1000 200 {sha}" in out and f"{full} left: ['{D.ARCHIVE}']" in out, out
+    # Full during the download: one line that says so (not the network), the partial download gone.
+    assert re.search(
+        rf"{tiny} error: cannot download into {tiny} \(\[Errno 28\] No space left on device.*\); the archive "
+        r"needs 163 MB there: free some space or pass --data-dir",
+        out,
+    ), out
+    assert f"{tiny} left: []" in out
 
 
 # --- splits --------------------------------------------------------------------------------------------------

@@ -2,29 +2,38 @@
 
 Every source (the official download, that archive on disk, its extracted folder, or a train.npz/test.npz
 pair) ends up as the same arrays: images (N, 32, 32, 3) uint8 RGB and labels (N,) int64, checked against
-the content sha256 of the real CIFAR-10 once and then cached as plain .npy files.
+the content sha256 of the real CIFAR-10. They are cached as plain .npy files, re-hashed on every read.
+Nothing read from a file sizes an allocation without a bound: every file is opened only if it is a regular
+file, archive members and batch files have size caps, and .npy headers are checked before any data is read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
 import hashlib
+import io
 import json
+import lzma
 import os
 import pickle
 import shutil
+import stat
 import tarfile
 import tempfile
 import time
+import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -51,9 +60,32 @@ DATA_ENV = "CIFAR10_DATA"
 CACHE_ENV = "CIFAR10_CACHE"
 
 
+# The members of the real cifar-10-python.tar.gz and their sizes in bytes: nothing else is extracted, and
+# nothing larger (a repacked archive may hold smaller batches, e.g. a subset).
+MEMBER_SIZES = {
+    "data_batch_1": 31035704,
+    "data_batch_2": 31035320,
+    "data_batch_3": 31035999,
+    "data_batch_4": 31035696,
+    "data_batch_5": 31035623,
+    "test_batch": 31035526,
+    "batches.meta": 158,
+    "readme.html": 88,
+}
+# All that a tar of those members may unpack to, headers and padding included.
+UNPACKED_LIMIT = sum(MEMBER_SIZES.values()) + 2**20
+# A batch file in an extracted folder: the real ones are 31 MB; one re-pickled by Python 3 is at most ~1.5x.
+MAX_BATCH_FILE = 64 * 2**20
+BATCH_IMAGES = 10_000
+# CIFAR-10 has 50,000 training and 10,000 test images: no source may hold more (this bounds memory).
+MAX_IMAGES = {"train": 50_000, "test": 10_000}
+IMAGE_SHAPE = (32, 32, 3)
+MAX_META_JSON = 2**16
+
+
 @dataclass
 class CIFAR10:
-    """The verified dataset as numpy arrays, and where it came from."""
+    """The dataset as numpy arrays, where it came from, and whether its content sha256 is the real CIFAR-10."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -64,7 +96,8 @@ class CIFAR10:
     sha256: dict[str, str] = field(default_factory=dict)
     classes: tuple[str, ...] = CLASSES
 
-    def describe(self) -> dict:
+    def provenance(self) -> dict:
+        """Source, verified, and the sha256 of each array, for a run's records."""
         return {"source": self.source, "verified": self.verified, "sha256": self.sha256}
 
 
@@ -83,7 +116,10 @@ def load_cifar10(
     url: str = URL,
     md5: str = MD5,
 ) -> CIFAR10:
-    """Load CIFAR-10 from the first source found in data_dir, downloading the archive if there is none."""
+    """Load CIFAR-10 from the first source found in data_dir, downloading the archive if there is none.
+
+    `verified` is computed from the arrays returned, on every load (the cache is re-hashed too).
+    """
     root = resolve_data_dir(data_dir)
     kind, paths = find_source(root)
     if kind is None:
@@ -91,14 +127,14 @@ def load_cifar10(
             raise DataError(f"no CIFAR-10 found in {root}; put the data there or allow the download")
         paths = [fetch_archive(root, url=url, md5=md5, progress=progress)]
         kind = "archive"
+    source = f"{kind}:{paths[0]}"
     cache = _cache_path(kind, paths, cache_dir)
-    data = _read_cache(cache) if cache else None
+    data = _read_cache(cache, source) if cache else None
     if data is None:
         arrays = _read_source(kind, paths, root)
-        _check_arrays(arrays, f"{kind} {paths[0]}")
-        sha = {name: hashlib.sha256(arr.tobytes()).hexdigest() for name, arr in arrays.items()}
-        verified = sha == SHA256
-        data = CIFAR10(**arrays, source=f"{kind}:{paths[0]}", verified=verified, sha256=sha)
+        check_arrays(arrays, source)
+        sha = content_sha256(arrays)
+        data = CIFAR10(**arrays, source=source, verified=sha == SHA256, sha256=sha)
         if cache:
             _write_cache(cache, data)
     if not data.verified and not allow_unverified:
@@ -108,6 +144,14 @@ def load_cifar10(
             "replace it, or pass --allow-unverified to use it anyway"
         )
     return data
+
+
+def content_sha256(arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """sha256 of each array's bytes in C order (equal to hashing arr.tobytes(), without the copy)."""
+    return {
+        name: hashlib.sha256(memoryview(np.ascontiguousarray(arrays[name])).cast("B")).hexdigest()
+        for name in ARRAY_NAMES
+    }
 
 
 def find_source(root: Path) -> tuple[str | None, list[Path]]:
@@ -127,53 +171,212 @@ def fetch_archive(root: Path, *, url: str = URL, md5: str = MD5, progress: bool 
     import pooch  # imported here: only the download needs it
     import requests
 
-    root.mkdir(parents=True, exist_ok=True)
     pooch.get_logger().setLevel("WARNING")  # the progress bar says it; errors are ours to word
     try:
+        root.mkdir(parents=True, exist_ok=True)
         path = pooch.retrieve(url, known_hash=f"md5:{md5}", fname=ARCHIVE, path=root, progressbar=progress)
     except ValueError as e:  # pooch's hash mismatch
         raise DataError(
-            f"download of {url} failed its md5 check ({_first_line(e)}); nothing was kept"
+            f"download of {url} failed its md5 check ({first_line(e)}); nothing was kept"
         ) from None
     except (requests.RequestException, OSError) as e:
+        cause = _root_cause(e)
+        if isinstance(cause, OSError) and cause.errno in _WRITE_ERRNOS:
+            raise DataError(
+                f"cannot download into {root} ({first_line(cause)}); the archive needs 163 MB there: "
+                f"free some space or pass --data-dir (or set {DATA_ENV}) to a writable folder"
+            ) from None
         raise DataError(
-            f"cannot download {url} ({_first_line(_root_cause(e))}); check the network, or put the data in {root} "
+            f"cannot download {url} ({first_line(cause)}); check the network, or put the data in {root} "
             f"(or pass --data-dir / set {DATA_ENV})"
         ) from None
     return Path(path)
 
 
-def extract_archive(archive: Path, target: Path) -> Path:
-    """Extract the archive's batches folder into target safely and atomically; return the folder."""
-    final = target / BATCHES_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target))
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception of a chain (a refused connection rather than the retry wrapper around it)."""
+    while e.__cause__ or e.__context__:
+        e = e.__cause__ or e.__context__
+    return e
+
+
+# --- reading files: regular files only, each with a size bound ---------------------------------------------
+
+
+def _open_regular(path: Path, what: str) -> BinaryIO:
+    """path opened for reading if it is a regular file (never blocks on a FIFO, never reads a device)."""
     try:
-        try:
-            with tarfile.open(archive, "r:gz") as tar:
-                for member in tar.getmembers():
-                    _check_member(member, tmp)
-                tar.extractall(tmp, filter="data")
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing; {what}") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({first_line(e)}); {what}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise DataError(f"{path} is not a regular file ({_file_kind(mode)}); {what}")
+    return os.fdopen(fd, "rb")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {
+        stat.S_ISDIR: "a folder",
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISCHR: "a device",
+        stat.S_ISBLK: "a device",
+    }
+    return next((name for test, name in kinds.items() if test(mode)), "a special file")
+
+
+def _read_capped(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of a regular file of at most limit bytes."""
+    with _open_regular(path, what) as f:
+        payload = f.read(limit + 1)
+    if len(payload) > limit:
+        raise DataError(f"{path} is larger than {limit:,} bytes; {what}")
+    return payload
+
+
+# --- the archive: only the known members, each within its known size; kept only when verified -------------
+
+
+class _Capped(io.RawIOBase):
+    """A read-only stream that fails once more than limit bytes were read from it (a decompression bomb)."""
+
+    def __init__(self, f: BinaryIO, limit: int, archive: Path) -> None:
+        self._f, self._left, self._archive = f, limit, archive
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self._f.readinto(b)
+        self._left -= n
+        if self._left < 0:
             raise DataError(
-                f"{archive} is not a readable CIFAR-10 archive ({_first_line(e)}); delete it and retry"
-            ) from None
-        if not (tmp / BATCHES_DIR).is_dir():
-            raise DataError(f"{archive} has no {BATCHES_DIR}/ folder; it is not the CIFAR-10 python archive")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp / BATCHES_DIR, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+                f"{self._archive} unpacks to more than {UNPACKED_LIMIT:,} bytes, more than the real CIFAR-10 "
+                "python archive; refusing it"
+            )
+        return n
 
 
-def _check_member(member: tarfile.TarInfo, dest: Path) -> None:
-    # tarfile's "data" filter refuses these too; checking first gives one clear message for all of them.
-    target = (dest / member.name).resolve()
-    if not target.is_relative_to(dest.resolve()) or member.issym() or member.islnk() or member.isdev():
+def extract_archive(archive: Path, target: Path) -> dict[str, np.ndarray]:
+    """The arrays of a CIFAR-10 python archive, read member by member in memory.
+
+    Only the known members are read, each within its known size; links, devices, unknown names and
+    duplicates are refused. The members are also staged in target/.extract-*, and moved into place as
+    target/cifar-10-batches-py/ only if the arrays are the real CIFAR-10 (sha256): an unverified folder
+    would shadow the archive as a source on later runs. Staging is best effort: a read-only or full disk
+    only means that nothing is kept.
+    """
+    stage = _Stage(target)
+    batches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    try:
+        with (
+            _open_regular(archive, "the CIFAR-10 python archive is needed") as raw,
+            gzip.GzipFile(fileobj=raw) as gz,
+            tarfile.open(fileobj=_Capped(gz, UNPACKED_LIMIT, archive), mode="r|") as tar,
+        ):
+            for member in tar:
+                name = _member_name(member, archive)
+                if name is None:
+                    continue
+                if name in stage.seen:
+                    raise DataError(f"archive member {member.name!r} appears twice in {archive}; refusing it")
+                payload = tar.extractfile(member).read()
+                stage.add(name, payload)
+                if name in (*TRAIN_BATCHES, TEST_BATCH):
+                    batches[name] = parse_batch(payload, f"{archive}:{member.name}")
+        missing = [name for name in (*TRAIN_BATCHES, TEST_BATCH) if name not in batches]
+        if missing:
+            raise DataError(f"{archive} lacks {', '.join(missing)}; it is not the CIFAR-10 python archive")
+        arrays = _join_batches(batches)
+        stage.keep(target / BATCHES_DIR, content_sha256(arrays) == SHA256)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(
-            f"archive member {member.name!r} would be written outside the target folder; refusing it"
+            f"{archive} is not a readable CIFAR-10 archive ({first_line(e)}); delete it and retry"
+        ) from None
+    finally:
+        stage.discard()
+    return arrays
+
+
+def _member_name(member: tarfile.TarInfo, archive: Path) -> str | None:
+    """The file name of a member we extract, None for the batches folder entry itself; refuse anything else."""
+    parts = member.name.replace("\\", "/").split("/")
+    if member.name.startswith("/") or ".." in parts:
+        raise DataError(
+            f"archive member {member.name!r} of {archive} would be written outside the target folder; refusing it"
         )
+    if member.name.removeprefix("./").rstrip("/") in (BATCHES_DIR, ".") and member.isdir():
+        return None
+    if not member.isfile():
+        raise DataError(
+            f"archive member {member.name!r} of {archive} is {_member_kind(member)}; the CIFAR-10 archive holds "
+            "only regular files; refusing it"
+        )
+    path = member.name.removeprefix("./")  # as `tar -C dir .` would write it
+    name = path.removeprefix(f"{BATCHES_DIR}/")
+    if name not in MEMBER_SIZES or path != f"{BATCHES_DIR}/{name}":
+        raise DataError(
+            f"archive member {member.name!r} of {archive} is not part of the CIFAR-10 archive; refusing it"
+        )
+    if member.size > MEMBER_SIZES[name]:
+        raise DataError(
+            f"archive member {member.name!r} of {archive} is {member.size:,} bytes, more than the "
+            f"{MEMBER_SIZES[name]:,} of the real file; refusing it"
+        )
+    return name
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return f"a symbolic link (to {member.linkname!r})"
+    if member.islnk():
+        return f"a hard link (to {member.linkname!r})"
+    if member.isdev():
+        return "a FIFO" if member.isfifo() else "a device"
+    return "a folder" if member.isdir() else "a special entry"
+
+
+class _Stage:
+    """target/.extract-*/cifar-10-batches-py, written as the members are read; best effort throughout."""
+
+    def __init__(self, target: Path) -> None:
+        self.seen: set[str] = set()
+        try:
+            self.root: Path | None = Path(tempfile.mkdtemp(prefix=".extract-", dir=target))
+            (self.root / BATCHES_DIR).mkdir()
+        except OSError:  # read-only, full, or not a folder: the arrays are read in memory all the same
+            self.root = None
+
+    def add(self, name: str, payload: bytes) -> None:
+        self.seen.add(name)
+        if self.root is None:
+            return
+        try:
+            with open(self.root / BATCHES_DIR / name, "xb") as f:
+                f.write(payload)
+        except OSError:  # e.g. the disk is full: keep nothing
+            self.discard()
+
+    def keep(self, final: Path, verified: bool) -> None:
+        """Move the staged folder to final if the arrays verified and final does not exist (no clobbering)."""
+        if self.root is None or not verified or final.exists() or final.is_symlink():
+            return
+        with contextlib.suppress(OSError):  # e.g. final appeared meanwhile: it is not ours to replace
+            os.rename(self.root / BATCHES_DIR, final)
+
+    def discard(self) -> None:
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)  # our own mkdtemp folder
+            self.root = None
+
+
+# --- batch files: safe unpickling, every field checked ---------------------------------------------------
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -195,62 +398,157 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
+_UNPICKLE_ERRORS = (
+    pickle.UnpicklingError, EOFError, KeyError, IndexError, TypeError, ValueError, AttributeError,
+    MemoryError, OverflowError, RecursionError, UnicodeError,
+)  # fmt: skip
+
+
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 python batch file -> (images NHWC uint8, labels int64), without trusting the pickle."""
+    return parse_batch(
+        _read_capped(path, MAX_BATCH_FILE, "the CIFAR-10 batches folder is incomplete"), str(path)
+    )
+
+
+def parse_batch(payload: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The bytes of one batch file -> (images NHWC uint8, labels int64); where names it in errors."""
     try:
-        with open(path, "rb") as f:
-            batch = _SafeUnpickler(f, encoding="bytes").load()
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing; the CIFAR-10 batches folder is incomplete") from None
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise DataError(f"{path} is not a CIFAR-10 batch file ({_first_line(e)})") from None
-    if data.ndim != 2 or data.shape[1] != 3072:
-        raise DataError(f"{path} holds data of shape {data.shape}, expected (N, 3072)")
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
+        batch = _SafeUnpickler(io.BytesIO(payload), encoding="bytes").load()
+    except _UNPICKLE_ERRORS as e:
+        raise DataError(f"{where} is not a CIFAR-10 batch file ({first_line(e)})") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise DataError(f"{where} is not a CIFAR-10 batch file (no dict with b'data' and b'labels')")
+    data, labels = batch[b"data"], batch[b"labels"]
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3072
+        or len(data) > BATCH_IMAGES
+    ):
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(
+            f"{where} holds data of {got}, expected uint8 (N, 3072) with N at most {BATCH_IMAGES:,}"
+        )
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), _batch_labels(labels, len(data), where)
+
+
+def _batch_labels(labels: object, n: int, where: str) -> np.ndarray:
+    """The labels of a batch: a list (or integer array) of n class indices."""
+    if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu" and labels.shape == (n,):
+        ok = n == 0 or (labels.min() >= 0 and labels.max() < len(CLASSES))
+    elif isinstance(labels, list) and len(labels) == n:
+        ok = all(type(v) is int and 0 <= v < len(CLASSES) for v in labels)
+    else:
+        ok = False
+    if not ok:
+        raise DataError(f"{where}: its labels must be {n} integers in 0..{len(CLASSES) - 1}")
+    return np.array(labels, dtype=np.int64)
+
+
+def _join_batches(batches: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {
+        "train_images": np.concatenate([batches[name][0] for name in TRAIN_BATCHES]),
+        "train_labels": np.concatenate([batches[name][1] for name in TRAIN_BATCHES]),
+        "test_images": batches[TEST_BATCH][0],
+        "test_labels": batches[TEST_BATCH][1],
+    }
 
 
 def _read_source(kind: str, paths: list[Path], root: Path) -> dict[str, np.ndarray]:
     if kind == "archive":
-        paths = [extract_archive(paths[0], root)]
-        kind = "batches"
+        return extract_archive(paths[0], root)
     if kind == "batches":
-        train = [read_batch(paths[0] / name) for name in TRAIN_BATCHES]
-        test_images, test_labels = read_batch(paths[0] / TEST_BATCH)
-        return {
-            "train_images": np.concatenate([b[0] for b in train]),
-            "train_labels": np.concatenate([b[1] for b in train]),
-            "test_images": test_images,
-            "test_labels": test_labels,
-        }
+        return _join_batches({name: read_batch(paths[0] / name) for name in (*TRAIN_BATCHES, TEST_BATCH)})
     arrays = {}
     for split, path in zip(("train", "test"), paths, strict=True):
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays[f"{split}_images"] = np.asarray(npz["images"])
-                arrays[f"{split}_labels"] = np.asarray(npz["labels"]).astype(np.int64, copy=False)
-        except KeyError:
-            raise DataError(f"{path} must hold arrays 'images' and 'labels'") from None
-        except (OSError, ValueError, zlib.error, EOFError) as e:
-            raise DataError(f"{path} is not a readable .npz file ({_first_line(e)})") from None
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = read_npz(path, split)
     return arrays
 
 
-def _check_arrays(arrays: dict[str, np.ndarray], where: str) -> None:
+# --- .npz and .npy: the header is checked (shape, dtype, bound) before any data is read ------------------
+
+
+_NPZ_ERRORS = (
+    zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, ValueError, OSError, NotImplementedError,
+    RuntimeError,  # an encrypted member
+)  # fmt: skip
+
+
+def read_npz(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels int64) from an .npz holding 'images' (N,32,32,3) uint8 and integer 'labels' (N,)."""
+    what = f"it should hold the CIFAR-10 {split} set as numpy.savez writes it (arrays 'images' and 'labels')"
+    with _open_regular(path, what) as f:
+        if f.read(6) == b"\x93NUMPY":
+            raise DataError(f"{path} is a single .npy array, not an .npz archive; {what}")
+        try:
+            f.seek(0)
+            with zipfile.ZipFile(f) as npz:
+                with npz.open("images.npy") as member:
+                    images = read_npy(member, f"{path}:images", MAX_IMAGES[split], IMAGE_SHAPE, np.uint8)
+                with npz.open("labels.npy") as member:
+                    labels = read_npy(member, f"{path}:labels", MAX_IMAGES[split], (), None)
+        except KeyError:
+            raise DataError(f"{path} lacks an array 'images' or 'labels'; {what}") from None
+        except _NPZ_ERRORS as e:
+            raise DataError(f"{path} is not a readable .npz file ({first_line(e)}); {what}") from None
+    return images, labels.astype(np.int64)
+
+
+def read_npy(
+    f: BinaryIO, where: str, max_rows: int, row_shape: tuple[int, ...], dtype: type | None
+) -> np.ndarray:
+    """One .npy array from f: (N, *row_shape) with N <= max_rows, of dtype (None: any integer type).
+
+    The header is checked before anything is allocated, so a header claiming a huge shape costs nothing.
+    """
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"unsupported .npy format version {version}")
+    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, found = header(f)
+    dtype_ok = found == dtype if dtype is not None else found.kind in "iu"
+    expected = (
+        f"{np.dtype(dtype).name if dtype else 'integer'} (N, {', '.join(map(str, row_shape))})".replace(
+            ", )", ")"
+        )
+    )
+    if not dtype_ok or len(shape) != 1 + len(row_shape) or tuple(shape[1:]) != row_shape:
+        raise DataError(f"{where} is {found} {str(shape)[:80]}, expected {expected}")
+    if not 0 <= shape[0] <= max_rows:
+        raise DataError(f"{where} holds {shape[0]:,} rows; CIFAR-10 has at most {max_rows:,}")
+    flat = np.empty(int(np.prod(shape)), dtype=found)
+    view, got = memoryview(flat.view(np.uint8)), 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise DataError(f"{where} is truncated ({got:,} of {len(view):,} data bytes)")
+        got += n
+    if f.read(1):  # also makes a zip member check its CRC
+        raise DataError(f"{where} holds more bytes than its header says")
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def check_arrays(arrays: dict[str, np.ndarray], where: str) -> None:
+    """Shapes, dtypes, sizes (1 to the CIFAR-10 count) and label range of the four arrays."""
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
             raise DataError(
                 f"{where}: {split} images are {images.dtype} {images.shape}, expected uint8 (N,32,32,3)"
             )
         if labels.shape != (len(images),):
             raise DataError(f"{where}: {len(labels)} {split} labels for {len(images)} images")
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+        if not 1 <= len(images) <= MAX_IMAGES[split]:
+            raise DataError(
+                f"{where}: the {split} set holds {len(images):,} images; it needs 1 to {MAX_IMAGES[split]:,}"
+            )
+        if labels.min() < 0 or labels.max() >= len(CLASSES):
             raise DataError(f"{where}: {split} labels outside 0..{len(CLASSES) - 1}")
 
 
-# --- cache: verified arrays as .npy, so that the second run starts in about a second ---------------------
+# --- cache: the arrays as .npy, re-hashed on every read, so that the second run starts in about a second ----
 
 
 def _cache_path(kind: str, paths: list[Path], cache_dir: str | os.PathLike | None) -> Path | None:
@@ -260,48 +558,62 @@ def _cache_path(kind: str, paths: list[Path], cache_dir: str | os.PathLike | Non
     base = (
         Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar10-cnn"
     )
-    files = sorted(
-        p for path in paths for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()
-    )
-    stamp = [kind] + [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    if kind == "batches":
+        paths = [paths[0] / name for name in (*TRAIN_BATCHES, TEST_BATCH)]
+    stamp = [kind]
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        stamp.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
     return base / hashlib.sha1("\n".join(stamp).encode()).hexdigest()[:16]
 
 
-def _read_cache(path: Path) -> CIFAR10 | None:
+def _read_cache(path: Path, source: str) -> CIFAR10 | None:
+    """The cached arrays if they are intact: their sha256 equals the one recorded for source; else None."""
     try:
-        meta = json.loads((path / "meta.json").read_text())
-        arrays = {name: np.load(path / f"{name}.npy", allow_pickle=False) for name in ARRAY_NAMES}
-        return CIFAR10(**arrays, source=meta["source"], verified=meta["verified"], sha256=meta["sha256"])
-    except (OSError, ValueError, KeyError):
+        meta = json.loads(_read_capped(path / "meta.json", MAX_META_JSON, "cache"))
+        sha = meta["sha256"] if isinstance(meta, dict) and meta.get("source") == source else None
+        if not isinstance(sha, dict) or set(sha) != set(ARRAY_NAMES):
+            return None
+        arrays = {}
+        for name in ARRAY_NAMES:
+            split, part = name.split("_")
+            with _open_regular(path / f"{name}.npy", "cache") as f:
+                if part == "images":
+                    arrays[name] = read_npy(f, name, MAX_IMAGES[split], IMAGE_SHAPE, np.uint8)
+                else:
+                    arrays[name] = read_npy(f, name, MAX_IMAGES[split], (), np.int64)
+        check_arrays(arrays, "cache")
+        found = content_sha256(arrays)
+    except (DataError, OSError, ValueError, UnicodeError):
         return None
+    if found != sha:  # changed since it was written: rebuild from the source
+        return None
+    return CIFAR10(**arrays, source=source, verified=found == SHA256, sha256=found)
 
 
 def _write_cache(path: Path, data: CIFAR10) -> None:
-    """Best effort: a read-only or full disk only costs the speed-up."""
+    """Best effort: a read-only or full disk only costs the speed-up. meta.json, written last, marks it whole."""
+    tmp = None
     try:
         path.mkdir(parents=True, exist_ok=True)
+        (path / "meta.json").unlink(missing_ok=True)
         for name in ARRAY_NAMES:
-            tmp = path / f".{name}.npy.tmp"
-            with open(tmp, "wb") as f:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path)
+            with os.fdopen(fd, "wb") as f:
                 np.save(f, getattr(data, name))
             os.replace(tmp, path / f"{name}.npy")
-        meta = {"source": data.source, "verified": data.verified, "sha256": data.sha256, "time": time.time()}
-        (path / ".meta.tmp").write_text(json.dumps(meta))
-        os.replace(path / ".meta.tmp", path / "meta.json")  # written last: marks the entry complete
+        meta = {"source": data.source, "sha256": data.sha256, "time": time.time()}
+        fd, tmp = tempfile.mkstemp(prefix=".meta.", suffix=".tmp", dir=path)
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp, path / "meta.json")
+        tmp = None
     except OSError:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _root_cause(e: BaseException) -> BaseException:
-    """The innermost exception of a chain (a refused connection rather than the retry wrapper around it)."""
-    while e.__cause__ or e.__context__:
-        e = e.__cause__ or e.__context__
-    return e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)  # only the file this call was writing
 
 
 # --- splits -----------------------------------------------------------------------------------------------

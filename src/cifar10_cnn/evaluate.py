@@ -392,7 +392,7 @@ def evaluate_path(
         # Rebuilt exactly as training built it: same size, seed and subset, so it never overlaps training.
         val = D.make_splits(data, **cfg.split_args()).val
     test = D.to_split(data.test_images, data.test_labels)
-    info: dict[str, Any] = {"data": data.describe()}
+    info: dict[str, Any] = {"data": data.provenance()}
     if path.is_dir():
         run_dir = path
     else:

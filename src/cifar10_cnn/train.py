@@ -446,6 +446,6 @@ def training_results(
         "stopped_early": result.stopped_early,
         "weights": "best" if result.stopped_early and result.best_epoch else "final",
         "final_val_accuracy": result.history[-1]["val_acc"] if result.history else None,
-        "data": data.describe(),
+        "data": data.provenance(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
