@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
 
 from cifar10_cnn import data as D
-from cifar10_cnn.config import TrainConfig
+from cifar10_cnn import tune
+from cifar10_cnn.config import TrainConfig, recipe_config
+from cifar10_cnn.errors import UserError
 
 from .conftest import error_line, one_thread_env, run_cli
 
@@ -121,6 +130,145 @@ def test_tune_errors_are_one_line(tmp_path, args, message):
     proc = run_cli("tune", *args, check=False, cwd=tmp_path)
     assert message in error_line(proc)
     assert not (tmp_path / "tune").exists()
+    assert (
+        proc.returncode == 2 and list(tmp_path.iterdir()) == []
+    )  # not even tune.db: --report creates nothing
+
+
+def listing(folder: Path) -> dict[str, str]:
+    """Every path under folder with the hash of its content (or its kind): what 'unchanged' is checked on."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        kind = "dir" if p.is_dir() else "file" if p.is_file() else "other"
+        out[str(p.relative_to(folder))] = (
+            hashlib.sha256(p.read_bytes()).hexdigest() if kind == "file" else kind
+        )
+    return out
+
+
+def sqlite_file(path: Path, *sql: str) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for statement in sql:
+            db.execute(statement)
+        db.commit()
+
+
+def optuna_db(path: Path) -> None:
+    """A real Optuna study 's' with two finished trials."""
+    study = optuna.create_study(storage=f"sqlite:///{path}", study_name="s", direction="maximize")
+    for value in (0.5, 0.6):
+        trial = study.ask()
+        trial.suggest_float("lr", 0.01, 0.1)
+        study.tell(trial, value)
+
+
+def test_a_database_of_another_application_is_one_line_and_left_as_it_was(tmp_path):
+    # A SQLite file of an application that also uses Alembic: Optuna would add its tables and then fail.
+    db = tmp_path / "app.db"
+    sqlite_file(
+        db,
+        "CREATE TABLE alembic_version (version_num VARCHAR(32))",
+        "INSERT INTO alembic_version VALUES ('ab12')",
+    )
+    before = listing(tmp_path)
+    proc = run_cli(
+        "tune", "--storage", f"sqlite:///{db}", "--study", "x", "--val-size", "10", check=False, cwd=tmp_path
+    )
+    assert "app.db is a database of another application (tables alembic_version)" in error_line(proc)
+    assert proc.returncode == 2 and listing(tmp_path) == before
+
+
+def _not_sqlite(p: Path) -> None:
+    p.write_bytes(b"name,score\nada,3\n" * 50)
+
+
+def _corrupt_sqlite(p: Path) -> None:
+    p.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+
+
+def _old_optuna_schema(p: Path) -> None:
+    optuna_db(p)
+    sqlite_file(p, "UPDATE alembic_version SET version_num = 'v1.3.0.a'")
+
+
+STORAGE_FAMILY = {
+    "another application": (
+        lambda p: sqlite_file(p, "CREATE TABLE users (id INTEGER)"),
+        "is a database of another application (tables users); nothing was changed",
+    ),
+    "not SQLite": (_not_sqlite, "is not a SQLite database; nothing was changed"),
+    "corrupt SQLite": (_corrupt_sqlite, "cannot read the study storage"),
+    "a folder": (lambda p: p.mkdir(), "is not a regular file"),
+    "a FIFO": (lambda p: os.mkfifo(p), "is not a regular file"),  # opening it would wait forever
+    "another Optuna schema": (_old_optuna_schema, "is no longer compatible with the table schema"),
+}
+
+
+@pytest.mark.parametrize("mode", ["search", "report"])
+@pytest.mark.parametrize("kind", list(STORAGE_FAMILY))
+def test_a_storage_that_is_not_ours_is_refused_and_left_as_it_was(tmp_path, monkeypatch, kind, mode):
+    make, message = STORAGE_FAMILY[kind]
+    db = tmp_path / "x.db"
+    make(db)
+    monkeypatch.chdir(tmp_path)  # the default --out, tune/<study>, must not appear either
+    before = listing(tmp_path)
+    with pytest.raises(UserError) as e:
+        search_or_report(mode, f"sqlite:///{db}")
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert listing(tmp_path) == before
+
+
+def search_or_report(mode: str, storage: str, study: str = "s") -> None:
+    """What `cifar10 tune` runs, in this process: the CLI turns a UserError into one line and exit status 2."""
+    if mode == "report":
+        tune.report(storage, study, echo=lambda _: None)
+    else:
+        cfg = replace(recipe_config("seed"), val_size=10, subset=100, epochs=1)
+        tune.tune(cfg, fixed={}, trials=1, storage=storage, study_name=study, echo=lambda _: None)
+
+
+def test_report_names_a_missing_study_and_changes_nothing(tmp_path, monkeypatch):
+    optuna_db(tmp_path / "t.db")
+    (tmp_path / "empty.db").touch()
+    monkeypatch.chdir(tmp_path)
+    before = listing(tmp_path)
+    for storage, study, message in (
+        ("sqlite:///t.db", "nope", "no study 'nope' in this storage; studies there: s"),
+        (
+            "sqlite:///empty.db",
+            "s",
+            "no study 's' in this storage: empty.db holds no studies; nothing was created",
+        ),
+        ("sqlite:///t.db", "../up", "--study '../up' cannot name a folder; give --out for its trials"),
+    ):
+        with pytest.raises(UserError) as e:
+            search_or_report("report", storage, study)
+        assert str(e.value) == message
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only filesystem needs a tmpfs mount (root)")
+def test_a_read_only_database_is_reported_but_never_written(tmp_path, monkeypatch):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        optuna_db(tmp_path / "t.db")  # made here and copied: this process keeps a connection open to it
+        shutil.copy(tmp_path / "t.db", mnt / "t.db")
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        before = listing(mnt)
+        for storage, where in ((f"sqlite:///{mnt}/t.db", "t.db"), (f"sqlite:///{mnt}/new.db", "ro")):
+            with pytest.raises(UserError, match=f"{where} is read-only; give --storage a writable file"):
+                search_or_report("search", storage)
+        monkeypatch.chdir(tmp_path)
+        search_or_report("report", f"sqlite:///{mnt}/t.db")  # reading needs no write, not even a journal
+        assert TrainConfig.load(tmp_path / "tune-best.json").lr == pytest.approx(
+            trials_of(tmp_path / "t.db", "s")[1].params["lr"]
+        )
+        assert listing(mnt) == before
+    finally:
+        subprocess.run(["umount", "--lazy", str(mnt)])  # lazy: Optuna's pool may still hold the file open
 
 
 def test_stratified_folds_partition_the_images_and_keep_class_shares(cifar):
