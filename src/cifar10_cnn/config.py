@@ -33,7 +33,9 @@ class TrainConfig:
     """
 
     recipe: str = opt("seed", cli=False)
-    model: str = opt("seed_cnn", "architecture by name: seed_cnn, resnet18, airbench, ... (a wrong name lists all)")
+    model: str = opt(
+        "seed_cnn", "architecture by name: seed_cnn, resnet18, airbench, ... (a wrong name lists all)"
+    )
     epochs: int = opt(20, "passes over the training images")
     batch_size: int = opt(64, "images per optimisation step (the global batch under torchrun)")
     micro_batch: int | None = opt(None, "accumulate each batch from micro-batches of this size")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, first_line
+from .runs import write_atomic
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -596,24 +597,19 @@ def _read_cache(path: Path, source: str) -> CIFAR10 | None:
 
 def _write_cache(path: Path, data: CIFAR10) -> None:
     """Best effort: a read-only or full disk only costs the speed-up. meta.json, written last, marks it whole."""
-    tmp = None
     try:
         path.mkdir(parents=True, exist_ok=True)
         (path / "meta.json").unlink(missing_ok=True)
         for name in ARRAY_NAMES:
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path)
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, getattr(data, name))
-            os.replace(tmp, path / f"{name}.npy")
-        meta = {"source": data.source, "sha256": data.sha256, "time": time.time()}
-        fd, tmp = tempfile.mkstemp(prefix=".meta.", suffix=".tmp", dir=path)
-        with os.fdopen(fd, "w") as f:
-            json.dump(meta, f)
-        os.replace(tmp, path / "meta.json")
-        tmp = None
+            buffer = io.BytesIO()
+            np.save(buffer, getattr(data, name))
+            write_atomic(path / f"{name}.npy", buffer.getbuffer())
+        write_atomic(
+            path / "meta.json",
+            json.dumps({"source": data.source, "sha256": data.sha256, "time": time.time()}),
+        )
     except OSError:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)  # only the file this call was writing
+        pass  # write_atomic removed its own temporary file
 
 
 # --- splits -----------------------------------------------------------------------------------------------
