@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +18,18 @@ from safetensors.torch import load_file, save_file
 from cifar10_cnn import calibration as C
 from cifar10_cnn import corruptions as K
 from cifar10_cnn import data as D
-from cifar10_cnn.evaluate import (
+from cifar10_cnn.evaluate import evaluate_model
+from cifar10_cnn.inference import evaluate_logits
+from cifar10_cnn.metrics import (
     accuracy_interval,
     classification_metrics,
     confusion_matrix,
     normalize_rows,
     precision_recall_f1,
+    summarize,
     topk_accuracy,
 )
-from cifar10_cnn.models import create_model
-from cifar10_cnn.weights import load_model, read_metadata, save_weights
+from cifar10_cnn.weights import load_model, read_metadata
 
 from .conftest import error_line, run_cli
 
@@ -140,19 +145,24 @@ def test_fit_temperature_finds_the_analytic_optimum():
     assert C.nll(logits, labels, t) < C.nll(logits, labels, 1.0)
 
 
-def test_write_temperature_keeps_tensors_and_metadata(tmp_path):
-    model = create_model("seed_cnn")
-    path = tmp_path / "model.safetensors"
-    save_weights(model, path, architecture="seed_cnn", config={"epochs": 3}, extra={"note": "x"})
-    before = load_file(str(path))
-    C.write_temperature(path, 1.75)
-    meta = read_metadata(path)
-    assert meta["temperature"] == 1.75 and meta["architecture"] == "seed_cnn"
-    assert meta["config"] == {"epochs": 3} and meta["note"] == "x" and meta["classes"] == list(D.CLASSES)
-    after = load_file(str(path))
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert not list(tmp_path.glob(".*tmp*")), "no temporary file left behind"
-    load_model(path)  # still loads
+def test_temperature_scaling_fits_on_validation_only():
+    # Validation logits (2, 0) with 70% class 0 give T = 2 / ln(7/3); the test logits play no part in it.
+    val_logits, val_labels = np.tile([2.0, 0.0], (1000, 1)), np.array([0] * 700 + [1] * 300)
+    test_logits, test_labels = np.array([[5.0, 0.0], [0.0, 5.0]]), np.array([0, 0])
+    cal = C.temperature_scaling(test_logits, test_labels, val_logits, val_labels)
+    assert cal["temperature"] == pytest.approx(2 / math.log(7 / 3), rel=1e-6) and cal["val_size"] == 1000
+    assert cal["calibrated"] == C.calibration_metrics(test_logits, test_labels, cal["temperature"])
+    assert cal["uncalibrated"] == C.calibration_metrics(test_logits, test_labels)
+    none = C.temperature_scaling(test_logits, test_labels)
+    assert none["temperature"] is None and none["calibrated"] is None and none["val_size"] == 0
+
+
+def test_summarize_by_hand():
+    s = summarize([0.9, 0.92, 0.94])
+    assert s == pytest.approx({"mean": 0.92, "std": 0.02, "min": 0.9, "max": 0.94, "n": 3})
+    assert summarize([0.5]) == {"mean": 0.5, "std": 0.0, "min": 0.5, "max": 0.5, "n": 1}
+    with pytest.raises(ValueError):
+        summarize([])
 
 
 # --- corruptions ------------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 from .config import RECIPES, TrainConfig, recipe_config
 from .data import CLASSES, load_cifar10, make_splits
-from .evaluate import classification_metrics, evaluate_run
+from .evaluate import evaluate_into_run
 from .inference import evaluate_logits
+from .metrics import classification_metrics
 from .models import count_params, create_model, list_models
 from .train import fit, train, train_cv, train_seeds
 from .weights import load_model
@@ -16,8 +17,8 @@ __all__ = [
     "classification_metrics",
     "count_params",
     "create_model",
+    "evaluate_into_run",
     "evaluate_logits",
-    "evaluate_run",
     "fit",
     "list_models",
     "load_cifar10",

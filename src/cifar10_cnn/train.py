@@ -28,7 +28,7 @@ from . import data as D
 from .checkpoint import load_checkpoint, save_atomic
 from .config import TrainConfig
 from .errors import TrainingDiverged, UserError
-from .evaluate import augmentation_preview, evaluate_run
+from .evaluate import augmentation_preview, evaluate_into_run
 from .inference import evaluate_logits, loss_and_accuracy
 from .models import count_params, create_model
 from .optim import Muon
@@ -513,7 +513,9 @@ def train(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     )
-    results = evaluate_run(run_dir, splits.test, tta=cfg.tta, model=result.model, val=splits.val, echo=echo)
+    results = evaluate_into_run(
+        run_dir, splits.test, tta=cfg.tta, model=result.model, val=splits.val, echo=echo
+    )
     # Every second from the call to the finished report, data loading and evaluation included.
     write_json(run_dir / "results.json", {**results, "total_seconds": time.perf_counter() - t_start})
     return run_dir
