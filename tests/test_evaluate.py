@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from cifar10_cnn import calibration as C
@@ -227,7 +226,41 @@ def test_corruptions_are_seeded_and_grow_with_severity(cifar):
         K.corrupt(images, "fog", 6)
 
 
+def test_corruptions_are_pure_numpy_without_torch():
+    # Loaded on its own (not through the package, whose root imports torch): no torch, no package imports.
+    code = (
+        "import importlib.util, sys, numpy as np\n"
+        f"spec = importlib.util.spec_from_file_location('corruptions', {str(Path(K.__file__))!r})\n"
+        "k = importlib.util.module_from_spec(spec); spec.loader.exec_module(k)\n"
+        "out = k.corrupt(np.full((2, 8, 8, 3), 128, np.uint8), 'fog', 3)\n"
+        "assert out.dtype == np.uint8 and out.shape == (2, 8, 8, 3)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'cifar10_cnn')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 # --- `cifar10 evaluate` on real runs ----------------------------------------------------------------------
+
+
+def test_evaluate_model_computes_without_writing(trained_run, cifar, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = listing(trained_run)
+    model, _ = load_model(trained_run)
+    test = D.to_split(cifar.test_images[:300], cifar.test_labels[:300])
+    val = D.to_split(cifar.train_images[:200], cifar.train_labels[:200])
+    lines: list[str] = []
+    ev = evaluate_model(model, test, val=val, corruptions=True, corruption_images=40, echo=lines.append)
+    assert listing(trained_run) == before and not list(tmp_path.iterdir()), "evaluate_model wrote a file"
+    logits = evaluate_logits(model, test).numpy()
+    assert np.array_equal(ev.logits, logits) and ev.labels.tolist() == cifar.test_labels[:300].tolist()
+    assert ev.metrics == classification_metrics(logits, ev.labels)
+    val_logits = evaluate_logits(model, val).numpy()
+    assert ev.calibration["temperature"] == C.fit_temperature(val_logits, val.labels.numpy())
+    assert len(ev.errors) == 24 and all(ev.probs[i].argmax() != ev.labels[i] for i in ev.errors)
+    assert ev.robustness["images"] == 40 and set(ev.robustness["accuracy"]) == set(K.CORRUPTIONS)
+    assert len(lines) == 1 + len(K.CORRUPTIONS)
 
 
 def test_training_stores_calibration_and_the_temperature(trained_run):
@@ -260,6 +293,7 @@ def test_training_stores_calibration_and_the_temperature(trained_run):
 
 def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path, cache_dir):
     run = copy_run(trained_run, tmp_path)
+    weights_sha = hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()
     proc = run_cli("evaluate", str(run), "--corruption-images", "300", "--no-progress")
     assert "gaussian_noise" in proc.stdout and "mean corruption accuracy" in proc.stdout
     rob = json.loads((run / "eval" / "robustness.json").read_text())
@@ -286,6 +320,9 @@ def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path,
     weights.parent.mkdir()
     shutil.copy(run / "model.safetensors", weights)
     run_cli("evaluate", str(weights), "--no-progress")
+    # Evaluation writes under eval/, plots/, results.json and the report: the weights stay byte for byte.
+    assert hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest() == weights_sha
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == weights_sha
     out = tmp_path / "weights" / "model-eval"
     res = json.loads((out / "results.json").read_text())
     assert res["test_accuracy"] == results["test_accuracy"] and res["model"] == "seed_cnn"

@@ -105,7 +105,9 @@ def evaluate_corruptions(
     }
 
 
-def _calibration(model: nn.Module, val: D.Split | None, logits: np.ndarray, labels: np.ndarray, tta: int):
+def _calibration(
+    model: nn.Module, val: D.Split | None, logits: np.ndarray, labels: np.ndarray, tta: int
+) -> dict[str, Any]:
     """Temperature scaling fitted on the validation split at the evaluation's TTA level (none without one)."""
     if val is None or len(val) == 0:
         return C.temperature_scaling(logits, labels)
