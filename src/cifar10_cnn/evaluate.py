@@ -353,7 +353,11 @@ def run_config(path: Path, metadata: dict[str, Any]) -> TrainConfig | None:
 
 
 def _check_request(
-    path: Path, weights: Path, metadata: dict[str, Any], out: Any, corruption_images: int | None
+    path: Path,
+    weights: Path,
+    metadata: dict[str, Any],
+    out: str | os.PathLike | None,
+    corruption_images: int | None,
 ) -> None:
     """Refuse, before anything is read or written, what cannot be evaluated as asked."""
     classes = list(metadata.get("classes") or D.CLASSES)
