@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from cifar10_cnn import data as D
 from cifar10_cnn.config import recipe_config
-from cifar10_cnn.experiments import summarize
 from cifar10_cnn.inference import evaluate_logits
+from cifar10_cnn.metrics import summarize
 from cifar10_cnn.train import fit
 
 THRESHOLDS = (0.90, 0.93, 0.94)

@@ -2,29 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from cifar10_cnn import calibration as C
 from cifar10_cnn import corruptions as K
 from cifar10_cnn import data as D
-from cifar10_cnn.evaluate import (
+from cifar10_cnn.evaluate import evaluate_model
+from cifar10_cnn.inference import evaluate_logits
+from cifar10_cnn.metrics import (
     accuracy_interval,
     classification_metrics,
     confusion_matrix,
     normalize_rows,
     precision_recall_f1,
+    summarize,
     topk_accuracy,
 )
-from cifar10_cnn.models import create_model
-from cifar10_cnn.weights import load_model, read_metadata, save_weights
+from cifar10_cnn.weights import load_model, read_metadata
 
 from .conftest import error_line, run_cli
 
@@ -140,19 +144,24 @@ def test_fit_temperature_finds_the_analytic_optimum():
     assert C.nll(logits, labels, t) < C.nll(logits, labels, 1.0)
 
 
-def test_write_temperature_keeps_tensors_and_metadata(tmp_path):
-    model = create_model("seed_cnn")
-    path = tmp_path / "model.safetensors"
-    save_weights(model, path, architecture="seed_cnn", config={"epochs": 3}, extra={"note": "x"})
-    before = load_file(str(path))
-    C.write_temperature(path, 1.75)
-    meta = read_metadata(path)
-    assert meta["temperature"] == 1.75 and meta["architecture"] == "seed_cnn"
-    assert meta["config"] == {"epochs": 3} and meta["note"] == "x" and meta["classes"] == list(D.CLASSES)
-    after = load_file(str(path))
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert not list(tmp_path.glob(".*tmp*")), "no temporary file left behind"
-    load_model(path)  # still loads
+def test_temperature_scaling_fits_on_validation_only():
+    # Validation logits (2, 0) with 70% class 0 give T = 2 / ln(7/3); the test logits play no part in it.
+    val_logits, val_labels = np.tile([2.0, 0.0], (1000, 1)), np.array([0] * 700 + [1] * 300)
+    test_logits, test_labels = np.array([[5.0, 0.0], [0.0, 5.0]]), np.array([0, 0])
+    cal = C.temperature_scaling(test_logits, test_labels, val_logits, val_labels)
+    assert cal["temperature"] == pytest.approx(2 / math.log(7 / 3), rel=1e-6) and cal["val_size"] == 1000
+    assert cal["calibrated"] == C.calibration_metrics(test_logits, test_labels, cal["temperature"])
+    assert cal["uncalibrated"] == C.calibration_metrics(test_logits, test_labels)
+    none = C.temperature_scaling(test_logits, test_labels)
+    assert none["temperature"] is None and none["calibrated"] is None and none["val_size"] == 0
+
+
+def test_summarize_by_hand():
+    s = summarize([0.9, 0.92, 0.94])
+    assert s == pytest.approx({"mean": 0.92, "std": 0.02, "min": 0.9, "max": 0.94, "n": 3})
+    assert summarize([0.5]) == {"mean": 0.5, "std": 0.0, "min": 0.5, "max": 0.5, "n": 1}
+    with pytest.raises(ValueError):
+        summarize([])
 
 
 # --- corruptions ------------------------------------------------------------------------------------------------
@@ -217,7 +226,41 @@ def test_corruptions_are_seeded_and_grow_with_severity(cifar):
         K.corrupt(images, "fog", 6)
 
 
+def test_corruptions_are_pure_numpy_without_torch():
+    # Loaded on its own (not through the package, whose root imports torch): no torch, no package imports.
+    code = (
+        "import importlib.util, sys, numpy as np\n"
+        f"spec = importlib.util.spec_from_file_location('corruptions', {str(Path(K.__file__))!r})\n"
+        "k = importlib.util.module_from_spec(spec); spec.loader.exec_module(k)\n"
+        "out = k.corrupt(np.full((2, 8, 8, 3), 128, np.uint8), 'fog', 3)\n"
+        "assert out.dtype == np.uint8 and out.shape == (2, 8, 8, 3)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'cifar10_cnn')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 # --- `cifar10 evaluate` on real runs ----------------------------------------------------------------------
+
+
+def test_evaluate_model_computes_without_writing(trained_run, cifar, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = listing(trained_run)
+    model, _ = load_model(trained_run)
+    test = D.to_split(cifar.test_images[:300], cifar.test_labels[:300])
+    val = D.to_split(cifar.train_images[:200], cifar.train_labels[:200])
+    lines: list[str] = []
+    ev = evaluate_model(model, test, val=val, corruptions=True, corruption_images=40, echo=lines.append)
+    assert listing(trained_run) == before and not list(tmp_path.iterdir()), "evaluate_model wrote a file"
+    logits = evaluate_logits(model, test).numpy()
+    assert np.array_equal(ev.logits, logits) and ev.labels.tolist() == cifar.test_labels[:300].tolist()
+    assert ev.metrics == classification_metrics(logits, ev.labels)
+    val_logits = evaluate_logits(model, val).numpy()
+    assert ev.calibration["temperature"] == C.fit_temperature(val_logits, val.labels.numpy())
+    assert len(ev.errors) == 24 and all(ev.probs[i].argmax() != ev.labels[i] for i in ev.errors)
+    assert ev.robustness["images"] == 40 and set(ev.robustness["accuracy"]) == set(K.CORRUPTIONS)
+    assert len(lines) == 1 + len(K.CORRUPTIONS)
 
 
 def test_training_stores_calibration_and_the_temperature(trained_run):
@@ -250,6 +293,7 @@ def test_training_stores_calibration_and_the_temperature(trained_run):
 
 def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path, cache_dir):
     run = copy_run(trained_run, tmp_path)
+    weights_sha = hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()
     proc = run_cli("evaluate", str(run), "--corruption-images", "300", "--no-progress")
     assert "gaussian_noise" in proc.stdout and "mean corruption accuracy" in proc.stdout
     rob = json.loads((run / "eval" / "robustness.json").read_text())
@@ -276,6 +320,9 @@ def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path,
     weights.parent.mkdir()
     shutil.copy(run / "model.safetensors", weights)
     run_cli("evaluate", str(weights), "--no-progress")
+    # Evaluation writes under eval/, plots/, results.json and the report: the weights stay byte for byte.
+    assert hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest() == weights_sha
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == weights_sha
     out = tmp_path / "weights" / "model-eval"
     res = json.loads((out / "results.json").read_text())
     assert res["test_accuracy"] == results["test_accuracy"] and res["model"] == "seed_cnn"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import csv
 import json
-import os
 import re
 from pathlib import Path
 
@@ -14,23 +13,21 @@ import numpy as np
 import pytest
 from matplotlib.colors import to_rgb
 
-from cifar10_cnn import plots
+from cifar10_cnn import data, plots
+from cifar10_cnn.metrics import accuracy_interval
 from cifar10_cnn.report import write_report
 
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+from .conftest import DATA_DIR
+
+CLASSES = list(data.CLASSES)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_IMAGES = 64
 PLOT_NAMES = ["curves", "confusion", "per_class", "predictions", "augmentations"]
 
 
-def _data_dir() -> Path:
-    env = os.environ.get("CIFAR10_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/cifar10"
-
-
 @pytest.fixture(scope="module")
 def subset() -> tuple[np.ndarray, np.ndarray]:
-    path = _data_dir() / "test.npz"
+    path = DATA_DIR / "test.npz"
     if not path.exists():
         pytest.skip(f"CIFAR-10 test arrays not found at {path}; set CIFAR10_DATA to their directory")
     with np.load(path) as data:
@@ -289,6 +286,9 @@ def test_write_report(run_dir: Path) -> None:
     for c in CLASSES:
         assert re.search(rf"^\| {c} \| \d+\.\d\d% \|", md, re.M), f"per-class row for {c}"
     assert "only for this final evaluation" in md and "validation split" in md
+    # No stored interval in this results.json: the report computes the Wilson interval it names.
+    lo, hi = accuracy_interval(int(np.trace(np.array(results["confusion_matrix"]))), results["test_size"])
+    assert f"| 95% interval (Wilson) | {lo * 100:.2f}% to {hi * 100:.2f}% |" in md
     assert "crop+flip" in md and "onecycle" in md  # config table
     assert "| 3 (best) |" in md.replace("**", "")  # metrics table marks the best epoch
     assert "\\| piped" in md, "pipes in values must be escaped in Markdown tables"

@@ -235,9 +235,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_path
+    from .evaluate import evaluate_saved
 
-    evaluate_path(
+    evaluate_saved(
         args.run,
         data_dir=args.data_dir,
         allow_unverified=args.allow_unverified,

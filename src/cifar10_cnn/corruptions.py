@@ -6,17 +6,17 @@ constants, the same libraries where it matters (Pillow for pixelate and JPEG), a
 kernel written out in numpy. The random parts are drawn from a seeded generator per (corruption, severity),
 so every model is tested on the same corrupted images. This is a regenerated approximation: figures are
 close to, not identical with, those on the official files.
+
+Pure numpy (and Pillow): images in, images out. `evaluate.evaluate_corruptions` runs a model over them.
 """
 
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from torch import nn
 
 CORRUPTIONS = (
     "gaussian_noise",
@@ -246,47 +246,3 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.n
         # to 8 bits itself (rounding).
         out[start : start + CHUNK] = (np.rint(y) if name == "motion_blur" else y).astype(np.uint8)
     return out
-
-
-def evaluate_corruptions(
-    model: nn.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    corruptions: tuple[str, ...] = CORRUPTIONS,
-    severities: tuple[int, ...] = SEVERITIES,
-    seed: int = 0,
-    echo: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Accuracy of the model (no test-time augmentation) on each corruption and severity of the images."""
-    from . import data as D
-    from .inference import evaluate_logits
-
-    labels = np.asarray(labels)
-
-    def accuracy(x: np.ndarray) -> float:
-        logits = evaluate_logits(model, D.to_split(x, labels))
-        return float((logits.argmax(1).numpy() == labels).mean())
-
-    t0 = time.perf_counter()
-    table: dict[str, list[float]] = {}
-    clean = accuracy(images)
-    for name in corruptions:
-        table[name] = [accuracy(corrupt(images, name, s, seed)) for s in severities]
-        if echo:
-            row = "  ".join(f"{a:.1%}" for a in table[name])
-            echo(f"  {name:<17} {row}  ({time.perf_counter() - t0:.0f}s)")
-    per_severity = np.mean([table[c] for c in corruptions], axis=0)
-    return {
-        "note": APPROXIMATION_NOTE,
-        "seed": seed,
-        "images": len(labels),
-        "tta": 0,
-        "severities": list(severities),
-        "clean_accuracy": clean,
-        "accuracy": table,
-        "mean_corruption_accuracy": float(per_severity.mean()),
-        "mean_by_severity": per_severity.tolist(),
-        "mean_by_corruption": {c: float(np.mean(table[c])) for c in corruptions},
-        "seconds": time.perf_counter() - t0,
-    }

@@ -1,18 +1,20 @@
-"""Test-set evaluation of a trained model: metrics as pure functions on arrays, and the run's final results.
+"""Test-set evaluation of a trained model: compute everything first (`evaluate_model`), then write it.
 
     cifar10 evaluate runs/<run>                      # metrics, calibration, plots -> runs/<run>/eval/, report
     cifar10 evaluate runs/<run> --corruptions        # adds the robustness suite
     cifar10 evaluate model.safetensors               # a weights file: results go to model-eval/ beside it
 
-The test set is only ever measured here; the temperature is fitted on the run's validation split.
+The test set is only ever measured here; the temperature is fitted on the run's validation split. Evaluation
+writes only eval/, plots/, results.json and the report: never the weights (their temperature is fitted and
+stored at training time).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,141 +26,283 @@ from . import augment, plots
 from . import calibration as C
 from . import data as D
 from .config import TrainConfig
+from .corruptions import APPROXIMATION_NOTE, CORRUPTIONS, SEVERITIES, corrupt
 from .errors import UserError
 from .inference import evaluate_logits
-from .runs import read_json, read_metrics_csv, write_json
+from .metrics import classification_metrics, confident_errors
+from .models import count_params
+from .report import write_report
+from .runs import Run, read_json, write_json
 from .weights import load_model, model_fingerprint, weights_path
 
-EVAL_DIR = "eval"
 N_CONFIDENT_ERRORS = 24
+N_SAMPLES = (
+    32  # sample predictions shown: the same test images for every run, to compare runs picture by picture
+)
 
 
-def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int = 10) -> np.ndarray:
-    """Counts: rows are true classes, columns predicted classes."""
-    return np.bincount(num_classes * np.asarray(true) + np.asarray(pred), minlength=num_classes**2).reshape(
-        num_classes, num_classes
+# --- computing (no files) ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything one evaluation of a model on the test set measured."""
+
+    logits: np.ndarray  # (N, C) float32, at the evaluation's TTA level
+    labels: np.ndarray  # (N,)
+    images: np.ndarray  # (N, H, W, 3) uint8, for the plots
+    metrics: dict[str, Any]  # metrics.classification_metrics (keys "test_...")
+    calibration: dict[str, Any]  # calibration.temperature_scaling
+    errors: np.ndarray  # indices of the most confidently wrong predictions, most confident first
+    fingerprint: str  # weights.model_fingerprint
+    tta: int
+    robustness: dict[str, Any] | None  # evaluate_corruptions, if it was run
+    seconds: float
+
+    @property
+    def probs(self) -> np.ndarray:
+        return C.softmax(self.logits)
+
+
+def evaluate_corruptions(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    corruptions: tuple[str, ...] = CORRUPTIONS,
+    severities: tuple[int, ...] = SEVERITIES,
+    seed: int = 0,
+    echo: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Accuracy of the model (no test-time augmentation) on each corruption and severity of uint8 NHWC images."""
+    labels = np.asarray(labels)
+
+    def accuracy(x: np.ndarray) -> float:
+        logits = evaluate_logits(model, D.to_split(x, labels))
+        return float((logits.argmax(1).numpy() == labels).mean())
+
+    t0 = time.perf_counter()
+    table: dict[str, list[float]] = {}
+    clean = accuracy(images)
+    for name in corruptions:
+        table[name] = [accuracy(corrupt(images, name, s, seed)) for s in severities]
+        if echo:
+            row = "  ".join(f"{a:.1%}" for a in table[name])
+            echo(f"  {name:<17} {row}  ({time.perf_counter() - t0:.0f}s)")
+    per_severity = np.mean([table[c] for c in corruptions], axis=0)
+    return {
+        "note": APPROXIMATION_NOTE,
+        "seed": seed,
+        "images": len(labels),
+        "tta": 0,
+        "severities": list(severities),
+        "clean_accuracy": clean,
+        "accuracy": table,
+        "mean_corruption_accuracy": float(per_severity.mean()),
+        "mean_by_severity": per_severity.tolist(),
+        "mean_by_corruption": {c: float(np.mean(table[c])) for c in corruptions},
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _calibration(
+    model: nn.Module, val: D.Split | None, logits: np.ndarray, labels: np.ndarray, tta: int
+) -> dict[str, Any]:
+    """Temperature scaling fitted on the validation split at the evaluation's TTA level (none without one)."""
+    if val is None or len(val) == 0:
+        return C.temperature_scaling(logits, labels)
+    val_logits = evaluate_logits(model, val, tta=tta).numpy()
+    return C.temperature_scaling(logits, labels, val_logits, val.labels.cpu().numpy())
+
+
+def evaluate_model(
+    model: nn.Module,
+    test: D.Split,
+    *,
+    val: D.Split | None = None,
+    tta: int = 0,
+    corruptions: bool = False,
+    corruption_images: int | None = None,
+    corruption_seed: int = 0,
+    echo: Callable[[str], None] = print,
+) -> Evaluation:
+    """Measure the model on the test set (and the temperature on val, the robustness suite if asked); no files.
+
+    corruption_images: the first n test images for the robustness suite (None: all of them).
+    """
+    t0 = time.perf_counter()
+    tta = int(tta)
+    logits = evaluate_logits(model, test, tta=tta).numpy()
+    labels = test.labels.cpu().numpy()
+    images = test.images.cpu().permute(0, 2, 3, 1).numpy()
+    fingerprint = model_fingerprint(model)
+    robustness = None
+    if corruptions:
+        n = min(corruption_images or len(labels), len(labels))
+        echo(f"robustness: 10 corruptions x 5 severities on {n:,} test images (accuracy per severity 1-5)")
+        robustness = {
+            **evaluate_corruptions(model, images[:n], labels[:n], seed=corruption_seed, echo=echo),
+            "model_fingerprint": fingerprint,
+        }
+    return Evaluation(
+        logits=logits,
+        labels=labels,
+        images=images,
+        metrics=classification_metrics(logits, labels),
+        calibration=_calibration(model, val, logits, labels, tta),
+        errors=confident_errors(C.softmax(logits), labels, N_CONFIDENT_ERRORS),
+        fingerprint=fingerprint,
+        tta=tta,
+        robustness=robustness,
+        seconds=time.perf_counter() - t0,
     )
 
 
-def normalize_rows(cm: np.ndarray) -> np.ndarray:
-    """Each row divided by its sum (the share of a true class given to each prediction); empty rows stay 0."""
-    cm = np.asarray(cm, dtype=np.float64)
-    totals = cm.sum(1, keepdims=True)
-    return np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
-
-
-def per_class_accuracy(cm: np.ndarray) -> np.ndarray:
-    """Recall of each class (the diagonal over the row sums); NaN for a class with no images."""
-    totals = cm.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(totals > 0, np.diag(cm) / totals, np.nan)
-
-
-def precision_recall_f1(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-class precision, recall, F1 and support from a confusion matrix; 0 where undefined (0 / 0)."""
-    cm = np.asarray(cm, dtype=np.float64)
-    tp, predicted, actual = np.diag(cm), cm.sum(0), cm.sum(1)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
-    both = precision + recall
-    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(tp), where=both > 0)
-    return {"precision": precision, "recall": recall, "f1": f1, "support": actual.astype(int)}
-
-
-def accuracy_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of an accuracy of correct / n (95% for z = 1.96); sound near 0% and 100% too."""
-    if n <= 0:
-        raise ValueError("accuracy_interval: no images")
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Share of images whose true class is among the k highest logits."""
-    top = np.argsort(-np.asarray(logits), axis=1, kind="stable")[:, :k]
-    return float((top == np.asarray(labels)[:, None]).any(1).mean())
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    return C.softmax(logits)
-
-
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true labels."""
-    return C.nll(logits, labels)
-
-
-def classification_metrics(
-    logits: np.ndarray, labels: np.ndarray, classes: tuple[str, ...] = D.CLASSES
-) -> dict:
-    """Accuracy (with its 95% interval), top-2, loss, per-class scores and the confusion matrix."""
-    labels = np.asarray(labels)
-    pred = logits.argmax(1)
-    cm = confusion_matrix(labels, pred, len(classes))
-    scores = precision_recall_f1(cm)
-    correct = int((pred == labels).sum())
+def evaluation_record(ev: Evaluation, weights: Path) -> dict[str, Any]:
+    """The content of eval/metrics.json."""
+    probs = ev.probs
     return {
-        "test_accuracy": correct / len(labels),
-        "test_accuracy_ci95": list(accuracy_interval(correct, len(labels))),
-        "test_top2_accuracy": topk_accuracy(logits, labels, 2),
-        "test_loss": cross_entropy(logits, labels),
-        "per_class_accuracy": {c: float(a) for c, a in zip(classes, per_class_accuracy(cm), strict=True)},
-        "per_class": {
-            c: {k: float(scores[k][i]) if k != "support" else int(scores[k][i]) for k in scores}
-            for i, c in enumerate(classes)
-        },
-        "macro_f1": float(scores["f1"].mean()),
-        "confusion_matrix": cm.tolist(),
-        "confusion_matrix_normalized": normalize_rows(cm).round(6).tolist(),
+        "weights": str(weights),
+        "model_fingerprint": ev.fingerprint,
+        "test_size": len(ev.labels),
+        "tta": ev.tta,
+        "class_names": list(D.CLASSES),
+        **{k.removeprefix("test_"): v for k, v in ev.metrics.items()},
+        "calibration": ev.calibration,
+        "confident_errors": [
+            {
+                "index": int(i),
+                "true": D.CLASSES[ev.labels[i]],
+                "pred": D.CLASSES[int(probs[i].argmax())],
+                "confidence": float(probs[i].max()),
+            }
+            for i in ev.errors
+        ],
+        "eval_seconds": ev.seconds,
     }
 
 
-def temperature_scaling(
-    model: nn.Module, val: D.Split | None, test_logits: np.ndarray, test_labels: np.ndarray, *, tta: int = 0
+def results_fields(ev: Evaluation, robustness: dict[str, Any] | None) -> dict[str, Any]:
+    """What an evaluation adds to results.json (robustness: the suite's results valid for these weights)."""
+    before, after = ev.calibration["uncalibrated"], ev.calibration["calibrated"]
+    return {
+        **ev.metrics,
+        **{f"test_{k}": before[k] for k in ("nll", "brier", "ece", "mce")},
+        "temperature": ev.calibration["temperature"],
+        **{f"test_{k}_calibrated": after and after[k] for k in ("nll", "brier", "ece", "mce")},
+        "mean_corruption_accuracy": robustness and robustness["mean_corruption_accuracy"],
+        "test_size": len(ev.labels),
+        "tta": ev.tta,
+        "eval_seconds": ev.seconds,
+        "class_names": list(D.CLASSES),
+    }
+
+
+def summary_line(results: dict[str, Any], where: Path) -> str:
+    """The one line an evaluation prints."""
+    ece = f"ECE {results['test_ece']:.2%}"
+    if results["temperature"] is not None:
+        ece += f" ({results['test_ece_calibrated']:.2%} at temperature {results['temperature']:.3f})"
+    mca = results["mean_corruption_accuracy"]
+    mca_text = "" if mca is None else f"  mean corruption accuracy {mca:.2%}"
+    return (
+        f"test accuracy {results['test_accuracy']:.2%}  test loss {results['test_loss']:.4f}  "
+        f"{ece}{mca_text}  -> {where}"
+    )
+
+
+# --- writing: eval/, plots/, results.json, the report ------------------------------------------------------
+
+
+def _valid_robustness(run: Run, ev: Evaluation) -> dict[str, Any] | None:
+    """This evaluation's robustness suite, else one run earlier on the same weights (still valid), else None."""
+    if ev.robustness is not None:
+        return ev.robustness
+    previous = read_json(run.file("robustness"))
+    return previous if previous.get("model_fingerprint") == ev.fingerprint else None
+
+
+def _plot_test_set(run: Run, ev: Evaluation, results: dict[str, Any]) -> None:
+    """plots/: training curves, confusion matrix, per-class scores and sample predictions."""
+    classes = list(D.CLASSES)
+    rows = run.read_metrics()
+    if rows:
+        plots.plot_curves(rows, run.file("curves_png"))
+    plots.plot_confusion(np.array(results["confusion_matrix"]), classes, run.file("confusion_png"))
+    per_class = results["per_class"]
+    plots.plot_per_class(
+        results["per_class_accuracy"],
+        run.file("per_class_png"),
+        precision={c: v["precision"] for c, v in per_class.items()},
+        f1={c: v["f1"] for c, v in per_class.items()},
+    )
+    probs = ev.probs
+    pick = np.random.default_rng(0).choice(len(ev.labels), size=min(N_SAMPLES, len(ev.labels)), replace=False)
+    pred = probs[pick].argmax(1)
+    plots.plot_predictions(
+        ev.images[pick], ev.labels[pick], pred, classes, run.file("predictions_png"), probs=probs[pick, pred]
+    )
+
+
+def _plot_evaluation(run: Run, ev: Evaluation, robustness: dict[str, Any] | None) -> None:
+    """eval/: the reliability diagram, the most confident errors and, if measured, accuracy under corruption."""
+    cal = ev.calibration
+    plots.plot_reliability(
+        cal["uncalibrated"],
+        run.file("reliability_png"),
+        after=cal["calibrated"],
+        temperature=cal["temperature"],
+    )
+    probs = ev.probs
+    if len(ev.errors):
+        wrong = int((probs.argmax(1) != ev.labels).sum())
+        plots.plot_predictions(
+            ev.images[ev.errors],
+            ev.labels[ev.errors],
+            probs[ev.errors].argmax(1),
+            list(D.CLASSES),
+            run.file("confident_errors_png"),
+            probs=probs[ev.errors],
+            title=f"The {len(ev.errors)} most confidently wrong test predictions (of {wrong:,} wrong): "
+            "predicted class (confidence), true class",
+        )
+    else:
+        run.file("confident_errors_png").unlink(missing_ok=True)
+    if robustness is not None:
+        plots.plot_corruptions(
+            robustness["accuracy"],
+            robustness["clean_accuracy"],
+            run.file("corruptions_png"),
+            title=f"Accuracy under corruption, {robustness['images']:,} test images "
+            "(regenerated CIFAR-10-C approximation)",
+        )
+
+
+def write_evaluation(
+    run_dir: str | os.PathLike, ev: Evaluation, *, weights: Path, info: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Calibration of the test predictions before and after a temperature fitted on the validation split.
+    """Write an evaluation into a run directory: eval/, results.json (merged with info), plots/ and the report.
 
-    The temperature for the report is fitted at the evaluation's TTA level; the one stored with the weights
-    (for predict and serve, which see one view per image) is fitted without TTA.
+    Never touches the weights. Returns the updated results.json.
     """
-    before = C.calibration_metrics(test_logits, test_labels)
-    if val is None or len(val) == 0:
-        return {
-            "bins": C.N_BINS,
-            "uncalibrated": before,
-            "calibrated": None,
-            "temperature": None,
-            "stored_temperature": None,
-            "val_size": 0,
-            "note": "The run has no validation split (val_size 0), so no temperature was fitted: the test set "
-            "is never used for fitting. Probabilities are the model's own.",
-        }
-    val_labels = val.labels.cpu().numpy()
-    temperature = C.fit_temperature(evaluate_logits(model, val, tta=tta).numpy(), val_labels)
-    stored = temperature if tta == 0 else C.fit_temperature(evaluate_logits(model, val).numpy(), val_labels)
-    return {
-        "bins": C.N_BINS,
-        "uncalibrated": before,
-        "calibrated": C.calibration_metrics(test_logits, test_labels, temperature),
-        "temperature": temperature,
-        "stored_temperature": stored,
-        "val_size": len(val_labels),
-        "note": f"Temperature fitted on the validation split ({len(val_labels):,} images held out of the "
-        "training set) by minimising its NLL; the test set was not used for fitting.",
-    }
+    run = Run(Path(run_dir))
+    robustness = _valid_robustness(run, ev)
+    evaluation = evaluation_record(ev, weights)
+    run.mkdir("eval")
+    write_json(run.file("evaluation"), evaluation)
+    if ev.robustness is not None:
+        write_json(run.file("robustness"), ev.robustness)
+    elif robustness is None:  # measured on other weights: no longer true of these
+        run.file("robustness").unlink(missing_ok=True)
+        run.file("corruptions_png").unlink(missing_ok=True)
+    results = run.update_results({**(info or {}), **results_fields(ev, robustness)})
+    _plot_test_set(run, ev, results)
+    _plot_evaluation(run, ev, robustness)
+    write_report(run.path)
+    return results
 
 
-def confident_errors(probs: np.ndarray, labels: np.ndarray, n: int = N_CONFIDENT_ERRORS) -> np.ndarray:
-    """Indices of the n wrong predictions with the highest confidence, most confident first."""
-    pred, conf = probs.argmax(1), probs.max(1)
-    wrong = np.flatnonzero(pred != labels)
-    return wrong[np.argsort(-conf[wrong], kind="stable")[:n]]
-
-
-def evaluate_run(
+def evaluate_into_run(
     run_dir: str | os.PathLike,
     test: D.Split,
     *,
@@ -172,186 +316,84 @@ def evaluate_run(
     info: dict[str, Any] | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Evaluate a model on the test set once; write results.json, eval/, plots, the temperature and the report.
+    """Evaluate a model on the test set once and write the results into run_dir; returns results.json.
 
-    val: the run's validation split, to fit the temperature on (None or empty: no temperature). Everything
-    is computed before anything is written. Returns the updated results.json.
+    model: the model to evaluate (None: load weights, default the run's model.safetensors). val: the run's
+    validation split, to fit the reported temperature on (None or empty: no temperature).
     """
-    from .report import write_report
-
     run_dir = Path(run_dir)
-    weights = Path(weights) if weights is not None else run_dir / "model.safetensors"
+    weights = Path(weights) if weights is not None else Run(run_dir).file("weights")
     if model is None:
         model, _ = load_model(weights_path(weights))
-    t0 = time.perf_counter()
-    tta = int(tta)
-    logits = evaluate_logits(model, test, tta=tta).numpy()
-    labels = test.labels.cpu().numpy()
-    images = test.images.cpu().permute(0, 2, 3, 1).numpy()
-    metrics = classification_metrics(logits, labels)
-    calibration = temperature_scaling(model, val, logits, labels, tta=tta)
-    probs = C.softmax(logits)
-    errors = confident_errors(probs, labels)
-    fingerprint = model_fingerprint(model)
-    robustness = None
-    if corruptions:
-        from .corruptions import evaluate_corruptions
-
-        n = min(corruption_images or len(labels), len(labels))
-        echo(f"robustness: 10 corruptions x 5 severities on {n:,} test images (accuracy per severity 1-5)")
-        robustness = {
-            **evaluate_corruptions(model, images[:n], labels[:n], seed=corruption_seed, echo=echo),
-            "model_fingerprint": fingerprint,
-        }
-    eval_seconds = time.perf_counter() - t0
-
-    eval_dir = run_dir / EVAL_DIR
-    robustness_file = eval_dir / "robustness.json"
-    if robustness is None:
-        # A robustness suite run earlier stays valid while the weights are the same ones.
-        previous = read_json(robustness_file)
-        robustness = previous if previous.get("model_fingerprint") == fingerprint else None
-    before, after = calibration["uncalibrated"], calibration["calibrated"]
-    evaluation = {
-        "weights": str(weights),
-        "model_fingerprint": fingerprint,
-        "test_size": len(labels),
-        "tta": tta,
-        "class_names": list(D.CLASSES),
-        **{k.removeprefix("test_"): v for k, v in metrics.items()},
-        "calibration": calibration,
-        "confident_errors": [
-            {
-                "index": int(i),
-                "true": D.CLASSES[labels[i]],
-                "pred": D.CLASSES[int(probs[i].argmax())],
-                "confidence": float(probs[i].max()),
-            }
-            for i in errors
-        ],
-        "eval_seconds": eval_seconds,
-    }
-    results = {
-        **read_json(run_dir / "results.json"),
-        **(info or {}),
-        **metrics,
-        "test_nll": before["nll"],
-        "test_brier": before["brier"],
-        "test_ece": before["ece"],
-        "test_mce": before["mce"],
-        "temperature": calibration["temperature"],
-        "test_nll_calibrated": after and after["nll"],
-        "test_brier_calibrated": after and after["brier"],
-        "test_ece_calibrated": after and after["ece"],
-        "test_mce_calibrated": after and after["mce"],
-        "mean_corruption_accuracy": robustness and robustness["mean_corruption_accuracy"],
-        "test_size": len(labels),
-        "tta": tta,
-        "eval_seconds": eval_seconds,
-        "class_names": list(D.CLASSES),
-    }
-
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    write_json(eval_dir / "metrics.json", evaluation)
-    if corruptions:
-        write_json(robustness_file, robustness)
-    elif robustness is None:
-        robustness_file.unlink(missing_ok=True)
-        (eval_dir / "corruptions.png").unlink(missing_ok=True)
-    write_json(run_dir / "results.json", results)
-    write_plots(run_dir, logits, labels, images, results, evaluation, robustness)
-    if calibration["stored_temperature"] is not None and weights.is_file():
-        C.write_temperature(weights, calibration["stored_temperature"])
-    write_report(run_dir)
-    ece = f"ECE {before['ece']:.2%}"
-    if after is not None:
-        ece += f" ({after['ece']:.2%} at temperature {calibration['temperature']:.3f})"
-    mca = (
-        ""
-        if robustness is None
-        else f"  mean corruption accuracy {robustness['mean_corruption_accuracy']:.2%}"
+    ev = evaluate_model(
+        model,
+        test,
+        val=val,
+        tta=tta,
+        corruptions=corruptions,
+        corruption_images=corruption_images,
+        corruption_seed=corruption_seed,
+        echo=echo,
     )
-    echo(
-        f"test accuracy {metrics['test_accuracy']:.2%}  test loss {metrics['test_loss']:.4f}  {ece}{mca}  -> {run_dir}"
-    )
+    results = write_evaluation(run_dir, ev, weights=weights, info=info)
+    echo(summary_line(results, run_dir))
     return results
 
 
-def write_plots(
-    run_dir: Path,
-    logits: np.ndarray,
-    labels: np.ndarray,
-    images: np.ndarray,
-    results: dict[str, Any],
-    evaluation: dict[str, Any] | None = None,
-    robustness: dict[str, Any] | None = None,
-) -> None:
-    """The run's evaluation plots (plots/ and eval/), from arrays and the run directory's files."""
-    out = run_dir / "plots"
-    out.mkdir(exist_ok=True)
-    classes = list(D.CLASSES)
-    rows = read_metrics_csv(run_dir / "metrics.csv")
-    if rows:
-        plots.plot_curves(rows, out / "curves.png")
-    plots.plot_confusion(np.array(results["confusion_matrix"]), classes, out / "confusion.png")
-    per_class = results.get("per_class") or {}
-    plots.plot_per_class(
-        results["per_class_accuracy"],
-        out / "per_class.png",
-        precision={c: v["precision"] for c, v in per_class.items()} or None,
-        f1={c: v["f1"] for c, v in per_class.items()} or None,
-    )
-    probs = C.softmax(logits)
-    # The same 32 test images for every run, so that runs can be compared picture by picture.
-    pick = np.random.default_rng(0).choice(len(labels), size=min(32, len(labels)), replace=False)
-    pred = probs[pick].argmax(1)
-    plots.plot_predictions(
-        images[pick], labels[pick], pred, classes, out / "predictions.png", probs=probs[pick, pred]
-    )
-    if evaluation is None:
-        return
-    eval_dir = run_dir / EVAL_DIR
-    cal = evaluation["calibration"]
-    plots.plot_reliability(
-        cal["uncalibrated"],
-        eval_dir / "reliability.png",
-        after=cal["calibrated"],
-        temperature=cal["temperature"],
-    )
-    errors = np.array([e["index"] for e in evaluation["confident_errors"]], dtype=int)
-    if len(errors):
-        wrong = int((probs.argmax(1) != labels).sum())
-        plots.plot_predictions(
-            images[errors],
-            labels[errors],
-            probs[errors].argmax(1),
-            classes,
-            eval_dir / "confident_errors.png",
-            probs=probs[errors],
-            title=f"The {len(errors)} most confidently wrong test predictions (of {wrong:,} wrong): "
-            "predicted class (confidence), true class",
-        )
-    else:
-        (eval_dir / "confident_errors.png").unlink(missing_ok=True)
-    if robustness is not None:
-        plots.plot_corruptions(
-            robustness["accuracy"],
-            robustness["clean_accuracy"],
-            eval_dir / "corruptions.png",
-            title=f"Accuracy under corruption, {robustness['images']:,} test images "
-            "(regenerated CIFAR-10-C approximation)",
-        )
+# --- `cifar10 evaluate`: a run directory or a weights file -------------------------------------------------
 
 
 def run_config(path: Path, metadata: dict[str, Any]) -> TrainConfig | None:
     """The training config of a run directory (config.json) or of a weights file (its metadata), if any."""
     if path.is_dir():
-        return TrainConfig.load(path / "config.json") if (path / "config.json").is_file() else None
+        config = Run(path).file("config")
+        return TrainConfig.load(config) if config.is_file() else None
     saved = metadata.get("config")
     return TrainConfig.from_dict(saved) if isinstance(saved, dict) and saved else None
 
 
-def evaluate_path(
+def _check_request(
+    path: Path,
+    weights: Path,
+    metadata: dict[str, Any],
+    out: str | os.PathLike | None,
+    corruption_images: int | None,
+) -> None:
+    """Refuse, before anything is read or written, what cannot be evaluated as asked."""
+    classes = list(metadata.get("classes") or D.CLASSES)
+    if classes != list(D.CLASSES):
+        raise UserError(
+            f"{weights} classifies {len(classes)} classes ({', '.join(map(str, classes[:4]))}, ...), "
+            "not the CIFAR-10 classes; it cannot be evaluated on the CIFAR-10 test set"
+        )
+    if path.is_dir() and out is not None:
+        raise UserError("--out is for a weights file; a run directory is evaluated into itself")
+    if corruption_images is not None and corruption_images < 1:
+        raise UserError("--corruption-images must be at least 1")
+
+
+def _validation_split(cfg: TrainConfig | None, data: D.CIFAR10) -> D.Split | None:
+    """The run's validation split, rebuilt exactly as training built it (same size, seed and subset), so it
+    never overlaps training; None without a config or a validation split."""
+    if cfg is None or cfg.resolved_val_size <= 0:
+        return None
+    return D.make_splits(data, **cfg.split_args()).val
+
+
+def _weights_file_info(
+    weights: Path, model: nn.Module, metadata: dict[str, Any], cfg: TrainConfig | None, val: D.Split | None
+) -> dict[str, Any]:
+    """What results.json says about a weights file evaluated on its own (a run directory already has it)."""
+    return {
+        "model": metadata.get("architecture"),
+        "params": count_params(model),
+        "recipe": cfg.recipe if cfg else None,
+        "val_size": len(val) if val is not None else 0,
+        "weights": str(weights),
+    }
+
+
+def evaluate_saved(
     path: str | os.PathLike,
     *,
     data: D.CIFAR10 | None = None,
@@ -364,50 +406,30 @@ def evaluate_path(
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> Path:
-    """Evaluate a run directory (into itself) or a weights file (into out, default <name>-eval/ beside it).
+    """Evaluate a saved model: a run directory (into itself) or a weights file (into out, default
+    <name>-eval/ beside it). The CLI's `evaluate`.
 
     Everything that can be wrong (no finished model, unknown architecture, other classes, data failing
     verification) is checked before anything is written. Returns the directory written.
     """
-    from .models import count_params
-
     path = Path(path)
     weights = weights_path(path)
     model, metadata = load_model(weights)
-    classes = list(metadata.get("classes") or D.CLASSES)
-    if classes != list(D.CLASSES):
-        raise UserError(
-            f"{weights} classifies {len(classes)} classes ({', '.join(map(str, classes[:4]))}, ...), "
-            "not the CIFAR-10 classes; it cannot be evaluated on the CIFAR-10 test set"
-        )
-    if path.is_dir() and out is not None:
-        raise UserError("--out is for a weights file; a run directory is evaluated into itself")
-    if corruption_images is not None and corruption_images < 1:
-        raise UserError("--corruption-images must be at least 1")
+    _check_request(path, weights, metadata, out, corruption_images)
     cfg = run_config(path, metadata)
     if data is None:
         data = D.load_cifar10(data_dir, allow_unverified=allow_unverified, progress=progress)
-    val = None
-    if cfg is not None and cfg.resolved_val_size > 0:
-        # Rebuilt exactly as training built it: same size, seed and subset, so it never overlaps training.
-        val = D.make_splits(data, **cfg.split_args()).val
-    test = D.to_split(data.test_images, data.test_labels)
+    val = _validation_split(cfg, data)
     info: dict[str, Any] = {"data": data.provenance()}
     if path.is_dir():
         run_dir = path
     else:
         run_dir = Path(out) if out is not None else weights.with_name(f"{weights.stem}-eval")
         run_dir.mkdir(parents=True, exist_ok=True)
-        info |= {
-            "model": metadata.get("architecture"),
-            "params": count_params(model),
-            "recipe": cfg.recipe if cfg else None,
-            "val_size": len(val) if val is not None else 0,
-            "weights": str(weights),
-        }
-    evaluate_run(
+        info |= _weights_file_info(weights, model, metadata, cfg, val)
+    evaluate_into_run(
         run_dir,
-        test,
+        D.to_split(data.test_images, data.test_labels),
         tta=tta,
         model=model,
         val=val,
@@ -420,8 +442,8 @@ def evaluate_path(
     return run_dir
 
 
-def augmentation_preview(train: D.Split, out: Path, cfg, seed: int = 0) -> Path:
-    """A grid of training images after the run's augmentation (cfg: the run's TrainConfig)."""
+def augmentation_preview(train: D.Split, out: Path, cfg: TrainConfig, seed: int = 0) -> Path:
+    """A grid of training images after the run's augmentation."""
     gen = torch.Generator().manual_seed(seed)
     x = train.images[: min(32, len(train))].cpu()
     aug = augment.augment_batch(

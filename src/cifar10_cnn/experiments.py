@@ -6,7 +6,6 @@ cifar10 train --recipe seed --cv 5         # runs fold0..fold4 and cv.json (vali
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import replace
@@ -17,16 +16,9 @@ from . import distributed
 from .config import TrainConfig
 from .data import CIFAR10, load_cifar10
 from .errors import UserError
+from .metrics import summarize
 from .runs import Run, default_run_dir, write_json
 from .train import train
-
-
-def summarize(values: list[float]) -> dict[str, float]:
-    """Mean, sample standard deviation, min and max."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": n}
 
 
 def _group_dir(cfg: TrainConfig, out: Path | None, suffix: str) -> Path:

@@ -11,22 +11,23 @@ evaluation): absent values read "n/a".
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import math
 import os
-import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from . import plots
+from .data import CLASSES
 from .errors import UserError
+from .metrics import accuracy_interval, summarize
+from .runs import RUN_FILES, Run, read_json, write_atomic
 
 __all__ = [
-    "CIFAR10_CLASSES",
     "ReportError",
     "RunNotFound",
     "write_comparison",
@@ -34,18 +35,6 @@ __all__ = [
     "write_reports",
 ]
 
-CIFAR10_CLASSES = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
 NA = "n/a"
 
 
@@ -57,31 +46,30 @@ class ReportError(UserError, ValueError):
     """Run files that cannot make a report (unreadable JSON, runs that cannot be compared)."""
 
 
-# Known figures (path in the run directory) with captions; other PNGs in plots/ follow, captioned by name.
+# Known figures (runs.RUN_FILES keys) with captions; other PNGs in plots/ follow, captioned by name.
 FIGURES = {
-    "eval/reliability.png": "Reliability diagram on the test set: accuracy against confidence in 15 bins, "
+    "reliability_png": "Reliability diagram on the test set: accuracy against confidence in 15 bins, "
     "before and after temperature scaling; bars below the diagonal are over-confident. The grey bars show "
     "where the images are.",
-    "plots/confusion.png": "Confusion matrix on the test set: rows are true classes, columns predicted classes.",
-    "plots/per_class.png": "Test precision, recall (accuracy) and F1 per class; the dashed line is the mean "
+    "confusion_png": "Confusion matrix on the test set: rows are true classes, columns predicted classes.",
+    "per_class_png": "Test precision, recall (accuracy) and F1 per class; the dashed line is the mean "
     "accuracy over classes.",
-    "eval/confident_errors.png": "The test images the model got wrong with the highest confidence.",
-    "plots/predictions.png": "Sample test predictions with confidence: green titles are right, red are wrong.",
-    "eval/corruptions.png": "Test accuracy under each corruption by severity (regenerated CIFAR-10-C "
+    "confident_errors_png": "The test images the model got wrong with the highest confidence.",
+    "predictions_png": "Sample test predictions with confidence: green titles are right, red are wrong.",
+    "corruptions_png": "Test accuracy under each corruption by severity (regenerated CIFAR-10-C "
     "approximation); the dashed black line is the mean over corruptions.",
-    "plots/curves.png": "Loss and accuracy per epoch (train and validation); the dotted line marks the best "
+    "curves_png": "Loss and accuracy per epoch (train and validation); the dotted line marks the best "
     "validation epoch.",
-    "plots/augmentations.png": "Training images as the model sees them, after augmentation.",
+    "augmentations_png": "Training images as the model sees them, after augmentation.",
 }
 SECTION_FIGURES = {
-    "calibration": ["eval/reliability.png"],
-    "classes": ["plots/per_class.png", "plots/confusion.png"],
-    "errors": ["eval/confident_errors.png", "plots/predictions.png"],
-    "robustness": ["eval/corruptions.png"],
-    "training": ["plots/curves.png", "plots/augmentations.png"],
+    "calibration": ["reliability_png"],
+    "classes": ["per_class_png", "confusion_png"],
+    "errors": ["confident_errors_png", "predictions_png"],
+    "robustness": ["corruptions_png"],
+    "training": ["curves_png", "augmentations_png"],
 }
 
-METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 ROBUSTNESS_HINT = "Not measured: `cifar10 evaluate RUN --corruptions` adds it."
 
 
@@ -92,11 +80,11 @@ class _Run:
     name: str
     path: Path = field(default_factory=Path)
     config: dict[str, Any] = field(default_factory=dict)
-    metrics: list[dict[str, str]] = field(default_factory=list)
+    metrics: list[dict[str, float | None]] = field(default_factory=list)  # metrics.csv
     results: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)  # eval/metrics.json
     robustness: dict[str, Any] = field(default_factory=dict)  # eval/robustness.json, for these weights
-    figures: dict[str, Path] = field(default_factory=dict)  # known figure key -> file
+    figures: dict[str, Path] = field(default_factory=dict)  # FIGURES key -> file
     extra_plots: list[tuple[Path, str]] = field(default_factory=list)
 
 
@@ -124,55 +112,28 @@ class _Section:
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{path} is not valid JSON ({e}); re-run evaluation to rewrite it") from None
-    if not isinstance(data, dict):
-        raise ReportError(f"{path} should hold a JSON object, found {type(data).__name__}")
-    return data
-
-
-def _read_metrics(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with path.open(newline="", encoding="utf-8") as f:
-        return [row for row in csv.DictReader(f) if any((v or "").strip() for v in row.values())]
-
-
 def _load_run(run_dir: Path) -> _Run:
-    if not run_dir.is_dir():
-        raise RunNotFound(f"run directory {run_dir} does not exist; pass the directory of a training run")
-    names = ("config.json", "metrics.csv", "results.json")
-    if not any((run_dir / n).exists() for n in names):
-        raise RunNotFound(f"{run_dir} is not a run directory: none of {', '.join(names)} found")
-    config = _read_json(run_dir / "config.json")
-    evaluation = _read_json(run_dir / "eval" / "metrics.json")
-    robustness = _read_json(run_dir / "eval" / "robustness.json")
+    run = Run(Path(run_dir))
+    if not run.path.is_dir():
+        raise RunNotFound(f"run directory {run.path} does not exist; pass the directory of a training run")
+    names = [RUN_FILES[key] for key in ("config", "metrics", "results")]
+    if not any((run.path / n).exists() for n in names):
+        raise RunNotFound(f"{run.path} is not a run directory: none of {', '.join(names)} found")
+    config = read_json(run.file("config"))
+    evaluation = read_json(run.file("evaluation"))
+    robustness = read_json(run.file("robustness"))
     if robustness.get("model_fingerprint") != evaluation.get("model_fingerprint"):
         robustness = {}  # measured on other weights than the ones evaluated
-    figures = {key: run_dir / key for key in FIGURES if (run_dir / key).is_file()}
+    figures = {key: run.file(key) for key in FIGURES if run.file(key).is_file()}
     if not robustness:
-        figures.pop("eval/corruptions.png", None)
-    plots_dir = run_dir / "plots"
+        figures.pop("corruptions_png", None)
+    plots_dir = run.dir("plots")
+    known = {run.file(key) for key in FIGURES}
     found = sorted(plots_dir.glob("*.png")) if plots_dir.is_dir() else []
-    extra = [
-        (p, p.stem.replace("_", " ").capitalize() + ".") for p in found if f"plots/{p.name}" not in FIGURES
-    ]
-    name = str(config.get("run_name") or config.get("name") or run_dir.resolve().name)
+    extra = [(p, p.stem.replace("_", " ").capitalize() + ".") for p in found if p not in known]
+    name = str(config.get("run_name") or config.get("name") or run.path.resolve().name)
     return _Run(
-        name,
-        run_dir,
-        config,
-        _read_metrics(run_dir / "metrics.csv"),
-        _read_json(run_dir / "results.json"),
-        evaluation,
-        robustness,
-        figures,
-        extra,
+        name, run.path, config, run.read_metrics(), run.read_results(), evaluation, robustness, figures, extra
     )
 
 
@@ -256,7 +217,7 @@ def _class_names(results: dict[str, Any]) -> list[str]:
     per_class = results.get("per_class_accuracy")
     if isinstance(per_class, dict) and per_class:
         return [str(n) for n in per_class]
-    return list(CIFAR10_CLASSES)
+    return list(CLASSES)
 
 
 def _data_source(results: dict[str, Any]) -> str:
@@ -270,15 +231,14 @@ def _data_source(results: dict[str, Any]) -> str:
 
 
 def _ci(results: dict[str, Any]) -> tuple[float, float] | None:
-    """The stored 95% interval of the test accuracy, else a normal approximation from the test size."""
+    """The stored 95% Wilson interval of the test accuracy, else the same computed from accuracy and size."""
     stored = results.get("test_accuracy_ci95")
     if isinstance(stored, list) and len(stored) == 2 and all(_number(v) is not None for v in stored):
         return float(stored[0]), float(stored[1])
     p, n = _number(results.get("test_accuracy")), _number(results.get("test_size"))
     if p is None or n is None or n < 1 or not 0.0 <= p <= 1.0:
         return None
-    half = 1.96 * math.sqrt(p * (1.0 - p) / n)
-    return max(p - half, 0.0), min(p + half, 1.0)
+    return accuracy_interval(round(p * n), round(n))
 
 
 def _ci_text(results: dict[str, Any]) -> str:
@@ -472,7 +432,9 @@ def _config_table(run: _Run) -> _Table | None:
 
 def _figures(run: _Run, section: str) -> list[_Figure]:
     return [
-        _Figure(run.figures[key], FIGURES[key], key) for key in SECTION_FIGURES[section] if key in run.figures
+        _Figure(run.figures[key], FIGURES[key], RUN_FILES[key])
+        for key in SECTION_FIGURES[section]
+        if key in run.figures
     ]
 
 
@@ -520,7 +482,8 @@ def _sections(run: _Run) -> list[_Section]:
     if run.extra_plots:
         sections.append(
             _Section(
-                "Other plots", [_Figure(p, caption, f"plots/{p.name}") for p, caption in run.extra_plots]
+                "Other plots",
+                [_Figure(p, caption, p.relative_to(run.path).as_posix()) for p, caption in run.extra_plots],
             )
         )
     return sections
@@ -710,41 +673,20 @@ def _run_html(run: _Run) -> str:
 # ----------------------------------------------------------------------------- entry points: one run
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file so a crash never leaves half a report behind."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def write_report(run_dir: Path) -> tuple[Path, Path]:
     """Write run_dir/report.md and a self-contained run_dir/report.html from the run directory's files."""
-    run_dir = Path(run_dir)
-    run = _load_run(run_dir)
-    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    run = _load_run(Path(run_dir))
     md, page = _run_markdown(run), _run_html(run)  # both built before either is written
-    _write_atomic(md_path, md)
-    _write_atomic(html_path, page)
-    return md_path, html_path
+    paths = Run(run.path).file("report_md"), Run(run.path).file("report_html")
+    write_atomic(paths[0], md)
+    write_atomic(paths[1], page)
+    return paths
 
 
 # ----------------------------------------------------------------------------- several runs
 
-
-def _stats(values: list[float]) -> dict[str, float]:
-    """Mean, sample standard deviation, min and max (as train.summarize)."""
-    mean = statistics.fmean(values)
-    return {
-        "mean": mean,
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
-
-
 # (results.json key, label, formatter) of the metrics summarised over runs.
-COMPARED = [
+COMPARED: list[tuple[str, str, Callable[[Any], str]]] = [
     ("test_accuracy", "test accuracy", _pct),
     ("test_top2_accuracy", "top-2 accuracy", _pct),
     ("macro_f1", "macro F1", _pct),
@@ -778,11 +720,11 @@ def expand_runs(paths: Sequence[str | os.PathLike]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         summary = p / "summary.json"
-        if p.is_dir() and summary.is_file() and not (p / "results.json").exists():
-            runs = _read_json(summary).get("runs") or []
-            found = [p / Path(r).name for r in runs]
+        if p.is_dir() and summary.is_file() and not Run(p).file("results").exists():
+            runs = read_json(summary).get("runs") or []
+            found = [p / Path(str(r)).name for r in runs]
             out += [r for r in found if r.is_dir()] or sorted(
-                d for d in p.iterdir() if (d / "results.json").is_file()
+                d for d in p.iterdir() if Run(d).file("results").is_file()
             )
         else:
             out.append(p)
@@ -816,38 +758,26 @@ def _comparison_names(runs: list[_Run]) -> list[str]:
     return [n if n != "." else r.name for n, r in zip(names, runs, strict=True)]
 
 
-def write_comparison(
-    paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None
-) -> tuple[Path, Path]:
-    """report.md and a self-contained report.html comparing several runs; figures in <out stem>_plots/.
-
-    Runs of one recipe (same config but the seed) are summarised as mean ± std, min and max.
-    """
-    from . import plots
-
-    runs = _load_comparable([Path(p) for p in paths])
-    if len(runs) < 2:
-        raise ReportError("a comparison needs at least two runs")
-    names = _comparison_names(runs)
+def _comparison_paths(runs: list[_Run], out: str | os.PathLike | None) -> tuple[Path, Path, Path]:
+    """(report.md, report.html, folder of figures): by default report.html in the runs' common folder."""
     if out is None:
-        common = Path(os.path.commonpath([r.path.resolve() for r in runs]))
-        out = common / "report.html"
+        out = Path(os.path.commonpath([r.path.resolve() for r in runs])) / "report.html"
     html_path = Path(out)
     if html_path.suffix.lower() != ".html":
         html_path = html_path / "report.html" if html_path.is_dir() else html_path.with_suffix(".html")
-    md_path = html_path.with_suffix(".md")
-    fig_dir = html_path.with_name(f"{html_path.stem}_plots")
-    fig_dir.mkdir(parents=True, exist_ok=True)
+    return html_path.with_suffix(".md"), html_path, html_path.with_name(f"{html_path.stem}_plots")
 
-    figures: list[_Figure] = []
+
+def _comparison_figures(runs: list[_Run], names: list[str], fig_dir: Path) -> list[_Figure]:
+    """Accuracy with intervals, overlaid training curves and robustness by severity, drawn into fig_dir."""
     link = f"{fig_dir.name}/"
     results = [r.results for r in runs]
     plots.plot_run_comparison(
         names, [r["test_accuracy"] for r in results], [_ci(r) for r in results], fig_dir / "accuracy.png",
         ece=[_number(r.get("test_ece")) for r in results],
     )  # fmt: skip
-    figures.append(_Figure(fig_dir / "accuracy.png", "Test accuracy of each run with its 95% interval, "
-                           "and its expected calibration error.", link + "accuracy.png"))  # fmt: skip
+    figures = [_Figure(fig_dir / "accuracy.png", "Test accuracy of each run with its 95% interval, "
+                       "and its expected calibration error.", link + "accuracy.png")]  # fmt: skip
     curves = {name: run.metrics for name, run in zip(names, runs, strict=True) if run.metrics}
     if curves:
         plots.plot_runs_curves(curves, fig_dir / "curves.png")
@@ -865,17 +795,18 @@ def write_comparison(
         )
         figures.append(_Figure(fig_dir / "corruptions.png", "Mean accuracy over the 10 corruptions by severity, "
                                "one line per run.", link + "corruptions.png"))  # fmt: skip
+    return figures
 
-    sections = _comparison_sections(runs, names, figures)
-    title = f"Comparison of {len(runs)} runs"
+
+def _comparison_headlines(runs: list[_Run], names: list[str]) -> tuple[list[str], list[str]]:
+    """The headline of the Markdown page and the summary card of the HTML page."""
+    results = [r.results for r in runs]
     best = max(range(len(runs)), key=lambda i: results[i]["test_accuracy"])
-    headline_md = [
+    md = [
         f"**{len(runs)} runs; best test accuracy {_pct(results[best]['test_accuracy'])} ({names[best]})**",
         "",
     ]
-    md = _markdown(title, headline_md, sections)
-    accs = [r["test_accuracy"] for r in results]
-    s = _stats(accs)
+    s = summarize([r["test_accuracy"] for r in results])
     card = [
         '<section class="card"><div class="headlines">',
         _headline(
@@ -891,13 +822,33 @@ def write_comparison(
         )
         + "</dl></section>",
     ]
-    page = _html(title, card, sections)
-    _write_atomic(md_path, md)
-    _write_atomic(html_path, page)
+    return md, card
+
+
+def write_comparison(
+    paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None
+) -> tuple[Path, Path]:
+    """report.md and a self-contained report.html comparing several runs; figures in <out stem>_plots/.
+
+    Runs of one recipe (same config but the seed) are summarised as mean ± std, min and max.
+    """
+    runs = _load_comparable([Path(p) for p in paths])
+    if len(runs) < 2:
+        raise ReportError("a comparison needs at least two runs")
+    names = _comparison_names(runs)
+    md_path, html_path, fig_dir = _comparison_paths(runs, out)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    sections = _comparison_sections(runs, names, _comparison_figures(runs, names, fig_dir))
+    title = f"Comparison of {len(runs)} runs"
+    headline_md, card = _comparison_headlines(runs, names)
+    md, page = _markdown(title, headline_md, sections), _html(title, card, sections)
+    write_atomic(md_path, md)
+    write_atomic(html_path, page)
     return md_path, html_path
 
 
-def _comparison_sections(runs: list[_Run], names: list[str], figures: list[_Figure]) -> list[_Section]:
+def _runs_table(runs: list[_Run], names: list[str]) -> _Table:
+    """One row per run: what it is and its headline figures."""
     rows = []
     for name, run in zip(names, runs, strict=True):
         r, c = run.results, run.config
@@ -917,56 +868,69 @@ def _comparison_sections(runs: list[_Run], names: list[str], figures: list[_Figu
         ])  # fmt: skip
     headers = ["run", "model", "recipe", "seed", "epochs", "train time", "test accuracy (95% interval)",
                "test NLL", "ECE", "ECE after T", "temperature T", "mean corruption acc."]  # fmt: skip
-    sections = [_Section("Runs", [_Table(headers, rows, set(range(3, len(headers))))])]
+    return _Table(headers, rows, set(range(3, len(headers))))
 
+
+def _group_stats(group: list[_Run]) -> _Table:
+    """Mean ± sample std, min and max over the runs of one recipe, per compared metric."""
+    rows = []
+    for key, label, fmt in COMPARED:
+        # Robustness counts only where it was measured on the weights evaluated.
+        values = [
+            _number(run.results.get(key))
+            for run in group
+            if key != "mean_corruption_accuracy" or run.robustness
+        ]
+        values = [v for v in values if v is not None]
+        if not values:
+            continue
+        s = summarize(values)
+        std = f"{s['std'] * 100:.2f} points" if fmt is _pct else fmt(s["std"])
+        rows.append([label, f"{fmt(s['mean'])} ± {std}", fmt(s["min"]), fmt(s["max"]), str(s["n"])])
+    return _Table(["metric", "mean ± std", "min", "max", "runs"], rows, {1, 2, 3, 4})
+
+
+def _recipe_section(runs: list[_Run], names: list[str]) -> _Section:
+    """The runs grouped by recipe; each group of two or more summarised."""
     groups: dict[str, list[int]] = {}
     for i, run in enumerate(runs):
         groups.setdefault(_group_key(run), []).append(i)
-    summary = _Section("Runs of one recipe: mean ± std over seeds")
+    section = _Section("Runs of one recipe: mean ± std over seeds")
     for members in groups.values():
         if len(members) < 2:
             continue
         group = [runs[i] for i in members]
-        stat_rows = []
-        for key, label, fmt in COMPARED:
-            values = [_number(run.results.get(key)) for run in group]
-            values = [v for v in values if v is not None]
-            if key == "mean_corruption_accuracy":
-                values = [
-                    run.results[key] for run in group if run.robustness and _number(run.results.get(key))
-                ]
-            if not values:
-                continue
-            s = _stats(values)
-            std = f"{s['std'] * 100:.2f} points" if fmt is _pct else fmt(s["std"])
-            stat_rows.append([label, f"{fmt(s['mean'])} ± {std}", fmt(s["min"]), fmt(s["max"]), str(s["n"])])
-        summary.blocks += [
+        section.blocks += [
             f"{_group_name(group)}: {len(group)} runs ({', '.join(names[i] for i in members)}); std is the sample "
             "standard deviation over runs.",
-            _Table(["metric", "mean ± std", "min", "max", "runs"], stat_rows, {1, 2, 3, 4}),
+            _group_stats(group),
         ]
-    if not summary.blocks:
-        summary.blocks.append("No two runs share a recipe (the same config but for the seed).")
-    sections.append(summary)
-    sections.append(_Section("Plots", list(figures)))
+    if not section.blocks:
+        section.blocks.append("No two runs share a recipe (the same config but for the seed).")
+    return section
 
-    classes = _class_names(runs[0].results)
-    per_class_rows = []
-    for c in classes:
+
+def _per_class_comparison(runs: list[_Run], names: list[str]) -> _Table:
+    rows = []
+    for c in _class_names(runs[0].results):
         row = [c]
         for run in runs:
             pc = run.results.get("per_class_accuracy")
             row.append(_pct(pc.get(c)) if isinstance(pc, dict) else NA)
-        per_class_rows.append(row)
-    sections.append(
-        _Section(
-            "Per-class test accuracy",
-            [_Table(["class", *names], per_class_rows, set(range(1, len(names) + 1)))],
-        )
-    )
-    links = [f"{name}: `{run.path / 'report.html'}`" for name, run in zip(names, runs, strict=True)]
-    sections.append(_Section("Each run's own report", ["; ".join(links)]))
-    return sections
+        rows.append(row)
+    return _Table(["class", *names], rows, set(range(1, len(names) + 1)))
+
+
+def _comparison_sections(runs: list[_Run], names: list[str], figures: list[_Figure]) -> list[_Section]:
+    """The comparison page's sections in reading order."""
+    links = [f"{name}: `{Run(run.path).file('report_html')}`" for name, run in zip(names, runs, strict=True)]
+    return [
+        _Section("Runs", [_runs_table(runs, names)]),
+        _recipe_section(runs, names),
+        _Section("Plots", list(figures)),
+        _Section("Per-class test accuracy", [_per_class_comparison(runs, names)]),
+        _Section("Each run's own report", ["; ".join(links)]),
+    ]
 
 
 def write_reports(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> list[Path]:

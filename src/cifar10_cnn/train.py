@@ -31,7 +31,7 @@ from .config import TrainConfig
 from .data import CIFAR10, Split, Splits, batch_indices, load_cifar10, make_splits
 from .device import autocast_dtype, precision_name, select_device
 from .errors import CheckpointError, TrainingDiverged, UserError
-from .evaluate import augmentation_preview, evaluate_run
+from .evaluate import augmentation_preview, evaluate_into_run
 from .inference import evaluate_logits, loss_and_accuracy
 from .logs import EpochLog, SilentLog
 from .models import count_params, create_model
@@ -417,7 +417,7 @@ def finish_run(
     extra = {"temperature": temperature} if temperature is not None else None
     save_weights(result.model, run.file("weights"), architecture=cfg.model, config=cfg.to_dict(), extra=extra)
     run.update_results(training_results(cfg, t, data, splits, result))
-    evaluate_run(run.path, splits.test, tta=cfg.tta, model=result.model, val=splits.val, echo=echo)
+    evaluate_into_run(run.path, splits.test, tta=cfg.tta, model=result.model, val=splits.val, echo=echo)
 
 
 def stored_temperature(model: nn.Module, val: Split) -> float | None:
