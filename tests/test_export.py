@@ -107,9 +107,9 @@ def test_the_fast_net_exports_exactly(fast_net, tmp_path, held_out, cifar, fmt):
 def test_a_failed_verification_keeps_nothing(trained_run, tmp_path, monkeypatch, cifar):
     real = E.onnx_bytes
 
-    def perturbed(model, meta, info):
-        model = create_model(info.architecture)  # different weights: the export cannot match
-        return real(model, meta, info)
+    def perturbed(model, meta):
+        model = create_model(meta.architecture)  # different weights: the export cannot match
+        return real(model, meta)
 
     monkeypatch.setattr(E, "onnx_bytes", perturbed)
     out = tmp_path / "bad.onnx"
@@ -120,8 +120,7 @@ def test_a_failed_verification_keeps_nothing(trained_run, tmp_path, monkeypatch,
 
 def test_verify_onnx_checks_batch_one_too(trained_run, cifar):
     model, meta = load_model(trained_run)
-    info = E.describe(trained_run, meta, trained_run / "model.safetensors", 1)
-    data = E.onnx_bytes(model, meta, info)
+    data = E.onnx_bytes(model, meta)
     assert E.verify_onnx(data, model, cifar.test_images[:16]) < E.ATOL
     with torch.no_grad():
         model.classifier[-1].bias += 1e-3  # now the reference differs by 1e-3

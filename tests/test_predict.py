@@ -13,15 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar10_cnn.predict import (
-    ImageError,
-    find_images,
-    load_image,
-    load_predictor,
-    preprocess,
-    read_image_file,
-    softmax,
-)
+from cifar10_cnn.calibration import softmax
+from cifar10_cnn.images import ImageError, find_images, load_image, preprocess, read_image_file
+from cifar10_cnn.predict import load_predictor
 from tests.conftest import error_line, run_cli
 
 
@@ -229,15 +223,15 @@ def test_predictions_match_the_model_on_the_arrays(trained_run, test_images):
 
     predictor = load_predictor(trained_run)
     model, meta = load_model(trained_run)
-    want = softmax(torch_logits(model, test_images), meta.get("temperature", 1.0))  # calibrated, when it is
+    want = softmax(torch_logits(model, test_images), meta.temperature)  # calibrated, when it is
     got = predictor.probabilities(test_images)
     assert np.abs(got - want).max() < 1e-6
     assert np.allclose(got.sum(1), 1, atol=1e-5)
     tops = predictor.top_k(test_images[:3], 3)
-    assert [t[0][0] for t in tops] == [predictor.info.classes[i] for i in want[:3].argmax(1)]
+    assert [t[0][0] for t in tops] == [predictor.meta.classes[i] for i in want[:3].argmax(1)]
     assert all(t[0][1] >= t[1][1] >= t[2][1] for t in tops)
-    assert predictor.info.architecture == "seed_cnn" and predictor.info.params == 1_147_466
-    assert predictor.info.test_accuracy is not None and len(predictor.info.version) == 12
+    assert predictor.meta.architecture == "seed_cnn" and predictor.meta.params == 1_147_466
+    assert predictor.meta.test_accuracy is not None and len(predictor.meta.version) == 12
 
 
 def test_temperature_scales_the_probabilities(trained_run, test_images, tmp_path, cifar):
@@ -246,14 +240,12 @@ def test_temperature_scales_the_probabilities(trained_run, test_images, tmp_path
 
     model, meta = load_model(trained_run)
     hot = tmp_path / "hot.safetensors"
-    save_weights(
-        model, hot, architecture=meta["architecture"], config=meta["config"], extra={"temperature": 2.5}
-    )
+    save_weights(model, hot, architecture=meta.architecture, config=meta.config, temperature=2.5)
     assert read_metadata(hot)["temperature"] == 2.5
     logits = torch_logits(model, test_images)
     for path in (hot, Path(export_model(hot, tmp_path / "hot.onnx", "onnx", images=test_images)["path"])):
         predictor = load_predictor(path)
-        assert predictor.info.temperature == 2.5
+        assert predictor.meta.temperature == 2.5
         assert np.abs(predictor.probabilities(test_images) - softmax(logits / 2.5)).max() < 1e-5
         assert not np.allclose(softmax(logits), softmax(logits / 2.5), atol=1e-3)
 
@@ -267,8 +259,8 @@ def test_every_model_format_predicts_the_same(trained_run, test_images, tmp_path
     for path, backend in ((st, "auto"), (onnx, "auto"), (trained_run, "onnx")):
         predictor = load_predictor(path, backend)
         assert np.abs(predictor.probabilities(test_images) - reference).max() < 1e-5, (path, backend)
-        assert predictor.info.version == load_predictor(trained_run).info.version  # the weights' identity
-    assert load_predictor(onnx).info.backend == "onnx"
+        assert predictor.meta.version == load_predictor(trained_run).meta.version  # the weights' identity
+    assert load_predictor(onnx).backend == "onnx"
 
 
 def test_cli_predict_table_lists_errors_and_exits_1(trained_run, image_tree, tmp_path):

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar10_cnn.predict import load_image, load_predictor
+from cifar10_cnn.images import load_image
+from cifar10_cnn.predict import load_predictor
 from tests.conftest import DATA_DIR, error_line, free_port, run_cli
 
 CHROMIUM = "/usr/bin/chromium"

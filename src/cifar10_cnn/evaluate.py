@@ -27,7 +27,7 @@ from .config import TrainConfig
 from .errors import UserError
 from .inference import evaluate_logits
 from .runs import read_json, read_metrics_csv, write_json
-from .weights import load_model, model_fingerprint, weights_path
+from .weights import ModelMeta, load_model, model_fingerprint, weights_path
 
 EVAL_DIR = "eval"
 N_CONFIDENT_ERRORS = 24
@@ -343,11 +343,11 @@ def write_plots(
         )
 
 
-def run_config(path: Path, metadata: dict[str, Any]) -> TrainConfig | None:
+def run_config(path: Path, metadata: ModelMeta) -> TrainConfig | None:
     """The training config of a run directory (config.json) or of a weights file (its metadata), if any."""
     if path.is_dir():
         return TrainConfig.load(path / "config.json") if (path / "config.json").is_file() else None
-    saved = metadata.get("config")
+    saved = metadata.config
     return TrainConfig.from_dict(saved) if isinstance(saved, dict) and saved else None
 
 
@@ -374,7 +374,7 @@ def evaluate_path(
     path = Path(path)
     weights = weights_path(path)
     model, metadata = load_model(weights)
-    classes = list(metadata.get("classes") or D.CLASSES)
+    classes = list(metadata.classes)
     if classes != list(D.CLASSES):
         raise UserError(
             f"{weights} classifies {len(classes)} classes ({', '.join(map(str, classes[:4]))}, ...), "
@@ -399,7 +399,7 @@ def evaluate_path(
         run_dir = Path(out) if out is not None else weights.with_name(f"{weights.stem}-eval")
         run_dir.mkdir(parents=True, exist_ok=True)
         info |= {
-            "model": metadata.get("architecture"),
+            "model": metadata.architecture,
             "params": count_params(model),
             "recipe": cfg.recipe if cfg else None,
             "val_size": len(val) if val is not None else 0,
