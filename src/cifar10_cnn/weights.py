@@ -262,7 +262,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         model.load_state_dict(load_file(str(weights)))
     except (SafetensorError, RuntimeError) as e:
         raise CheckpointError(
-            f"{weights} does not fit architecture {meta.architecture} ({first_line(e)})"
+            f"{weights} does not fit architecture {meta.architecture} with the {len(meta.classes)} classes "
+            f"its metadata 'classes' names ({first_line(e)})"
         ) from None
     check_finite(model, weights)
     run = run_dir_of(path)
