@@ -178,7 +178,11 @@ def load_image(data: bytes, max_pixels: int = MAX_PIXELS, budget: DecodeBudget |
 
     The decode waits for its share of the budget (default: one shared by the whole process).
     """
-    img = open_image(data, max_pixels)
+    return decode(open_image(data, max_pixels), budget)
+
+
+def decode(img: Image.Image, budget: DecodeBudget | None = None) -> np.ndarray:
+    """An opened image (open_image) -> uint8 (32, 32, 3), its pixels decoded within the budget."""
     with (budget or _DEFAULT_BUDGET).reserve(decode_cost(img)):
         try:
             img.load()

@@ -28,7 +28,8 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -50,7 +51,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import UserError
-from .images import MAX_PIXELS, DecodeBudget, ImageError, load_image
+from .images import MAX_PIXELS, DecodeBudget, ImageError, decode, decode_cost, open_image
 from .predict import NOT_FINITE, Predictor, finite_rows, identity, load_predictor, top_k
 from .version import __version__
 
@@ -247,14 +248,34 @@ def _png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _decode_all(uploads: list[tuple[str, bytes]], max_pixels: int, budget: DecodeBudget) -> list[np.ndarray]:
-    out = []
-    for name, data in uploads:
-        try:
-            out.append(load_image(data, max_pixels, budget))
-        except ImageError as e:
-            raise ApiError(e.status, f"{name}: {e}") from None
-    return out
+def _lower_priority() -> None:
+    """Run this thread at a lower CPU priority (Linux: nice is per thread), where the OS allows it."""
+    with suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+class Decoder:
+    """Uploads -> uint8 (32, 32, 3) arrays: large images in low-priority threads, so that a decode-heavy upload
+    takes the CPU that normal requests leave, and the memory the budget allows."""
+
+    def __init__(self, max_pixels: int, budget: DecodeBudget, heavy_threads: int = 2):
+        self.max_pixels = max_pixels
+        self.budget = budget
+        self.heavy = ThreadPoolExecutor(heavy_threads, "decode-heavy", initializer=_lower_priority)
+
+    def decode_all(self, uploads: list[tuple[str, bytes]]) -> list[np.ndarray]:
+        """Called in a worker thread; waits for the low-priority threads where an image is large."""
+        out = []
+        for name, data in uploads:
+            try:
+                img = open_image(data, self.max_pixels)
+                if decode_cost(img) > self.budget.small:
+                    out.append(self.heavy.submit(decode, img, self.budget).result())
+                else:
+                    out.append(decode(img, self.budget))
+            except ImageError as e:
+                raise ApiError(e.status, f"{name}: {e}") from None
+        return out
 
 
 async def read_uploads(request: Request, limits: Limits) -> list[tuple[str, bytes]]:
@@ -298,7 +319,7 @@ class Service:
     predictor: Predictor
     limits: Limits
     batcher: Batcher
-    budget: DecodeBudget = field(default_factory=lambda: DecodeBudget(DECODE_MEMORY))
+    decoder: Decoder
     decode_threads: anyio.CapacityLimiter = field(
         default_factory=lambda: anyio.CapacityLimiter(DECODE_THREADS)
     )
@@ -335,9 +356,7 @@ class Service:
         """Top-k classes of each uploaded image; a 422 for an image the model gives no finite answer for."""
         t0 = time.perf_counter()
         files = await read_uploads(request, self.limits)
-        images = await anyio.to_thread.run_sync(
-            _decode_all, files, self.limits.max_pixels, self.budget, limiter=self.decode_threads
-        )
+        images = await anyio.to_thread.run_sync(self.decoder.decode_all, files, limiter=self.decode_threads)
         probs = await self.batcher.probabilities(np.stack(images))
         for (name, _), finite in zip(files, finite_rows(probs), strict=True):
             if not finite:
@@ -466,13 +485,15 @@ def create_app(
     limits = Limits(max_upload_mb, max_files, max_pixels, top_k_default)
     limits.check(max_batch)
     predictor = load_predictor(model_path, backend, data_dir=data_dir)
-    service = Service(predictor, limits, Batcher(predictor, max_batch), DecodeBudget(decode_memory))
+    decoder = Decoder(max_pixels, DecodeBudget(decode_memory))
+    service = Service(predictor, limits, Batcher(predictor, max_batch), decoder)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         service.batcher.start()
         yield
         service.batcher.stop()
+        service.decoder.heavy.shutdown(wait=False, cancel_futures=True)
 
     meta, assets = predictor.meta, swagger_assets()
     app = FastAPI(
