@@ -24,10 +24,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from cifar10_cnn import augment
-from cifar10_cnn import data as D
 from cifar10_cnn.export import onnx_bytes, verification_images, verify_onnx
 from cifar10_cnn.models import count_params, create_model
-from cifar10_cnn.predict import ModelInfo, OnnxPredictor
+from cifar10_cnn.predict import OnnxPredictor
+from cifar10_cnn.weights import ModelMeta
 
 
 def rate(step, seconds: float, images: int) -> float:
@@ -66,10 +66,10 @@ def main() -> None:
     for name in args.models:
         torch.manual_seed(0)
         model = create_model(name).eval()
-        info = ModelInfo(name, "bench", name, list(D.CLASSES))
-        data = onnx_bytes(model, {}, info)
+        meta = ModelMeta(architecture=name, name=name, version="bench")
+        data = onnx_bytes(model, meta)
         verify_onnx(data, model, images[:64])
-        session = OnnxPredictor(data, info)
+        session = OnnxPredictor(data, meta)
         model_cl = create_model(name).eval()
         model_cl.load_state_dict(model.state_dict())
         model_cl = model_cl.to(memory_format=torch.channels_last)

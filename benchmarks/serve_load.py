@@ -8,6 +8,11 @@ the clients in another process: each client is a thread with a keep-alive connec
 (a CIFAR-10 test image as PNG, or --image) to /predict as fast as the answers come, for a bounded time.
 It prints requests/s, p50/p95/p99/max latency, the error count (anything but 200 counts) and the mean batch
 the server's inference thread ran. The ONNX backend serves the `cifar10 export --format onnx` of the model.
+
+With --hostile N (default 2) each backend is measured twice: quiet, then with N more clients posting a
+decode-heavy upload (a 7745x7745 16-bit grey PNG of about 120 KB: 60 megapixels to decode) beside the normal
+ones. Latencies are those of the normal requests; the last line gives the ratio of the p99s and the server's
+peak RSS (VmHWM).
 """
 
 from __future__ import annotations
@@ -55,18 +60,26 @@ def multipart(image: bytes, name: str = "image.png") -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def run_clients(url: str, image: Path, clients: int, seconds: float) -> dict:
-    """The client process: `clients` threads posting for `seconds`; latencies in ms and the error count."""
+def run_clients(
+    url: str, image: Path, clients: int, seconds: float, hostile: Path | None = None, n_hostile: int = 0
+) -> dict:
+    """The client process: `clients` threads posting image (and n_hostile threads posting hostile) for `seconds`.
+
+    Latencies (ms) and errors are those of the normal clients; the hostile ones only count their requests.
+    """
     host, port = url.removeprefix("http://").split(":")
-    body, content_type = multipart(image.read_bytes(), image.name)
-    headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
-    start = threading.Barrier(clients + 1)
+    bodies = [multipart(image.read_bytes(), image.name)] * clients
+    if hostile is not None:
+        bodies += [multipart(hostile.read_bytes(), hostile.name)] * n_hostile
+    latencies: list[list[float]] = [[] for _ in bodies]
+    errors = [0] * len(bodies)
+    start = threading.Barrier(len(bodies) + 1)
     stop_at = [0.0]
 
     def client(i: int) -> None:
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        body, content_type = bodies[i]
+        headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
         start.wait()
         while time.perf_counter() < stop_at[0]:
             t0 = time.perf_counter()
@@ -78,12 +91,12 @@ def run_clients(url: str, image: Path, clients: int, seconds: float) -> dict:
             except (OSError, http.client.HTTPException):
                 ok = False
                 conn.close()
-                conn = http.client.HTTPConnection(host, int(port), timeout=30)
+                conn = http.client.HTTPConnection(host, int(port), timeout=60)
             latencies[i].append((time.perf_counter() - t0) * 1000)
             errors[i] += not ok
         conn.close()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
     for t in threads:
         t.start()
     stop_at[0] = time.perf_counter() + seconds
@@ -92,17 +105,36 @@ def run_clients(url: str, image: Path, clients: int, seconds: float) -> dict:
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
-    lat = np.array([x for per in latencies for x in per])
+    lat = np.array([x for per in latencies[:clients] for x in per])
     return {
         "requests": len(lat),
         "seconds": elapsed,
         "rps": len(lat) / elapsed,
-        "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-        "p95": float(np.percentile(lat, 95)) if len(lat) else float("nan"),
-        "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+        **{f"p{q}": float(np.percentile(lat, q)) if len(lat) else float("nan") for q in (50, 95, 99)},
         "max": float(lat.max()) if len(lat) else float("nan"),
-        "errors": sum(errors),
+        "errors": sum(errors[:clients]),
+        "hostile_requests": sum(len(per) for per in latencies[clients:]),
+        "hostile_ok": sum(len(per) for per in latencies[clients:]) - sum(errors[clients:]),
     }
+
+
+def hostile_image(work: Path) -> Path:
+    """A decode-heavy upload: 7745x7745 16-bit grey (60 megapixels, under the cap), about 120 KB as PNG."""
+    from PIL import Image
+
+    a = np.zeros((7745, 7745), np.uint16)
+    a[::97, ::89] = 65535
+    path = work / "hostile-16bit.png"
+    Image.fromarray(a).save(path, format="PNG", optimize=True)
+    return path
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory (VmHWM) in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def start_server(model: Path, backend: str, log: Path) -> tuple[subprocess.Popen, str]:
@@ -164,6 +196,27 @@ def test_image(spec: str | None, work: Path, data_dir: str | None) -> Path:
     return path
 
 
+def measure(client_cmd: list[str], url: str, clients: int, seconds: float, extra: list[str]) -> dict:
+    before = get_json(url + "/model")["stats"]
+    out = subprocess.run(
+        [*client_cmd, "--clients", str(clients), "--seconds", str(seconds), *extra],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    after = get_json(url + "/model")["stats"]
+    r = json.loads(out.stdout)
+    r["batch"] = (after["images"] - before["images"]) / max(1, after["batches"] - before["batches"])
+    return r
+
+
+def row(backend: str, mix: str, r: dict) -> str:
+    return (
+        f"{backend:<8}{mix:<9}{r['requests']:>9}{r['rps']:>8.0f}{r['p50']:>8.1f}{r['p95']:>8.1f}{r['p99']:>8.1f}"
+        f"{r['max']:>8.1f}{r['errors']:>8}{r['batch']:>7.1f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -171,25 +224,37 @@ def main() -> None:
     )
     ap.add_argument("--backends", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"])
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--seconds", type=float, default=10.0, help="per backend")
+    ap.add_argument("--seconds", type=float, default=10.0, help="per backend and mix")
+    ap.add_argument("--hostile", type=int, default=2, help="clients posting decode-heavy uploads (0: none)")
     ap.add_argument("--image", help="the image every request posts (default: CIFAR-10 test image 0 as PNG)")
     ap.add_argument("--data-dir", help="CIFAR-10 (default $CIFAR10_DATA, else ./data)")
     ap.add_argument("--client", help=argparse.SUPPRESS)  # internal: run the clients against this URL
+    ap.add_argument("--hostile-image", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
-        print(json.dumps(run_clients(args.client, Path(args.image), args.clients, args.seconds)))
+        hostile = Path(args.hostile_image) if args.hostile_image else None
+        print(
+            json.dumps(
+                run_clients(args.client, Path(args.image), args.clients, args.seconds, hostile, args.hostile)
+            )
+        )
         return
 
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         work = Path(tmp)
         model = prepare_model(args.model, work)
         image = test_image(args.image, work, args.data_dir)
+        bomb = hostile_image(work) if args.hostile else None
         print(
             f"{args.clients} concurrent clients x {args.seconds:g} s per backend, single-image requests "
             f"({image.stat().st_size:,} bytes), model {args.model}, {os.cpu_count()} CPUs shared by server and clients"
         )
+        if bomb:
+            print(
+                f"hostile mix: {args.hostile} more clients posting a 7745x7745 16-bit PNG ({bomb.stat().st_size:,} bytes)"
+            )
         print(
-            f"\n{'backend':<8}{'requests':>9}{'req/s':>8}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}{'max ms':>8}{'errors':>8}{'batch':>7}"
+            f"\n{'backend':<8}{'mix':<9}{'requests':>9}{'req/s':>8}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}{'max ms':>8}{'errors':>8}{'batch':>7}"
         )
         for backend in args.backends:
             served = model
@@ -207,25 +272,20 @@ def main() -> None:
                 )
                 if warm.returncode != 0:
                     raise SystemExit(warm.stderr)
-                before = get_json(url + "/model")["stats"]
-                out = subprocess.run(
-                    [*client_cmd, "--clients", str(args.clients), "--seconds", str(args.seconds)],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                after = get_json(url + "/model")["stats"]
+                quiet = measure(client_cmd, url, args.clients, args.seconds, [])
+                print(row(backend, "quiet", quiet), flush=True)
+                if bomb:
+                    extra = ["--hostile", str(args.hostile), "--hostile-image", str(bomb)]
+                    loud = measure(client_cmd, url, args.clients, args.seconds, extra)
+                    print(row(backend, "hostile", loud), flush=True)
+                    print(
+                        f"{'':<8}p99 hostile/quiet {loud['p99'] / quiet['p99']:.2f}x, {loud['hostile_ok']} of "
+                        f"{loud['hostile_requests']} hostile uploads answered, server peak RSS {peak_rss_mb(proc.pid):.0f} MB",
+                        flush=True,
+                    )
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-            r = json.loads(out.stdout)
-            batches = max(1, after["batches"] - before["batches"])
-            batch = (after["images"] - before["images"]) / batches
-            print(
-                f"{backend:<8}{r['requests']:>9}{r['rps']:>8.0f}{r['p50']:>8.1f}{r['p95']:>8.1f}{r['p99']:>8.1f}"
-                f"{r['max']:>8.1f}{r['errors']:>8}{batch:>7.1f}",
-                flush=True,
-            )
 
 
 if __name__ == "__main__":

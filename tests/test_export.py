@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -107,9 +108,9 @@ def test_the_fast_net_exports_exactly(fast_net, tmp_path, held_out, cifar, fmt):
 def test_a_failed_verification_keeps_nothing(trained_run, tmp_path, monkeypatch, cifar):
     real = E.onnx_bytes
 
-    def perturbed(model, meta, info):
-        model = create_model(info.architecture)  # different weights: the export cannot match
-        return real(model, meta, info)
+    def perturbed(model, meta):
+        model = create_model(meta.architecture)  # different weights: the export cannot match
+        return real(model, meta)
 
     monkeypatch.setattr(E, "onnx_bytes", perturbed)
     out = tmp_path / "bad.onnx"
@@ -120,8 +121,7 @@ def test_a_failed_verification_keeps_nothing(trained_run, tmp_path, monkeypatch,
 
 def test_verify_onnx_checks_batch_one_too(trained_run, cifar):
     model, meta = load_model(trained_run)
-    info = E.describe(trained_run, meta, trained_run / "model.safetensors", 1)
-    data = E.onnx_bytes(model, meta, info)
+    data = E.onnx_bytes(model, meta)
     assert E.verify_onnx(data, model, cifar.test_images[:16]) < E.ATOL
     with torch.no_grad():
         model.classifier[-1].bias += 1e-3  # now the reference differs by 1e-3
@@ -147,3 +147,70 @@ def test_export_cli_errors_are_one_line(trained_run, tmp_path):
         "export", str(trained_run), "--out", str(trained_run / "model.safetensors"), "--force", check=False
     )
     assert "is the model being exported" in error_line(proc)
+
+
+def listing(root: Path) -> dict[str, str]:
+    """Every file under root with its sha256: what a command changed, and nothing else, shows in a diff."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+def renamed_model(trained_run: Path, path: Path, name: str) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    raw = {
+        k: v if isinstance(v, str) else json.dumps(v)
+        for k, v in read_metadata(trained_run / "model.safetensors").items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        load_file(str(trained_run / "model.safetensors")),
+        str(path),
+        metadata={**raw, "name": json.dumps(name)},
+    )
+    return path
+
+
+def test_the_default_output_is_named_after_the_input_path_never_the_metadata(
+    trained_run, tmp_path, cifar, monkeypatch
+):
+    source = renamed_model(trained_run, tmp_path / "src" / "weights.safetensors", "../../escape")
+    here = tmp_path / "work" / "deep"
+    here.mkdir(parents=True)
+    before = listing(tmp_path)
+    proc = run_cli("export", str(source), cwd=here)
+    assert "to weights.safetensors" in proc.stdout
+    after = listing(tmp_path)
+    assert set(after) - set(before) == {"work/deep/weights.safetensors"} and all(
+        after[k] == v for k, v in before.items()
+    )
+    escape = tmp_path / f"abs-escape-{os.getpid()}"
+    absolute = renamed_model(trained_run, tmp_path / "src" / "abs.safetensors", str(escape))
+    monkeypatch.chdir(here)
+    report = E.export_model(absolute, None, "onnx", images=cifar.test_images[:16])
+    assert (
+        report["path"] == "abs.onnx"
+        and (here / "abs.onnx").is_file()
+        and not escape.with_suffix(".onnx").exists()
+    )
+    report = E.export_model(trained_run, None, "onnx", images=cifar.test_images[:16])
+    assert report["path"] == f"{trained_run.name}.onnx"  # a run directory: the run's name
+
+
+def test_tampered_metadata_is_one_line_in_export(trained_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    raw = {
+        k: v if isinstance(v, str) else json.dumps(v)
+        for k, v in read_metadata(trained_run / "model.safetensors").items()
+    }
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(trained_run / "model.safetensors")), str(bad), metadata={**raw, "mean": "abc"})
+    before = listing(tmp_path)
+    proc = run_cli("export", str(bad), "--out", str(tmp_path / "out.onnx"), "--format", "onnx", check=False)
+    assert "metadata 'mean'" in error_line(proc) and proc.returncode == 2 and listing(tmp_path) == before

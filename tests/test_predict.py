@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -13,15 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar10_cnn.predict import (
-    ImageError,
-    find_images,
-    load_image,
-    load_predictor,
-    preprocess,
-    read_image_file,
-    softmax,
-)
+from cifar10_cnn.calibration import softmax
+from cifar10_cnn.images import ImageError, find_images, load_image, preprocess, read_image_file
+from cifar10_cnn.predict import load_predictor
 from tests.conftest import error_line, run_cli
 
 
@@ -229,15 +224,15 @@ def test_predictions_match_the_model_on_the_arrays(trained_run, test_images):
 
     predictor = load_predictor(trained_run)
     model, meta = load_model(trained_run)
-    want = softmax(torch_logits(model, test_images), meta.get("temperature", 1.0))  # calibrated, when it is
+    want = softmax(torch_logits(model, test_images), meta.temperature)  # calibrated, when it is
     got = predictor.probabilities(test_images)
     assert np.abs(got - want).max() < 1e-6
     assert np.allclose(got.sum(1), 1, atol=1e-5)
     tops = predictor.top_k(test_images[:3], 3)
-    assert [t[0][0] for t in tops] == [predictor.info.classes[i] for i in want[:3].argmax(1)]
+    assert [t[0][0] for t in tops] == [predictor.meta.classes[i] for i in want[:3].argmax(1)]
     assert all(t[0][1] >= t[1][1] >= t[2][1] for t in tops)
-    assert predictor.info.architecture == "seed_cnn" and predictor.info.params == 1_147_466
-    assert predictor.info.test_accuracy is not None and len(predictor.info.version) == 12
+    assert predictor.meta.architecture == "seed_cnn" and predictor.meta.params == 1_147_466
+    assert predictor.meta.test_accuracy is not None and len(predictor.meta.version) == 12
 
 
 def test_temperature_scales_the_probabilities(trained_run, test_images, tmp_path, cifar):
@@ -246,14 +241,12 @@ def test_temperature_scales_the_probabilities(trained_run, test_images, tmp_path
 
     model, meta = load_model(trained_run)
     hot = tmp_path / "hot.safetensors"
-    save_weights(
-        model, hot, architecture=meta["architecture"], config=meta["config"], extra={"temperature": 2.5}
-    )
+    save_weights(model, hot, architecture=meta.architecture, config=meta.config, temperature=2.5)
     assert read_metadata(hot)["temperature"] == 2.5
     logits = torch_logits(model, test_images)
     for path in (hot, Path(export_model(hot, tmp_path / "hot.onnx", "onnx", images=test_images)["path"])):
         predictor = load_predictor(path)
-        assert predictor.info.temperature == 2.5
+        assert predictor.meta.temperature == 2.5
         assert np.abs(predictor.probabilities(test_images) - softmax(logits / 2.5)).max() < 1e-5
         assert not np.allclose(softmax(logits), softmax(logits / 2.5), atol=1e-3)
 
@@ -267,8 +260,8 @@ def test_every_model_format_predicts_the_same(trained_run, test_images, tmp_path
     for path, backend in ((st, "auto"), (onnx, "auto"), (trained_run, "onnx")):
         predictor = load_predictor(path, backend)
         assert np.abs(predictor.probabilities(test_images) - reference).max() < 1e-5, (path, backend)
-        assert predictor.info.version == load_predictor(trained_run).info.version  # the weights' identity
-    assert load_predictor(onnx).info.backend == "onnx"
+        assert predictor.meta.version == load_predictor(trained_run).meta.version  # the weights' identity
+    assert load_predictor(onnx).backend == "onnx"
 
 
 def test_cli_predict_table_lists_errors_and_exits_1(trained_run, image_tree, tmp_path):
@@ -326,3 +319,204 @@ def test_cli_predict_errors_are_one_line(trained_run, tmp_path, image_tree):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not onnx")
     assert "not a usable ONNX model" in error_line(run_cli("predict", str(bad), str(image_tree), check=False))
+
+
+# --- hardening: untrusted metadata, broken models, special files, decode memory -------------------------------
+
+
+def tampered(trained_run: Path, path: Path, **metadata) -> Path:
+    """The trained model's tensors under other metadata (raw strings, as an attacker would write them)."""
+    from safetensors.torch import load_file, save_file
+
+    from cifar10_cnn.weights import read_metadata
+
+    raw = {
+        k: v if isinstance(v, str) else json.dumps(v)
+        for k, v in read_metadata(trained_run / "model.safetensors").items()
+    }
+    save_file(load_file(str(trained_run / "model.safetensors")), str(path), metadata={**raw, **metadata})
+    return path
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("classes", "5"),
+        ("classes", '["a", "b"]'),
+        ("classes", json.dumps(["x"] * 10)),
+        ("test_accuracy", "abc"),
+        ("test_accuracy", "1.5"),
+        ("params", "abc"),
+        ("params", "-3"),
+        ("mean", "abc"),
+        ("mean", "[0.5, 0.5]"),
+        ("std", "[0, 0.2, 0.2]"),
+        ("temperature", "NaN"),
+        ("temperature", "-1"),
+        ("name", json.dumps("x" * 1000)),
+        ("config", "[1, 2]"),
+    ],
+)
+def test_tampered_metadata_is_refused_at_load_naming_the_field(trained_run, tmp_path, field, value):
+    from cifar10_cnn.errors import CheckpointError
+
+    path = tampered(trained_run, tmp_path / "m.safetensors", **{field: value})
+    with pytest.raises(CheckpointError, match=f"metadata '{field}'") as e:
+        load_predictor(path)
+    assert "\n" not in str(e.value)
+
+
+def test_tampered_metadata_is_one_line_in_predict(trained_run, tmp_path, image_tree):
+    path = tampered(trained_run, tmp_path / "m.safetensors", test_accuracy="abc")
+    proc = run_cli("predict", str(path), str(image_tree / "img00.png"), "--json", check=False)
+    assert proc.returncode == 2 and "metadata 'test_accuracy'" in error_line(proc) and proc.stdout == ""
+
+
+def test_version_is_the_tensors_fingerprint_not_the_metadata(trained_run, tmp_path):
+    from cifar10_cnn.weights import load_model
+
+    renamed = tampered(trained_run, tmp_path / "m.safetensors", name='"other"', version='"forged"')
+    (_, a), (_, b) = load_model(trained_run), load_model(renamed)
+    assert a.version == b.version != "forged" and len(a.version) == 12 and b.name == "other"
+
+
+def broken_weights(trained_run: Path, path: Path, value: float) -> Path:
+    import torch
+
+    from cifar10_cnn.weights import load_model, save_weights
+
+    model, meta = load_model(trained_run)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = value
+        if value == 1.0:  # finite weights, outputs overflow: only the probe batch can tell
+            model.classifier[-1].weight.fill_(3e38)
+    save_weights(model, path, architecture=meta.architecture, config=meta.config)
+    return path
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"), (1.0, "outputs are NaN")],
+)
+def test_models_with_non_finite_weights_or_outputs_are_refused_at_load(trained_run, tmp_path, value, words):
+    from cifar10_cnn.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=words):
+        load_predictor(broken_weights(trained_run, tmp_path / "broken.safetensors", value))
+
+
+def test_predict_json_never_prints_nan_for_a_broken_model(trained_run, tmp_path, image_tree):
+    path = broken_weights(trained_run, tmp_path / "nan.safetensors", float("nan"))
+    proc = run_cli("predict", str(path), str(image_tree / "img00.png"), "--json", check=False)
+    assert "NaN or infinite" in error_line(proc) and proc.returncode == 2 and "NaN" not in proc.stdout
+
+
+def test_an_onnx_model_with_fewer_classes_than_outputs_is_one_line(trained_run, tmp_path, image_tree):
+    from dataclasses import replace
+
+    from cifar10_cnn.export import onnx_bytes
+    from cifar10_cnn.weights import load_model
+
+    model, meta = load_model(trained_run)
+    path = tmp_path / "short.onnx"
+    path.write_bytes(onnx_bytes(model, replace(meta, classes=("a", "b", "c", "d", "e"))))
+    with pytest.raises(Exception, match="names 5 classes"):
+        load_predictor(path)
+    proc = run_cli("predict", str(path), str(image_tree / "img00.png"), check=False)
+    assert "names 5 classes" in error_line(proc)
+
+
+def test_special_files_are_skipped_in_one_line_and_the_rest_predicted(trained_run, tmp_path, test_images):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(test_images[0]).save(folder / "a.png")
+    os.mkfifo(folder / "b.png")  # nothing ever writes to it: opening it for reading would wait forever
+    proc = run_cli("predict", str(trained_run), str(folder), "/dev/zero", check=False, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stdout.splitlines()[1:]
+    assert len(lines) == 3 and lines[0].startswith(str(folder / "a.png")) and "error" not in lines[0]
+    assert all("not a regular file" in ln for ln in lines[1:]), lines
+    assert "1 image predicted, 2 failed" in proc.stderr
+
+
+def test_file_reads_are_capped(tmp_path):
+    from cifar10_cnn.images import read_file
+
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * 101)
+    with pytest.raises(ImageError, match="over") as e:
+        read_file(big, max_bytes=100)
+    assert e.value.status == 413 and len(read_file(big, max_bytes=101)) == 101
+
+
+def sixteen_bit_bomb(size: int = 7745) -> bytes:
+    """A 16-bit grey PNG of size x size (60 megapixels at 7745) that compresses to about 120 KB."""
+    a = np.zeros((size, size), np.uint16)
+    a[::97, ::89] = 65535
+    return encode(Image.fromarray(a), "PNG", optimize=True)
+
+
+def test_a_sixteen_bit_upload_decodes_within_its_own_pixels_memory(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(sixteen_bit_bomb())
+    code = (
+        "import resource, sys; from cifar10_cnn.images import read_image_file; "
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        "out = read_image_file(sys.argv[1]); assert out.shape == (32, 32, 3); "
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)"
+    )
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    grown_mb = int(proc.stdout)
+    assert grown_mb < 300, grown_mb  # the decoded pixels are 120 MB; it was ~1.5 GB through float64 copies
+
+
+def test_the_decode_budget_bounds_large_decodes_but_not_small_ones():
+    import threading
+    import time
+
+    from cifar10_cnn.images import DecodeBudget
+
+    budget = DecodeBudget(1000)
+    order: list[str] = []
+    held = threading.Event()
+
+    def large(name: str, hold: float) -> None:
+        with budget.reserve(800):
+            order.append(name)
+            held.set()
+            time.sleep(hold)
+        order.append(f"/{name}")
+
+    first = threading.Thread(target=large, args=("big1", 0.5))
+    first.start()
+    held.wait(5)
+    second = threading.Thread(target=large, args=("big2", 0))
+    second.start()
+    time.sleep(0.1)
+    with budget.reserve(50):  # a small decode does not queue behind the large ones
+        order.append("small")
+    first.join()
+    second.join()
+    assert order == ["big1", "small", "/big1", "big2", "/big2"]
+    with budget.reserve(5000):  # larger than the whole budget: runs, alone
+        assert budget.in_flight["large"] == 5000
+
+
+def test_importing_the_inference_side_changes_no_global_state_and_has_no_cycles():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings; from PIL import Image; default = Image.MAX_IMAGE_PIXELS; "
+        "import cifar10_cnn.export; assert 'cifar10_cnn.predict' not in sys.modules, 'export imports predict'; "
+        "import cifar10_cnn.predict, cifar10_cnn.serve; assert Image.MAX_IMAGE_PIXELS == default; "
+        "assert not [f for f in warnings.filters if f[2] is Image.DecompressionBombWarning], warnings.filters"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar10_cnn.predict import load_image, load_predictor
+from cifar10_cnn.images import load_image
+from cifar10_cnn.predict import load_predictor
 from tests.conftest import DATA_DIR, error_line, free_port, run_cli
 
 CHROMIUM = "/usr/bin/chromium"
@@ -449,3 +450,129 @@ def test_the_api_docs_render_offline(browser, server):
     assert "cifar10-cnn" in page.locator(".swagger-ui .info .title").inner_text()
     assert page.locator(".opblock-summary-path", has_text="/predict").count() == 1
     page.close()
+
+
+# --- hardening: options, broken models, connection timeouts ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"max_upload_mb": float("nan")}, "--max-upload-mb nan"),
+        ({"max_upload_mb": float("inf")}, "--max-upload-mb inf"),
+        ({"max_upload_mb": 0.0}, "--max-upload-mb 0"),
+        ({"max_upload_mb": -1.0}, "--max-upload-mb -1"),
+        ({"port": 99999}, "--port 99999"),
+        ({"port": 0}, "--port 0"),
+        ({"port": -5}, "--port -5"),
+    ],
+)
+def test_serve_refuses_bad_options_before_loading_the_model(tmp_path, options, words):
+    from cifar10_cnn.errors import UserError
+    from cifar10_cnn.serve import serve
+
+    with pytest.raises(UserError, match=words):
+        serve(tmp_path / "no-model-needed", **options)  # checked before the model is looked for
+
+
+def test_serve_cli_bad_options_are_one_line(trained_run):
+    assert "--max-upload-mb nan" in error_line(
+        run_cli("serve", str(trained_run), "--max-upload-mb", "nan", check=False)
+    )
+    assert "1 to 65535" in error_line(run_cli("serve", str(trained_run), "--port", "99999", check=False))
+
+
+def test_a_broken_model_is_refused_at_start_not_served(trained_run, tmp_path):
+    from tests.test_predict import broken_weights, tampered
+
+    nan = broken_weights(trained_run, tmp_path / "nan.safetensors", float("nan"))
+    assert "NaN or infinite" in error_line(
+        run_cli("serve", str(nan), "--port", str(free_port()), check=False)
+    )
+    bad = tampered(trained_run, tmp_path / "bad.safetensors", classes="5")
+    assert "metadata 'classes'" in error_line(
+        run_cli("serve", str(bad), "--port", str(free_port()), check=False)
+    )
+
+
+@pytest.fixture(scope="module")
+def strict_server(trained_run, tmp_path_factory) -> Iterator[Server]:
+    """The server with short timeouts: 1 s for headers, 2 s for a body, 1 s of keep-alive."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("strict") / "server.log"
+    code = (
+        "import sys; from cifar10_cnn.serve import serve; "
+        "serve(sys.argv[1], port=int(sys.argv[2]), access_log=False, header_timeout=1, body_timeout=2, keep_alive=1)"
+    )
+    env = {**os.environ, "CIFAR10_DATA": str(DATA_DIR), "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(trained_run), str(port)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.3)
+    s = Server(url, proc, log)
+    yield s
+    stop_server(s)
+
+
+def closed_after(sock: socket.socket, limit: float) -> tuple[float, bytes]:
+    """Seconds until the server closes the connection, and what it sent before."""
+    t0 = time.monotonic()
+    sock.settimeout(limit)
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return time.monotonic() - t0, data
+
+
+def connect(server: Server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10)
+
+
+def test_idle_and_slow_connections_are_closed(strict_server):
+    with connect(strict_server) as s:  # connects, sends nothing
+        assert closed_after(s, 10)[0] < 5
+    with connect(strict_server) as s:  # headers a byte at a time, forever
+        t0 = time.monotonic()
+        try:
+            for byte in b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+                s.sendall(bytes([byte]))
+                time.sleep(0.1)
+        except OSError:
+            pass  # closed by the server, as it should
+        assert time.monotonic() - t0 < 6
+        assert closed_after(s, 10)[0] < 5
+    with connect(strict_server) as s:  # a body that never arrives: 408, then closed
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n")
+        s.sendall(b"Content-Length: 100000\r\n\r\n--b\r\n")
+        seconds, data = closed_after(s, 10)
+        assert seconds < 6 and data.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in data
+    with connect(strict_server) as s:  # keep-alive: idle after an answer
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        seconds, data = closed_after(s, 10)
+        assert seconds < 5 and data.startswith(b"HTTP/1.1 200")
+    assert httpx.get(f"{strict_server.url}/health", timeout=5).status_code == 200
+
+
+def test_a_client_that_disconnects_mid_upload_logs_one_line(strict_server, cat_png):
+    body = b"--b\r\nContent-Disposition: form-data; name=file; filename=a.png\r\n\r\n" + cat_png * 50
+    before = strict_server.log.read_text()
+    with connect(strict_server) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n")
+        s.sendall(f"Content-Length: {len(body) + 100}\r\n\r\n".encode() + body[: len(body) // 2])
+        time.sleep(0.3)
+    time.sleep(1.0)
+    new = strict_server.log.read_text()[len(before) :]
+    assert "Traceback" not in new and len([ln for ln in new.splitlines() if ln.strip()]) == 1, new
+    assert "disconnected during the upload" in new
+    assert httpx.get(f"{strict_server.url}/health", timeout=5).status_code == 200

@@ -33,7 +33,7 @@ from .metrics import classification_metrics, confident_errors
 from .models import count_params
 from .report import write_report
 from .runs import Run, read_json, write_json
-from .weights import load_model, model_fingerprint, weights_path
+from .weights import ModelMeta, load_model, model_fingerprint, weights_path
 
 N_CONFIDENT_ERRORS = 24
 N_SAMPLES = (
@@ -343,24 +343,24 @@ def evaluate_into_run(
 # --- `cifar10 evaluate`: a run directory or a weights file -------------------------------------------------
 
 
-def run_config(path: Path, metadata: dict[str, Any]) -> TrainConfig | None:
+def run_config(path: Path, metadata: ModelMeta) -> TrainConfig | None:
     """The training config of a run directory (config.json) or of a weights file (its metadata), if any."""
     if path.is_dir():
         config = Run(path).file("config")
         return TrainConfig.load(config) if config.is_file() else None
-    saved = metadata.get("config")
+    saved = metadata.config
     return TrainConfig.from_dict(saved) if isinstance(saved, dict) and saved else None
 
 
 def _check_request(
     path: Path,
     weights: Path,
-    metadata: dict[str, Any],
+    metadata: ModelMeta,
     out: str | os.PathLike | None,
     corruption_images: int | None,
 ) -> None:
     """Refuse, before anything is read or written, what cannot be evaluated as asked."""
-    classes = list(metadata.get("classes") or D.CLASSES)
+    classes = list(metadata.classes)
     if classes != list(D.CLASSES):
         raise UserError(
             f"{weights} classifies {len(classes)} classes ({', '.join(map(str, classes[:4]))}, ...), "
@@ -381,11 +381,11 @@ def _validation_split(cfg: TrainConfig | None, data: D.CIFAR10) -> D.Split | Non
 
 
 def _weights_file_info(
-    weights: Path, model: nn.Module, metadata: dict[str, Any], cfg: TrainConfig | None, val: D.Split | None
+    weights: Path, model: nn.Module, metadata: ModelMeta, cfg: TrainConfig | None, val: D.Split | None
 ) -> dict[str, Any]:
     """What results.json says about a weights file evaluated on its own (a run directory already has it)."""
     return {
-        "model": metadata.get("architecture"),
+        "model": metadata.architecture,
         "params": count_params(model),
         "recipe": cfg.recipe if cfg else None,
         "val_size": len(val) if val is not None else 0,

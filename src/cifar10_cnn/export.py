@@ -1,6 +1,6 @@
 """Export a trained model as safetensors (weights + metadata), ONNX (dynamic batch) or TorchScript, verified.
 
-ONNX and TorchScript exports take what predict.preprocess returns: uint8 RGB images (N, 32, 32, 3), N any;
+ONNX and TorchScript exports take what images.preprocess returns: uint8 RGB images (N, 32, 32, 3), N any;
 the normalisation is inside the graph and the output is raw logits (N, 10). Divide them by the `temperature`
 in the model's metadata before the softmax. Every export is loaded back and run on real CIFAR-10 test images;
 it is kept only if its logits match PyTorch's within ATOL (max absolute difference).
@@ -24,17 +24,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .errors import DataError, UserError
-from .models import count_params
-from .predict import ModelInfo, describe
-from .weights import load_model, save_weights, weights_path
+from .errors import DataError, UserError, first_line
+from .inference import predict_logits
+from .runs import write_atomic
+from .version import __version__
+from .weights import ModelMeta, default_name, load_model, save_weights, weights_path
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "torchscript": ".pt"}
 ATOL = 1e-4
 VERIFY_IMAGES = 256
 INPUT_DOC = (
-    "images: uint8 RGB (N, 32, 32, 3), preprocessed as cifar10_cnn.predict.preprocess does "
+    "images: uint8 RGB (N, 32, 32, 3), preprocessed as cifar10_cnn.images.preprocess does "
     "(EXIF orientation, RGB on white, centre square crop, antialiased bicubic resize to 32x32); "
     "output logits: float32 (N, C); probabilities = softmax(logits / temperature)"
 )
@@ -59,45 +59,21 @@ class UInt8Classifier(nn.Module):
         return self.model((x - self.mean) * self.inv_std)
 
 
-def wrap(model: nn.Module, meta: dict[str, Any]) -> UInt8Classifier:
+def wrap(model: nn.Module, meta: ModelMeta) -> UInt8Classifier:
     """A copy of the model, contiguous fp32 in eval mode, behind the uint8 input."""
-    from .data import MEAN, STD
-
     inner = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
-    return UInt8Classifier(inner, list(meta.get("mean", MEAN)), list(meta.get("std", STD))).eval()
+    return UInt8Classifier(inner, list(meta.mean), list(meta.std)).eval()
 
 
 def torch_logits(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """The reference: the PyTorch model's logits for uint8 NHWC images, normalised as in training."""
-    from .augment import normalize
-
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2)
-            out.append(model(normalize(x)).float().numpy())
-    return np.concatenate(out)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return predict_logits(model, x, batch_size=batch_size).numpy()
 
 
-def export_metadata(meta: dict[str, Any], info: ModelInfo) -> dict[str, Any]:
+def export_metadata(meta: ModelMeta) -> dict[str, Any]:
     """What a deployed model needs to be used and identified, for every format's metadata."""
-    from .data import MEAN, STD
-
-    return {
-        "architecture": info.architecture,
-        "classes": info.classes,
-        "mean": list(meta.get("mean", MEAN)),
-        "std": list(meta.get("std", STD)),
-        "temperature": info.temperature,
-        "name": info.name,
-        "version": info.version,
-        "params": info.params,
-        "test_accuracy": info.test_accuracy,
-        "config": meta.get("config", {}),
-        "input": INPUT_DOC,
-        "producer": f"cifar10-cnn {__version__}",
-    }
+    return {**meta.to_dict(), "input": INPUT_DOC, "producer": f"cifar10-cnn {__version__}"}
 
 
 @contextlib.contextmanager
@@ -114,7 +90,7 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def onnx_bytes(model: nn.Module, meta: dict[str, Any], info: ModelInfo) -> bytes:
+def onnx_bytes(model: nn.Module, meta: ModelMeta) -> bytes:
     """The model as an ONNX graph (opset 20) with a dynamic batch dimension and the metadata as properties."""
     wrapper = wrap(model, meta)
     example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
@@ -132,11 +108,9 @@ def onnx_bytes(model: nn.Module, meta: dict[str, Any], info: ModelInfo) -> bytes
             )
             proto = program.model_proto
     except Exception as e:  # the exporter's errors are many and internal; one line says which model failed
-        raise ExportError(
-            f"ONNX export of {info.architecture} failed ({str(e).strip().splitlines()[0][:200]})"
-        ) from None
+        raise ExportError(f"ONNX export of {meta.architecture} failed ({first_line(e)})") from None
     proto.doc_string = INPUT_DOC
-    for key, value in export_metadata(meta, info).items():
+    for key, value in export_metadata(meta).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
     return proto.SerializeToString()
@@ -204,26 +178,28 @@ def verify_safetensors(path: Path, model: nn.Module, images: np.ndarray, atol: f
     return _check("safetensors", torch_logits(loaded, images), torch_logits(model, images), atol)
 
 
-def _write(fmt: str, tmp: Path, model: nn.Module, meta: dict[str, Any], info: ModelInfo) -> None:
-    data = export_metadata(meta, info)
+def _write(fmt: str, tmp: Path, model: nn.Module, meta: ModelMeta) -> None:
+    data = export_metadata(meta)
     if fmt == "safetensors":
         extra = {
             k: v for k, v in data.items() if k not in ("architecture", "classes", "mean", "std", "config")
         }
         save_weights(
-            model,
-            tmp,
-            architecture=info.architecture,
-            config=data["config"],
-            classes=tuple(info.classes),
-            extra=extra,
+            model, tmp, architecture=meta.architecture, config=meta.config, classes=meta.classes, extra=extra
         )
     elif fmt == "onnx":
-        tmp.write_bytes(onnx_bytes(model, meta, info))
+        write_atomic(tmp, onnx_bytes(model, meta))
     else:
         with _quiet():
             traced = torch.jit.trace(wrap(model, meta), torch.zeros(2, 32, 32, 3, dtype=torch.uint8))
-            torch.jit.save(traced, str(tmp), _extra_files={"cifar10_cnn.json": json.dumps(data)})
+            buf = io.BytesIO()
+            torch.jit.save(traced, buf, _extra_files={"cifar10_cnn.json": json.dumps(data)})
+        write_atomic(tmp, buf.getvalue())
+
+
+def default_out(source: Path, fmt: str) -> Path:
+    """The output file when --out is not given: named after the input path (never its metadata), here."""
+    return Path(default_name(source) + FORMATS[fmt])
 
 
 def export_model(
@@ -243,9 +219,8 @@ def export_model(
     if source.suffix.lower() == ".onnx":
         raise UserError(f"{source} is already exported; export from a run directory or a .safetensors file")
     weights = weights_path(source)
-    model, meta = load_model(weights)
-    info = describe(source, meta, weights, count_params(model))
-    out = Path(out) if out is not None else Path(f"{info.name}{FORMATS[fmt]}")
+    model, meta = load_model(source)
+    out = Path(out) if out is not None else default_out(source, fmt)
     if out.is_dir():
         raise UserError(
             f"--out {out} is a directory; give a file name such as {out / ('model' + FORMATS[fmt])}"
@@ -262,7 +237,7 @@ def export_model(
     t0 = time.perf_counter()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        _write(fmt, tmp, model, meta, info)
+        _write(fmt, tmp, model, meta)
         verify = {"safetensors": verify_safetensors, "onnx": verify_onnx, "torchscript": verify_torchscript}[
             fmt
         ]
@@ -274,8 +249,8 @@ def export_model(
         "format": fmt,
         "path": str(out),
         "bytes": out.stat().st_size,
-        "model": info.name,
-        "architecture": info.architecture,
+        "model": meta.name,
+        "architecture": meta.architecture,
         "max_abs_diff": diff,
         "atol": atol,
         "verified_on": f"{len(images)} {what}",

@@ -1,159 +1,32 @@
-"""Images from disk (or an upload) -> the one preprocessing of every path -> a predictor -> top-k classes.
+"""Predictors for every model format (PyTorch, ONNX), predictions for files, and their output formats.
 
-Preprocessing, the same for `cifar10 predict`, `cifar10 serve` and the exported ONNX model's users:
-
-1. decode the first frame with Pillow (refusing files over MAX_PIXELS); large JPEGs are decoded at a reduced
-   DCT scale (1/2..1/8) that still leaves at least DRAFT_SIZE pixels on each side;
-2. apply the EXIF orientation;
-3. convert to 8-bit RGB: 16-bit samples are scaled to 8 bits, palettes expanded, and any transparency is
-   composited onto white;
-4. centre-crop to a square (the short side), then resize to 32x32 with Pillow's antialiased bicubic filter.
-
-The result is a uint8 (32, 32, 3) RGB array, exactly what CIFAR-10 holds; a 32x32 RGB image passes unchanged.
+Images are decoded and preprocessed by images.py, the one preprocessing of predict, serve and the exported
+model's users. A predictor takes uint8 (N, 32, 32, 3) RGB arrays and holds the model's validated ModelMeta;
+every predictor is checked on a probe batch at load (outputs of the right shape, all finite).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
 import json
-import math
 import os
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+import torch
 
-from .errors import UserError
+from .calibration import softmax
+from .errors import UserError, first_line
+from .images import IMAGE_SIZE, DecodeBudget, ImageError, find_images, read_image_file
+from .inference import predict_logits
+from .weights import PROBE_IMAGES, ModelMeta, decode_metadata, default_name, load_model
 
-IMAGE_SIZE = 32
-MAX_PIXELS = 60_000_000  # above a 50-megapixel photo; a decoded RGBA image this size is 240 MB
-MAX_FILE_BYTES = 256 * 2**20  # no image we accept is this large on disk
-DRAFT_SIZE = 128  # JPEG draft decoding keeps at least 4x the output resolution for the antialiased resize
-RESAMPLE = Image.Resampling.BICUBIC
-# Raster formats Pillow decodes by itself. Left out on purpose: EPS (runs Ghostscript on the file), and the
-# scientific, font, video and thumbnail formats that no photo comes in.
-FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "TGA", "ICO", "JPEG2000")
-FORMATS += ("AVIF", "QOI", "PCX", "SGI")
-
-# Pillow refuses images over 2 * MAX_IMAGE_PIXELS and warns above it; the warning becomes an error here, and
-# open_image checks MAX_PIXELS itself as well, so the limit holds even where these globals are not in effect.
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
-
-
-class ImageError(UserError):
-    """One image cannot be used; status is the HTTP status the web service answers with."""
-
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
-
-
-def _formats() -> list[str]:
-    Image.init()
-    return [f for f in FORMATS if f in Image.OPEN]
-
-
-def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode untrusted image bytes (the first frame), refusing empty, broken and oversized images."""
-    if not data:
-        raise ImageError("the file is empty", 400)
-    try:
-        img = Image.open(io.BytesIO(data), formats=_formats())
-        width, height = img.size
-        if width * height > max_pixels:
-            raise ImageError(
-                f"the image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels", 413
-            )
-        img.draft(None, (DRAFT_SIZE, DRAFT_SIZE))  # JPEG only; a no-op for other formats
-        img.load()
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(
-            f"the image has more than {max_pixels:,} pixels (a decompression bomb?)", 413
-        ) from None
-    except UnidentifiedImageError:
-        raise ImageError(f"not an image in a supported format ({', '.join(_formats())})", 415) from None
-    except Exception as e:  # untrusted input: any decoder failure is the file's fault, not the server's
-        raise ImageError(f"the image is truncated or corrupt ({_reason(e)})", 422) from None
-    return img
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB: 16-bit and float samples scaled, palettes expanded, transparency composited on white."""
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        a = np.asarray(img).astype(np.float64)
-        peak = float(a.max()) if a.size else 0.0
-        if img.mode == "F":
-            scale = 255.0 if peak <= 1.0 else 1.0  # float images are either 0..1 or 0..255
-        else:
-            scale = 255 / 65535 if img.mode.startswith("I;16") or peak > 255 else 1.0
-        img = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA", "P") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        if rgba.getextrema()[3][0] < 255:  # some transparency: composite onto white
-            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            canvas.alpha_composite(rgba)
-            rgba = canvas
-        return rgba.convert("RGB")
-    return img.convert("RGB")
-
-
-def preprocess(img: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
-    """A decoded image -> uint8 (size, size, 3) RGB: EXIF orientation, RGB, centre square crop, resize."""
-    img = to_rgb(ImageOps.exif_transpose(img))
-    w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    # Crop first: resizing with a box would let pixels outside the square bleed in through the filter.
-    square = img.crop((left, top, left + s, top + s)) if (w, h) != (s, s) else img
-    return np.asarray(square.resize((size, size), RESAMPLE), dtype=np.uint8).copy()
-
-
-def load_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Image file bytes -> uint8 (32, 32, 3), or ImageError saying what is wrong with the file."""
-    img = open_image(data, max_pixels)
-    try:
-        return preprocess(img)
-    except Exception as e:  # e.g. a damaged EXIF block or an exotic mode
-        raise ImageError(f"the image cannot be converted to RGB ({_reason(e)})", 422) from None
-
-
-def read_image_file(path: str | os.PathLike) -> np.ndarray:
-    """An image file on disk -> uint8 (32, 32, 3); ImageError for a missing, unreadable or bad file."""
-    path = Path(path)
-    try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise ImageError(f"the file is over {MAX_FILE_BYTES // 2**20} MB; too large for an image", 413)
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageError("no such file", 404) from None
-    except IsADirectoryError:
-        raise ImageError("is a directory", 400) from None
-    except OSError as e:
-        raise ImageError(f"cannot read the file ({e.strerror or _reason(e)})", 400) from None
-    return load_image(data)
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Class probabilities of logits (N, C) divided by the calibration temperature."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z -= z.max(1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(1, keepdims=True)).astype(np.float32)
+BACKENDS = ("auto", "torch", "onnx")
+NOT_FINITE = "the model's output for this image is not finite (NaN or infinite); the model is broken"
 
 
 def top_k(probs: np.ndarray, classes: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
@@ -163,85 +36,21 @@ def top_k(probs: np.ndarray, classes: Sequence[str], k: int) -> list[list[tuple[
     return [[(classes[j], float(row[j])) for j in idx] for row, idx in zip(probs, order, strict=True)]
 
 
-# --- models ---------------------------------------------------------------------------------------------------
+def identity(meta: ModelMeta) -> dict[str, str]:
+    """What names a model in every answer: name, version (the tensors' fingerprint), architecture."""
+    return {"name": meta.name, "version": meta.version, "architecture": meta.architecture}
 
 
-@dataclass
-class ModelInfo:
-    """What a served or exported model is: identity, architecture, classes and calibration."""
-
-    name: str
-    version: str
-    architecture: str
-    classes: list[str]
-    temperature: float = 1.0
-    params: int | None = None
-    test_accuracy: float | None = None
-    backend: str = "torch"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("extra")
-        return out
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def temperature_of(meta: dict[str, Any]) -> float:
-    """The calibrated softmax temperature in the metadata (absent: 1.0)."""
-    t = meta.get("temperature", 1.0)
-    try:
-        t = float(t if t is not None else 1.0)
-    except (TypeError, ValueError):
-        t = float("nan")
-    if not math.isfinite(t) or t <= 0:
-        raise UserError(f"the model's temperature {meta.get('temperature')!r} is not a positive number")
-    return t
-
-
-def _run_dir_of(path: Path) -> Path | None:
-    """The run directory a model path belongs to (the directory itself, or a run's model.safetensors)."""
-    if path.is_dir():
-        return path
-    if path.name == "model.safetensors" and (path.parent / "results.json").is_file():
-        return path.parent
-    return None
-
-
-def describe(path: str | os.PathLike, meta: dict[str, Any], weights: Path, params: int | None) -> ModelInfo:
-    """ModelInfo from the metadata, the run's results.json (if any) and the weights file's hash."""
-    path = Path(path)
-    run = _run_dir_of(path)
-    results: dict[str, Any] = {}
-    if run is not None and (run / "results.json").is_file():
-        try:
-            results = json.loads((run / "results.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            results = {}
-    name = meta.get("name") or (run.resolve().name if run is not None else path.stem)
-    acc = meta.get("test_accuracy", results.get("test_accuracy"))
-    return ModelInfo(
-        name=str(name),
-        version=str(meta.get("version") or file_sha256(weights)[:12]),
-        architecture=str(meta.get("architecture", "unknown")),
-        classes=list(meta.get("classes") or []),
-        temperature=temperature_of(meta),
-        params=int(meta.get("params") or results.get("params") or params or 0) or None,
-        test_accuracy=float(acc) if acc is not None else None,
-    )
+def finite_rows(probs: np.ndarray) -> np.ndarray:
+    """Which rows of probabilities are all finite (a broken model can give NaN for some inputs only)."""
+    return np.isfinite(probs).all(1)
 
 
 class Predictor:
     """Logits and probabilities for batches of preprocessed images (uint8 N x 32 x 32 x 3 RGB)."""
 
-    info: ModelInfo
+    meta: ModelMeta
+    backend: str
     batch_size: int = 256
 
     def _logits(self, images: np.ndarray) -> np.ndarray:
@@ -253,45 +62,63 @@ class Predictor:
         if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
             raise ValueError(f"expected uint8 images (N, 32, 32, 3), got {images.shape}")
         if len(images) == 0:
-            return np.zeros((0, len(self.info.classes)), np.float32)
+            return np.zeros((0, len(self.meta.classes)), np.float32)
         parts = [
             self._logits(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)
         ]
         return np.concatenate(parts).astype(np.float32, copy=False)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities: softmax(logits / temperature)."""
-        return softmax(self.logits(images), self.info.temperature)
+        """Calibrated class probabilities: softmax(logits / temperature); rows may be NaN (see finite_rows)."""
+        with np.errstate(all="ignore"):
+            return softmax(self.logits(images), self.meta.temperature).astype(np.float32)
 
     def top_k(self, images: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        return top_k(self.probabilities(images), self.info.classes, k)
+        return top_k(self.probabilities(images), self.meta.classes, k)
+
+    def check(self, source: str | os.PathLike) -> None:
+        """Refuse (one line) a model whose logits on a probe batch have the wrong shape or are not finite."""
+        probe = np.random.default_rng(0).integers(0, 256, (PROBE_IMAGES, 32, 32, 3), dtype=np.uint8)
+        probe[0], probe[1] = 0, 255
+        try:
+            logits = self.logits(probe)
+        except Exception as e:  # e.g. ONNX Runtime refusing a graph whose input is not what we feed
+            raise UserError(
+                f"{source}: the model cannot run on uint8 images (N, 32, 32, 3) ({first_line(e)})"
+            ) from None
+        n = len(self.meta.classes)
+        if logits.shape != (len(probe), n):
+            raise UserError(
+                f"{source}: the model gives {logits.shape[1:]} outputs per image, and its metadata names {n} classes"
+            )
+        if not np.isfinite(logits).all():
+            raise UserError(
+                f"{source}: the model's outputs are NaN or infinite on test inputs; the model is broken"
+            )
 
 
 class TorchPredictor(Predictor):
-    """A PyTorch model in eval mode; normalisation as in training (data.normalize)."""
+    """A PyTorch model in eval mode, run by inference.predict_logits (normalised as in training)."""
 
-    def __init__(self, model: Any, info: ModelInfo, batch_size: int = 256):
-        import torch
+    backend = "torch"
 
+    def __init__(self, model: torch.nn.Module, meta: ModelMeta, batch_size: int = 256):
         self.model = model.eval().to(memory_format=torch.channels_last)
-        self.info = info
+        self.meta = meta
         self.batch_size = batch_size
 
     def _logits(self, images: np.ndarray) -> np.ndarray:
-        import torch
-
-        from .augment import normalize
-
-        with torch.inference_mode():
-            x = normalize(torch.from_numpy(images).permute(0, 3, 1, 2))
-            return self.model(x.contiguous(memory_format=torch.channels_last)).float().numpy()
+        x = torch.from_numpy(images).permute(0, 3, 1, 2)
+        return predict_logits(self.model, x, batch_size=self.batch_size).numpy()
 
 
 class OnnxPredictor(Predictor):
     """An exported ONNX model (input: uint8 images N x 32 x 32 x 3) on ONNX Runtime's CPU provider."""
 
+    backend = "onnx"
+
     def __init__(
-        self, model: bytes | str | os.PathLike, info: ModelInfo | None = None, batch_size: int = 256
+        self, model: bytes | str | os.PathLike, meta: ModelMeta | None = None, batch_size: int = 256
     ):
         import onnxruntime as ort
 
@@ -305,44 +132,29 @@ class OnnxPredictor(Predictor):
         try:
             self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-            raise UserError(
-                f"{'the model' if isinstance(model, bytes) else model} is not a usable ONNX model ({_reason(e)})"
-            ) from None
+            shown = "the model" if isinstance(model, bytes) else model
+            raise UserError(f"{shown} is not a usable ONNX model ({first_line(e)})") from None
         self.input_name = self.session.get_inputs()[0].name
-        if info is None:
+        if meta is None:
             if not isinstance(source, str):
-                raise ValueError("an in-memory ONNX model needs its ModelInfo")
-            info = onnx_info(self.session, Path(source))
-        self.info = info
+                raise ValueError("an in-memory ONNX model needs its ModelMeta")
+            meta = onnx_meta(self.session, Path(source))
+        self.meta = meta
         self.batch_size = batch_size
 
     def _logits(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: images})[0]
 
 
-def onnx_metadata(session: Any) -> dict[str, Any]:
-    """The cifar10-cnn metadata stored in an ONNX model, JSON values decoded."""
-    out: dict[str, Any] = {}
-    for key, value in session.get_modelmeta().custom_metadata_map.items():
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def onnx_info(session: Any, path: Path) -> ModelInfo:
-    meta = onnx_metadata(session)
-    if "classes" not in meta:
+def onnx_meta(session: Any, path: Path) -> ModelMeta:
+    """The validated cifar10-cnn metadata of an ONNX model (its name, if none: the file's stem)."""
+    raw = decode_metadata(session.get_modelmeta().custom_metadata_map)
+    if "classes" not in raw:
         raise UserError(
             f"{path} is not an ONNX model exported by cifar10 export (no class names in its metadata)"
         )
-    info = describe(path, meta, path, None)
-    info.backend = "onnx"
-    return info
-
-
-BACKENDS = ("auto", "torch", "onnx")
+    meta = ModelMeta.from_metadata(raw, path)
+    return replace(meta, name=meta.name or default_name(path))
 
 
 def load_predictor(
@@ -352,7 +164,7 @@ def load_predictor(
     data_dir: str | os.PathLike | None = None,
     batch_size: int = 256,
 ) -> Predictor:
-    """A predictor for a run directory, a .safetensors file or an .onnx file.
+    """A predictor for a run directory, a .safetensors file or an .onnx file, checked on a probe batch.
 
     backend auto runs .onnx files on ONNX Runtime and everything else on PyTorch; backend onnx with a run or
     safetensors file exports the model to ONNX in memory first (verified against PyTorch, as export does).
@@ -365,51 +177,22 @@ def load_predictor(
     if path.suffix.lower() == ".onnx":
         if backend == "torch":
             raise UserError(f"{path} is an ONNX model; serve it with --backend onnx (or auto)")
-        return OnnxPredictor(path, batch_size=batch_size)
+        predictor: Predictor = OnnxPredictor(path, batch_size=batch_size)
+    else:
+        model, meta = load_model(path)
+        predictor = TorchPredictor(model, meta, batch_size=batch_size)
+        if backend == "onnx":
+            from .export import onnx_bytes, verification_images, verify_onnx
 
-    from .models import count_params
-    from .weights import load_model, weights_path
-
-    weights = weights_path(path)
-    model, meta = load_model(weights)
-    info = describe(path, meta, weights, count_params(model))
-    if backend == "onnx":
-        from .export import onnx_bytes, verification_images, verify_onnx
-
-        data = onnx_bytes(model, meta, info)
-        images, _ = verification_images(data_dir, required=False)
-        verify_onnx(data, model, images)
-        info.backend = "onnx"
-        return OnnxPredictor(data, info, batch_size=batch_size)
-    return TorchPredictor(model, info, batch_size=batch_size)
+            data = onnx_bytes(model, meta)
+            images, _ = verification_images(data_dir, required=False)
+            verify_onnx(data, model, images)
+            predictor = OnnxPredictor(data, meta, batch_size=batch_size)
+    predictor.check(path)
+    return predictor
 
 
 # --- files -> predictions -------------------------------------------------------------------------------------
-
-
-def image_extensions() -> set[str]:
-    """File extensions of the supported formats (lower case, with the dot)."""
-    allowed = set(_formats())
-    return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in allowed}
-
-
-def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files named directly, and the image files under folders (recursively, sorted, hidden ones skipped)."""
-    exts = image_extensions()
-    out: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            for root, dirs, files in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                out.extend(
-                    Path(root) / f
-                    for f in sorted(files)
-                    if not f.startswith(".") and Path(f).suffix.lower() in exts
-                )
-        else:
-            out.append(p)  # a missing or unreadable file is reported as that file's error
-    return out
 
 
 @dataclass
@@ -424,12 +207,13 @@ class FileResult:
 def predict_files(
     predictor: Predictor, paths: Sequence[Path], k: int = 3, batch_size: int = 256, workers: int | None = None
 ) -> Iterator[FileResult]:
-    """Top-k of every file, in order: files decoded in parallel threads, inference batched."""
+    """Top-k of every file, in order: files decoded in parallel threads (memory bounded), inference batched."""
     workers = workers or min(8, os.cpu_count() or 1)
+    budget = DecodeBudget()
 
     def decode(path: Path) -> np.ndarray | ImageError:
         try:
-            return read_image_file(path)
+            return read_image_file(path, budget)
         except ImageError as e:
             return e
 
@@ -438,16 +222,22 @@ def predict_files(
             chunk = paths[start : start + batch_size]
             decoded = list(pool.map(decode, chunk))
             good = [d for d in decoded if isinstance(d, np.ndarray)]
-            tops = iter(predictor.top_k(np.stack(good), k) if good else [])
+            probs = predictor.probabilities(np.stack(good)) if good else np.zeros((0, 1))
+            rows = iter(zip(top_k(probs, predictor.meta.classes, k), finite_rows(probs), strict=True))
             for path, d in zip(chunk, decoded, strict=True):
                 if isinstance(d, ImageError):
                     yield FileResult(str(path), error=str(d))
-                else:
-                    yield FileResult(str(path), predictions=next(tops))
+                    continue
+                top, finite = next(rows)
+                yield (
+                    FileResult(str(path), predictions=top)
+                    if finite
+                    else FileResult(str(path), error=NOT_FINITE)
+                )
 
 
 def write_results(
-    results: Iterable[FileResult], fmt: str, k: int, out: IO[str], info: ModelInfo | None = None
+    results: Iterable[FileResult], fmt: str, k: int, out: IO[str], meta: ModelMeta | None = None
 ) -> tuple[int, int]:
     """Print results as a table, JSON or CSV (rows as they come); returns (images predicted, errors)."""
     n_ok = n_err = 0
@@ -475,10 +265,8 @@ def write_results(
         else:
             rows.append(r)
     if fmt == "json":
-        model = (
-            {"name": info.name, "version": info.version, "architecture": info.architecture} if info else None
-        )
-        json.dump({"model": model, "results": rows}, out, indent=2)
+        model = identity(meta) if meta else None
+        json.dump({"model": model, "results": rows}, out, indent=2, allow_nan=False)
         out.write("\n")
     elif fmt == "table":
         out.write(format_table(rows, k))
@@ -522,11 +310,11 @@ def predict_command(
     if not paths:
         raise UserError(f"no image files found in {', '.join(map(str, inputs))}")
     predictor = load_predictor(model, backend, batch_size=batch_size)
-    info = predictor.info
-    n_ok, n_err = write_results(predict_files(predictor, paths, k, batch_size), fmt, k, out, info)
+    meta = predictor.meta
+    n_ok, n_err = write_results(predict_files(predictor, paths, k, batch_size), fmt, k, out, meta)
     print(
-        f"{n_ok} image{'s' * (n_ok != 1)} predicted, {n_err} failed | model {info.name} ({info.architecture}, "
-        f"{info.backend}, temperature {info.temperature:g})",
+        f"{n_ok} image{'s' * (n_ok != 1)} predicted, {n_err} failed | model {meta.name} ({meta.architecture}, "
+        f"{predictor.backend}, temperature {meta.temperature:g})",
         file=err,
     )
     return 1 if n_err else 0

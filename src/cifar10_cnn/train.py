@@ -414,8 +414,13 @@ def finish_run(
 ) -> None:
     """Final weights (with the temperature fitted on the validation split), results.json, test evaluation."""
     temperature = stored_temperature(result.model, splits.val)
-    extra = {"temperature": temperature} if temperature is not None else None
-    save_weights(result.model, run.file("weights"), architecture=cfg.model, config=cfg.to_dict(), extra=extra)
+    save_weights(
+        result.model,
+        run.file("weights"),
+        architecture=cfg.model,
+        config=cfg.to_dict(),
+        temperature=temperature,
+    )
     run.update_results(training_results(cfg, t, data, splits, result))
     evaluate_into_run(run.path, splits.test, tta=cfg.tta, model=result.model, val=splits.val, echo=echo)
 
