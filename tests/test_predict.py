@@ -7,6 +7,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -303,6 +305,16 @@ def test_cli_predict_accepts_onnx_and_safetensors(trained_run, image_tree, tmp_p
         assert np.allclose(
             [p["probability"] for p in other], [p["probability"] for p in outputs[0]], atol=1e-5
         )
+    # `cifar10 predict --backend onnx` loads no training code and no matplotlib.
+    code = (
+        "import sys, contextlib, io; from cifar10_cnn.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    rc = main(['predict', {str(tmp_path / 'm.onnx')!r}, {str(image_tree / 'img00.png')!r}, "
+        "'--backend', 'onnx', '--json'])\n"
+        "print(rc, [m for m in ('matplotlib', 'cifar10_cnn.train', 'cifar10_cnn.evaluate') if m in sys.modules])\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "0 []", loaded
 
 
 def test_cli_predict_errors_are_one_line(trained_run, tmp_path, image_tree):
