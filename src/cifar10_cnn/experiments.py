@@ -17,7 +17,7 @@ from .config import TrainConfig
 from .data import CIFAR10, load_cifar10
 from .errors import UserError
 from .metrics import summarize
-from .runs import Run, default_run_dir, write_json
+from .runs import CV_SUMMARY, SEEDS_SUMMARY, Run, default_run_dir, write_json
 from .train import train
 
 
@@ -91,7 +91,7 @@ def train_seeds(
             for key in ("test_accuracy", "train_seconds", "total_seconds")
         },
     }
-    write_json(out / "summary.json", summary)
+    write_json(out / SEEDS_SUMMARY, summary)
     acc, secs = summary["test_accuracy"], summary["total_seconds"]
     echo(
         f"{cfg.recipe}: test accuracy {acc['mean']:.2%} ± {acc['std']:.2%} (min {acc['min']:.2%}, max "
@@ -141,7 +141,7 @@ def train_cv(
         "test_accuracy": summarize([r["test_accuracy"] for r in results]),  # reported, never used to choose
         "total_seconds": summarize([r["total_seconds"] for r in results]),
     }
-    write_json(out / "cv.json", summary)
+    write_json(out / CV_SUMMARY, summary)
     echo(
         f"{cfg.recipe}: {folds}-fold cross-validation accuracy {val['mean']:.2%} ± {val['std']:.2%} "
         f"(min {val['min']:.2%}, max {val['max']:.2%}) -> {out / 'cv.json'}"

@@ -25,7 +25,7 @@ from . import plots
 from .data import CLASSES
 from .errors import UserError
 from .metrics import accuracy_interval, summarize
-from .runs import RUN_FILES, Run, read_json, write_atomic
+from .runs import RUN_FILES, SEEDS_SUMMARY, Run, read_json, write_atomic
 
 __all__ = [
     "ReportError",
@@ -719,7 +719,7 @@ def expand_runs(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """Run directories from paths; a `--seeds` output directory (summary.json) stands for its runs."""
     out: list[Path] = []
     for p in map(Path, paths):
-        summary = p / "summary.json"
+        summary = p / SEEDS_SUMMARY
         if p.is_dir() and summary.is_file() and not Run(p).file("results").exists():
             runs = read_json(summary).get("runs") or []
             found = [p / Path(str(r)).name for r in runs]

@@ -55,6 +55,8 @@ RUN_FILES = {
     "augmentations_png": "plots/augmentations.png",
 }
 RUN_DIRS = ("checkpoints", "eval", "plots", "tb")
+# The summary files of a group of runs (experiments.py): --seeds and --cv.
+SEEDS_SUMMARY, CV_SUMMARY = "summary.json", "cv.json"
 TMP_PATTERN = re.compile(r"^\..+\.tmp-\d+$")  # write_atomic's temporary files
 TB_PATTERN = re.compile(r"^events\.out\.tfevents\.")
 

@@ -198,7 +198,7 @@ def weights_path(path: str | os.PathLike) -> Path:
     """A run directory's model.safetensors, or the given .safetensors file."""
     path = Path(path)
     if path.is_dir():
-        weights = path / "model.safetensors"
+        weights = path / RUN_FILES["weights"]
         if not weights.is_file():
             raise UserError(
                 f"run {path} has no finished model (model.safetensors); finish it with: cifar10 train --resume {path}"
