@@ -12,7 +12,9 @@ the server's inference thread ran. The ONNX backend serves the `cifar10 export -
 With --hostile N (default 2) each backend is measured twice: quiet, then with N more clients posting a
 decode-heavy upload (a 7745x7745 16-bit grey PNG of about 120 KB: 60 megapixels to decode) beside the normal
 ones. Latencies are those of the normal requests; the last line gives the ratio of the p99s and the server's
-peak RSS (VmHWM).
+peak RSS (VmHWM). At the end of each backend it prints the server's own view, scraped from /metrics: the
+/predict requests it answered and the bucket its p99 latency falls in. --access-log keeps the JSON line per
+request on (to a file), to measure what it costs.
 """
 
 from __future__ import annotations
@@ -137,7 +139,23 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(model: Path, backend: str, log: Path) -> tuple[subprocess.Popen, str]:
+def server_view(url: str) -> str:
+    """The server's /metrics: /predict requests by status, and the latency bucket holding its p99."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        families = list(text_string_to_metric_families(r.read().decode()))
+    samples = [s for f in families for s in f.samples if s.labels.get("route") == "/predict"]
+    counts = {s.labels["status"]: int(s.value) for s in samples if s.name == "cifar10_requests_total"}
+    buckets = [(float(s.labels["le"]), s.value) for s in samples if s.name.endswith("_bucket")]
+    total = max((v for _, v in buckets), default=0)
+    p99 = next((le for le, v in sorted(buckets) if v >= 0.99 * total), float("nan"))
+    return f"server view: /predict answered {counts}, p99 <= {p99 * 1000:g} ms (histogram bucket)"
+
+
+def start_server(
+    model: Path, backend: str, log: Path, access_log: bool = False
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [
         sys.executable,
@@ -150,7 +168,7 @@ def start_server(model: Path, backend: str, log: Path) -> tuple[subprocess.Popen
         "--backend",
         backend,
     ]
-    cmd += ["--no-access-log", "--log-level", "warning"]
+    cmd += ["--log-level", "info"] if access_log else ["--no-access-log", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -228,6 +246,7 @@ def main() -> None:
     ap.add_argument("--hostile", type=int, default=2, help="clients posting decode-heavy uploads (0: none)")
     ap.add_argument("--image", help="the image every request posts (default: CIFAR-10 test image 0 as PNG)")
     ap.add_argument("--data-dir", help="CIFAR-10 (default $CIFAR10_DATA, else ./data)")
+    ap.add_argument("--access-log", action="store_true", help="keep the JSON line per request on (to a file)")
     ap.add_argument("--client", help=argparse.SUPPRESS)  # internal: run the clients against this URL
     ap.add_argument("--hostile-image", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -264,7 +283,7 @@ def main() -> None:
                 served = work / "model.onnx"
                 export_model(model, served, "onnx", data_dir=args.data_dir, images=None if args.data_dir else
                              np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), force=True)  # fmt: skip
-            proc, url = start_server(served, backend, work / f"{backend}.log")
+            proc, url = start_server(served, backend, work / f"{backend}.log", args.access_log)
             try:
                 client_cmd = [sys.executable, __file__, "--client", url, "--image", str(image)]
                 warm = subprocess.run(
@@ -283,6 +302,7 @@ def main() -> None:
                         f"{loud['hostile_requests']} hostile uploads answered, server peak RSS {peak_rss_mb(proc.pid):.0f} MB",
                         flush=True,
                     )
+                print(f"{'':<8}{server_view(url)}", flush=True)
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)

@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
+import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +28,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from cifar10_cnn.images import load_image
 from cifar10_cnn.predict import load_predictor
@@ -63,7 +67,6 @@ def start_server(model: Path, log: Path, *args: str, timeout: float = 180) -> Se
                 str(model),
                 "--port",
                 str(port),
-                "--no-access-log",
                 *args,
             ],
             stdout=f,
@@ -364,6 +367,163 @@ def test_the_body_limit_also_counts_bodies_without_a_length():
         asyncio.run(BodyLimit(app, max_bytes=10)({"type": "http", "headers": []}, receive, None))
 
 
+# --- operating the service: metrics, readiness, request logs ---------------------------------------------------
+
+
+def scrape(client: httpx.Client) -> dict[tuple[str, tuple], float]:
+    """/metrics parsed by Prometheus' own text-format parser: {(sample name, sorted labels): value}."""
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_the_requests_sent(client, cifar, cat_png):
+    from tests.test_predict import png_header_only
+
+    before = scrape(client)
+    good = [[cat_png], [png(cifar.test_images[1]), png(cifar.test_images[2], 64)], [cat_png]]
+    bad = {
+        "not_an_image": [[b"hello, not an image\n"], [b"GIF89a broken"]],
+        "empty": [[b""]],
+        "too_many_pixels": [[png_header_only(200_000, 200_000)]],
+        "too_many_files": [[cat_png] * 17],
+        "too_large": [[os.urandom(10 * 2**20 + 1)]],
+    }
+    statuses = {"200": 0, "415": 0, "400": 0, "413": 0}
+    for files in good + [files for cases in bad.values() for files in cases]:
+        r = client.post("/predict", files=[("file", (f"{i}.png", f)) for i, f in enumerate(files)])
+        statuses[str(r.status_code)] += 1
+    assert statuses == {"200": 3, "415": 2, "400": 1, "413": 3}
+    after = scrape(client)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    for status, n in statuses.items():
+        assert delta("cifar10_requests_total", route="/predict", status=status) == n, status
+    for reason, cases in bad.items():
+        assert delta("cifar10_images_refused_total", reason=reason) == len(cases), reason
+    assert delta("cifar10_images_decoded_total") == 4
+    assert delta("cifar10_model_batch_size_sum") == 4 and delta("cifar10_model_batch_size_count") == 3
+    assert delta("cifar10_request_duration_seconds_count", route="/predict") == 9
+    assert delta("cifar10_request_duration_seconds_bucket", route="/predict", le="+Inf") == 9
+    assert delta("cifar10_requests_total", route="/metrics", status="200") == 1  # the scrape before
+    assert after[("cifar10_requests_in_flight", ())] == 1  # the scrape itself
+    assert after[("cifar10_inference_queue_requests", ())] == 0
+    model = client.get("/model").json()
+    info = {k: v for (name, labels), _ in after.items() if name == "cifar10_model_info" for k, v in labels}
+    assert info == {
+        "name": model["name"],
+        "version": model["version"],
+        "architecture": "seed_cnn",
+        "backend": "torch",
+    }
+
+
+def test_ready_shows_the_limits_printed_at_start(client, server):
+    from cifar10_cnn.serve import limits_line
+
+    r = client.get("/ready")
+    assert r.status_code == 200 and r.json()["status"] == "ready", r.text
+    limits = r.json()["limits"]
+    assert limits["max_upload_mb"] == 10 and limits["max_files"] == 16 and limits["body_timeout_s"] == 60
+    assert limits["decode_threads"] >= 1 and limits["graceful_shutdown_timeout_s"] > 0
+    assert limits_line(limits) in server.log.read_text().splitlines()  # the same limits, one line at start
+
+
+def test_each_request_logs_one_json_line_with_its_id(client, server, cat_png):
+    ids = []
+    for header in ("trace-42.a:b_C", "bad id <script>", "x" * 65, None):
+        r = client.post(
+            "/predict",
+            files=[("file", ("cat.png", cat_png)), ("file", ("cat2.png", cat_png))],
+            headers={"X-Request-ID": header} if header else {},
+        )
+        assert r.status_code == 200
+        ids.append(r.headers["x-request-id"])
+    assert ids[0] == "trace-42.a:b_C"  # a valid id is kept; an unsafe or over-long one replaced
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids[1:]) and len(set(ids)) == 4
+    refused = client.get("/nothing-here", headers={"X-Request-ID": "req-404"})
+    assert refused.status_code == 404 and refused.headers["x-request-id"] == "req-404"
+    time.sleep(0.2)
+    lines = [json.loads(ln) for ln in server.log.read_text().splitlines() if ln.startswith("{")]
+    by_id = {line["request_id"]: line for line in lines}
+    version = client.get("/model").json()["version"]
+    for rid in ids:
+        line = by_id[rid]
+        assert set(line) == {
+            "time",
+            "request_id",
+            "method",
+            "route",
+            "status",
+            "latency_ms",
+            "images",
+            "model_version",
+        }
+        assert (line["method"], line["route"], line["status"], line["images"]) == ("POST", "/predict", 200, 2)
+        assert line["model_version"] == version and 0 < line["latency_ms"] < 60_000
+        assert line["time"].endswith("+00:00")
+    assert (by_id["req-404"]["route"], by_id["req-404"]["status"]) == ("unmatched", 404)
+    assert "Traceback" not in server.log.read_text()  # after every refusal above and in the other tests
+
+
+def test_ready_waits_for_the_probe_and_a_server_error_is_one_line(trained_run, caplog):
+    """In this process, on 127.0.0.1: uvicorn without the lifespan, so that the probe runs when the test says."""
+    import uvicorn
+
+    from cifar10_cnn.serve import create_app
+
+    app = create_app(trained_run, data_dir=DATA_DIR)
+
+    @app.get("/fail")  # a handler with a bug, to see how the service reports a 5xx
+    async def fail() -> None:
+        raise RuntimeError("a bug, with details the client must not see")
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, lifespan="off", log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url, service = f"http://127.0.0.1:{port}", app.state.service
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        r = httpx.get(f"{url}/ready")
+        assert (
+            r.status_code == 503
+            and r.json()["status"] == "not ready"
+            and r.json()["limits"]["max_files"] == 16
+        )
+        service.batcher.start()
+        assert httpx.get(f"{url}/ready").status_code == 503  # alive, but the probe has not passed
+        asyncio.run(service.warm_up())
+        assert httpx.get(f"{url}/ready").status_code == 200
+
+        caplog.set_level(logging.INFO, logger="cifar10_cnn.serve")
+        r = httpx.get(f"{url}/fail", headers={"X-Request-ID": "boom-1"})
+        assert r.status_code == 500 and r.headers["x-request-id"] == "boom-1"
+        assert r.json()["detail"] == "internal server error (RuntimeError); request id boom-1"
+        for _ in range(50):  # the line is written once the response is sent
+            records = [x for x in caplog.records if x.name == "cifar10_cnn.serve"]
+            if records:
+                break
+            time.sleep(0.1)
+        time.sleep(0.1)
+        (record,) = [x for x in caplog.records if x.name == "cifar10_cnn.serve"]
+        line = json.loads(record.getMessage())
+        assert record.levelno == logging.ERROR and record.exc_info is None  # no traceback at info level
+        assert (line["request_id"], line["status"], line["error"]) == ("boom-1", 500, "RuntimeError")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        service.batcher.stop()
+
+
 # --- the page, in a real browser ------------------------------------------------------------------------------
 
 
@@ -576,3 +736,27 @@ def test_a_client_that_disconnects_mid_upload_logs_one_line(strict_server, cat_p
     assert "Traceback" not in new and len([ln for ln in new.splitlines() if ln.strip()]) == 1, new
     assert "disconnected during the upload" in new
     assert httpx.get(f"{strict_server.url}/health", timeout=5).status_code == 200
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits_0(strict_server, cat_png):
+    """Ends the strict server, so it comes last: a request whose body is half sent gets SIGTERM mid-way."""
+    body = (
+        b"--b\r\nContent-Disposition: form-data; name=file; filename=cat.png\r\n\r\n"
+        + cat_png
+        + b"\r\n--b--\r\n"
+    )
+    with connect(strict_server) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n")
+        s.sendall(f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+        time.sleep(0.3)
+        strict_server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(OSError):  # no new connections
+            connect(strict_server).close()
+        s.sendall(body[100:])
+        _, answer = closed_after(s, 20)
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer  # and the server closed the connection after it
+    assert json.loads(payload)["results"][0]["filename"] == "cat.png"  # the whole answer
+    assert strict_server.proc.wait(timeout=30) == 0
+    assert "Traceback" not in strict_server.log.read_text()

@@ -3,6 +3,8 @@
     POST /predict   multipart files (any field name) -> top-k classes of each image, and the model's identity
     GET  /model     architecture, params, test accuracy, classes, temperature, limits
     GET  /health    liveness
+    GET  /ready     readiness (model loaded, a probe inference passed; 503 until then) and the limits
+    GET  /metrics   Prometheus text format: requests, latencies, batch sizes, images decoded and refused, ...
     GET  /          the page (static/index.html): drop an image, see the top classes as bars
     GET  /docs      OpenAPI docs
 
@@ -12,25 +14,35 @@ every request waiting at that moment as one batch, so many small requests share 
 queueing one by one, and a lone request never waits for company. Every bad upload is a 4xx with
 {"detail": "..."}. Connections are bounded in time: request headers must arrive within HEADER_TIMEOUT s,
 a body within BODY_TIMEOUT s, and an idle keep-alive connection is closed after KEEP_ALIVE s.
+
+Every request gets an id (a valid incoming X-Request-ID, else a new one, echoed in the response header) and one
+JSON line on the `cifar10_cnn.serve` logger. On SIGTERM or SIGINT the server stops accepting, finishes the
+requests in flight (up to GRACEFUL_TIMEOUT s), drains the inference thread and exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import importlib.util
 import io
+import json
 import logging
 import math
 import os
 import queue
+import re
+import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable, MutableSequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,19 +50,31 @@ from typing import Any
 import anyio
 import h11
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .images import MAX_PIXELS, DecodeBudget, ImageError, decode, decode_cost, open_image
 from .predict import NOT_FINITE, Predictor, finite_rows, identity, load_predictor, top_k
 from .version import __version__
@@ -63,7 +87,16 @@ KEEP_ALIVE = 5.0  # seconds an idle keep-alive connection stays open
 MAX_UPLOAD_MB = 1024.0  # the largest --max-upload-mb accepted
 DECODE_MEMORY = 256 * 2**20  # bytes of decoded pixels in flight (about one 60-megapixel 16-bit image)
 DECODE_THREADS = 16  # threads decoding or waiting for the budget; a lone small decode never waits for one
-log = logging.getLogger("uvicorn.error")
+HEAVY_DECODE_THREADS = 2  # low-priority threads for the large decodes
+GRACEFUL_TIMEOUT = 30.0  # seconds the requests in flight have to finish after SIGTERM
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # an incoming X-Request-ID we echo and log as it is
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PROBE = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)  # the readiness probe
+# An ImageError's status says why an image was refused: the `reason` label of the refusal counter.
+IMAGE_REFUSALS = {400: "empty", 413: "too_many_pixels", 415: "not_an_image", 422: "corrupt"}
+log = logging.getLogger("cifar10_cnn.serve")  # one JSON line per request
+uvicorn_log = logging.getLogger("uvicorn.error")
 
 
 def swagger_assets() -> Path | None:
@@ -79,19 +112,134 @@ def swagger_assets() -> Path | None:
 class ApiError(Exception):
     """A request the service refuses: HTTP status and a one-line message for the client."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, reason: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.reason = reason  # why an upload was refused (the metrics' label); None for other refusals
+
+
+class Metrics:
+    """The service's Prometheus metrics, in a registry of its own, so that several apps in one process (tests)
+    do not collide."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "cifar10_requests", "HTTP requests answered, by route and status", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "cifar10_request_duration_seconds", "time to answer, by route", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )  # fmt: skip
+        self.in_flight = Gauge("cifar10_requests_in_flight", "requests being answered now", registry=r)
+        self.batch_size = Histogram(
+            "cifar10_model_batch_size", "images per model call", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.decoded = Counter("cifar10_images_decoded", "uploaded images decoded", registry=r)
+        self.refused = Counter(
+            "cifar10_images_refused", "uploads refused, one per refused request, by reason", ["reason"], registry=r
+        )  # fmt: skip
+        self.queue = Gauge("cifar10_inference_queue_requests", "requests waiting for the model", registry=r)
+        self.model = Info("cifar10_model", "the model served", registry=r)
+
+    def exposition(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def request_id(header: bytes | None) -> str:
+    """The client's X-Request-ID when it is short and made of safe characters, else a new one."""
+    text = header.decode("latin-1") if header else ""
+    return text if REQUEST_ID.fullmatch(text) else uuid.uuid4().hex
+
+
+def route_of(scope: Scope, routes: MutableSequence[BaseRoute]) -> str:
+    """The route template of a request (bounded label values: never the raw path), or "unmatched"."""
+    route = scope.get("route")
+    if route is None:  # answered before routing (e.g. a body over the limit): match it here
+        route = next((r for r in routes if r.matches(scope)[0] == Match.FULL), None)
+    return getattr(route, "path", None) or "unmatched"
+
+
+class Observe:
+    """ASGI middleware: a request id (echoed in X-Request-ID), the metrics of each request and one JSON log line.
+
+    An exception from the app is answered 500 here and logged as one line with its type and the request id (the
+    traceback at debug level only), so that uvicorn does not print a traceback per failed request.
+    """
+
+    def __init__(self, app: ASGIApp, service: Service, routes: MutableSequence[BaseRoute], access_log: bool):
+        self.app, self.service, self.routes, self.access_log = app, service, routes, access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = request_id(dict(scope["headers"]).get(b"x-request-id"))
+        state = scope.setdefault("state", {})
+        state["images"] = 0
+        status, error = 500, None
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())],
+                }
+            await send(message)
+
+        t0 = time.perf_counter()
+        with self.service.metrics.in_flight.track_inprogress():
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception as e:  # a bug or a broken model: the client gets the request id to report
+                error = e
+                detail = f"internal server error ({type(e).__name__}); request id {rid}"
+                with suppress(Exception):  # the response may have started
+                    await JSONResponse({"detail": detail}, 500)(scope, receive, send_with_id)
+        self.record(scope, rid, status, time.perf_counter() - t0, state.get("images", 0), error)
+
+    def record(
+        self, scope: Scope, rid: str, status: int, seconds: float, images: int, error: Exception | None
+    ) -> None:
+        route = route_of(scope, self.routes)
+        metrics = self.service.metrics
+        metrics.requests.labels(route, str(status)).inc()
+        metrics.latency.labels(route).observe(seconds)
+        if error is None and not self.access_log:
+            return
+        line = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "request_id": rid,
+            "method": scope["method"],
+            "route": route,
+            "status": status,
+            "latency_ms": round(seconds * 1000, 2),
+            "images": images,
+            "model_version": self.service.predictor.meta.version,
+        }
+        if error is None:
+            log.info(json.dumps(line))
+            return
+        log.error(json.dumps({**line, "error": type(error).__name__}))
+        log.debug("request %s failed", rid, exc_info=error)
 
 
 class BodyLimit:
     """ASGI middleware: refuse request bodies over max_bytes (without reading more) or slower than timeout s."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float = BODY_TIMEOUT):
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        timeout: float = BODY_TIMEOUT,
+        on_refused: Callable[[str], None] = lambda reason: None,
+    ):
         self.app = app
         self.max_bytes = max_bytes
         self.timeout = timeout
+        self.on_refused = on_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -99,6 +247,7 @@ class BodyLimit:
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            self.on_refused("too_large")
             response = JSONResponse(
                 {"detail": self.message(int(length))}, 413, headers={"Connection": "close"}
             )
@@ -115,7 +264,7 @@ class BodyLimit:
                 raise ApiError(408, f"the request body did not arrive within {self.timeout:g} s") from None
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise ApiError(413, self.message(seen))
+                raise ApiError(413, self.message(seen), "too_large")
             return message
 
         await self.app(scope, limited, send)
@@ -147,12 +296,25 @@ class TimedH11Protocol(H11Protocol):
             self.transport.close()
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, ending with exit status 0 after a graceful SIGTERM/SIGINT shutdown: uvicorn re-raises
+    the signal once it has shut down, which would kill the process with it (a second SIGINT still forces)."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+
+
 class Batcher:
     """One inference thread that runs every request queued at that moment as one batch (up to max_batch)."""
 
-    def __init__(self, predictor: Predictor, max_batch: int = 64):
+    def __init__(
+        self, predictor: Predictor, max_batch: int = 64, on_batch: Callable[[int], None] = lambda n: None
+    ):
         self.predictor = predictor
         self.max_batch = max_batch
+        self.on_batch = on_batch  # called with the size of each model call
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self.batches = 0
@@ -162,8 +324,15 @@ class Batcher:
         self._thread.start()
 
     def stop(self) -> None:
+        """Answer every request queued before, then end the thread."""
         self._queue.put(None)
         self._thread.join(timeout=10)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
 
     async def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of uint8 images (N, 32, 32, 3), computed in the inference thread."""
@@ -196,17 +365,9 @@ class Batcher:
                 results = [e] * len(jobs)
             self.batches += 1
             self.images += n
+            self.on_batch(n)
             for (_, loop, future), result in zip(jobs, results, strict=True):
                 loop.call_soon_threadsafe(_deliver, future, result)
-
-
-def _deliver(future: asyncio.Future, result: Any) -> None:
-    if future.done():  # the client went away
-        return
-    if isinstance(result, Exception):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
 
 
 def _deliver(future: asyncio.Future, result: Any) -> None:
@@ -242,6 +403,17 @@ class Limits:
             raise UserError("--max-files, --top-k, the pixel limit and the batch size must be positive")
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds a connection may take: for request headers, for a body, idle between requests; and the time the
+    requests in flight have to finish after SIGTERM."""
+
+    header: float = HEADER_TIMEOUT
+    body: float = BODY_TIMEOUT
+    keep_alive: float = KEEP_ALIVE
+    graceful_shutdown: float = GRACEFUL_TIMEOUT
+
+
 def _png_data_url(image: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
@@ -258,10 +430,18 @@ class Decoder:
     """Uploads -> uint8 (32, 32, 3) arrays: large images in low-priority threads, so that a decode-heavy upload
     takes the CPU that normal requests leave, and the memory the budget allows."""
 
-    def __init__(self, max_pixels: int, budget: DecodeBudget, heavy_threads: int = 2):
+    def __init__(
+        self,
+        max_pixels: int,
+        budget: DecodeBudget,
+        heavy_threads: int = HEAVY_DECODE_THREADS,
+        on_decoded: Callable[[], None] = lambda: None,
+    ):
         self.max_pixels = max_pixels
         self.budget = budget
+        self.heavy_threads = heavy_threads
         self.heavy = ThreadPoolExecutor(heavy_threads, "decode-heavy", initializer=_lower_priority)
+        self.on_decoded = on_decoded
 
     def decode_all(self, uploads: list[tuple[str, bytes]]) -> list[np.ndarray]:
         """Called in a worker thread; waits for the low-priority threads where an image is large."""
@@ -274,7 +454,8 @@ class Decoder:
                 else:
                     out.append(decode(img, self.budget))
             except ImageError as e:
-                raise ApiError(e.status, f"{name}: {e}") from None
+                raise ApiError(e.status, f"{name}: {e}", IMAGE_REFUSALS.get(e.status, "other")) from None
+            self.on_decoded()
         return out
 
 
@@ -285,11 +466,15 @@ async def read_uploads(request: Request, limits: Limits) -> list[tuple[str, byte
     except StarletteHTTPException as e:
         detail = str(e.detail)
         if "Too many files" in detail:
-            raise ApiError(413, f"too many files; send at most {limits.max_files} per request") from None
+            raise ApiError(
+                413, f"too many files; send at most {limits.max_files} per request", "too_many_files"
+            ) from None
         raise ApiError(400, f"the request is not valid multipart/form-data ({detail})") from None
     except ClientDisconnect:
         client = request.client
-        log.warning("client %s disconnected during the upload; request dropped", client and client.host)
+        uvicorn_log.warning(
+            "client %s disconnected during the upload; request dropped", client and client.host
+        )
         raise ApiError(400, "the client disconnected during the upload") from None
     try:
         uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
@@ -305,6 +490,7 @@ async def read_uploads(request: Request, limits: Limits) -> list[tuple[str, byte
                 raise ApiError(
                     413,
                     f"{name}: {up.size / 2**20:.1f} MB is over the upload limit of {limits.max_upload_mb:g} MB",
+                    "too_large",
                 )
             files.append((name, await up.read()))
         return files
@@ -320,14 +506,17 @@ class Service:
     limits: Limits
     batcher: Batcher
     decoder: Decoder
+    metrics: Metrics
+    timeouts: Timeouts = field(default_factory=Timeouts)
     decode_threads: anyio.CapacityLimiter = field(
         default_factory=lambda: anyio.CapacityLimiter(DECODE_THREADS)
     )
     started: float = field(default_factory=time.time)
+    not_ready: str | None = "the probe inference has not run yet"  # why /ready answers 503; None when ready
 
     def health(self) -> dict[str, Any]:
         """Liveness: the model is loaded and the inference thread runs."""
-        if not self.batcher._thread.is_alive():
+        if not self.batcher.alive():
             raise ApiError(503, "the inference thread has stopped")
         return {
             "status": "ok",
@@ -336,19 +525,52 @@ class Service:
             "uptime_seconds": round(time.time() - self.started, 1),
         }
 
+    def settings(self) -> dict[str, float | int]:
+        """The limits an operator sizes the service by: per request, concurrency and timeouts (s)."""
+        limits = self.limits
+        return {
+            "max_upload_mb": limits.max_upload_mb,
+            "max_files": limits.max_files,
+            "max_pixels": limits.max_pixels,
+            "max_batch": self.batcher.max_batch,
+            "decode_threads": int(self.decode_threads.total_tokens),
+            "heavy_decode_threads": self.decoder.heavy_threads,
+            "decode_memory_mb": round(self.decoder.budget.max_bytes / 2**20, 1),
+            **{f"{k}_timeout_s": v for k, v in asdict(self.timeouts).items()},
+        }
+
+    async def warm_up(self) -> None:
+        """Readiness: a probe batch through the inference thread must give finite probabilities."""
+        try:
+            probs = await self.batcher.probabilities(PROBE)
+            if not finite_rows(probs).all():
+                raise ValueError(NOT_FINITE)
+        except Exception as e:  # a model that loaded but cannot answer: alive, never ready
+            self.not_ready = f"the probe inference failed ({first_line(e)})"
+            uvicorn_log.error("not ready: %s", self.not_ready)
+            return
+        self.not_ready = None
+
+    def ready(self) -> JSONResponse:
+        """Readiness and the limits: 200 once the probe inference passed, 503 before or when it failed."""
+        reason = "the inference thread has stopped" if not self.batcher.alive() else self.not_ready
+        body = {
+            "status": "not ready" if reason else "ready",
+            **({"detail": reason} if reason else {}),
+            "model": identity(self.predictor.meta),
+            "backend": self.predictor.backend,
+            "limits": self.settings(),
+        }
+        return JSONResponse(body, 503 if reason else 200)
+
     def model(self) -> dict[str, Any]:
         """The served model: identity, architecture, size, test accuracy, classes, calibration and limits."""
-        limits = self.limits
         return {
             **self.predictor.meta.to_dict(),
             "backend": self.predictor.backend,
             "input": "any image Pillow reads; EXIF orientation, RGB on white, centre square crop, antialiased resize to 32x32",
-            "top_k_default": limits.top_k_default,
-            "limits": {
-                "max_upload_mb": limits.max_upload_mb,
-                "max_files": limits.max_files,
-                "max_pixels": limits.max_pixels,
-            },
+            "top_k_default": self.limits.top_k_default,
+            "limits": self.settings(),
             "stats": {"batches": self.batcher.batches, "images": self.batcher.images},
         }
 
@@ -356,11 +578,12 @@ class Service:
         """Top-k classes of each uploaded image; a 422 for an image the model gives no finite answer for."""
         t0 = time.perf_counter()
         files = await read_uploads(request, self.limits)
+        request.state.images = len(files)  # for the request's log line
         images = await anyio.to_thread.run_sync(self.decoder.decode_all, files, limiter=self.decode_threads)
         probs = await self.batcher.probabilities(np.stack(images))
         for (name, _), finite in zip(files, finite_rows(probs), strict=True):
             if not finite:
-                raise ApiError(422, f"{name}: {NOT_FINITE}")
+                raise ApiError(422, f"{name}: {NOT_FINITE}", "not_finite")
         results = []
         for (name, _), image, row in zip(
             files, images, top_k(probs, self.predictor.meta.classes, k), strict=True
@@ -399,10 +622,12 @@ UPLOAD_SCHEMA = {
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """Every refusal as {"detail": "<one line>"} with its status."""
+    """Every refusal as {"detail": "<one line>"} with its status; refused uploads counted by reason."""
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        if e.reason:
+            app.state.service.metrics.refused.labels(e.reason).inc()
         return JSONResponse({"detail": e.message}, e.status)
 
     @app.exception_handler(RequestValidationError)
@@ -434,13 +659,23 @@ def add_docs(app: FastAPI, assets: Path) -> None:
 
 
 def add_routes(app: FastAPI, service: Service) -> None:
-    """/health, /model, /predict, the page and its static files."""
+    """/health, /ready, /metrics, /model, /predict, the page and its static files."""
     n_classes = len(service.predictor.meta.classes)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness: the model is loaded and the inference thread runs."""
         return service.health()
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: the model is loaded and a probe inference passed (503 until then); and the limits."""
+        return service.ready()
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        return service.metrics.exposition()
 
     @app.get("/model")
     async def model() -> dict[str, Any]:
@@ -479,20 +714,31 @@ def create_app(
     max_batch: int = 64,
     decode_memory: int = DECODE_MEMORY,
     data_dir: str | os.PathLike | None = None,
-    body_timeout: float = BODY_TIMEOUT,
+    timeouts: Timeouts = Timeouts(),
+    access_log: bool = True,
 ) -> FastAPI:
-    """The FastAPI app serving one model (a run directory, a .safetensors or an .onnx file)."""
+    """The FastAPI app serving one model (a run directory, a .safetensors or an .onnx file).
+
+    timeouts.body is enforced here; the others are uvicorn's (serve passes them) and shown on /ready."""
     limits = Limits(max_upload_mb, max_files, max_pixels, top_k_default)
     limits.check(max_batch)
     predictor = load_predictor(model_path, backend, data_dir=data_dir)
-    decoder = Decoder(max_pixels, DecodeBudget(decode_memory))
-    service = Service(predictor, limits, Batcher(predictor, max_batch), decoder)
+    metrics = Metrics()
+    decoder = Decoder(max_pixels, DecodeBudget(decode_memory), on_decoded=metrics.decoded.inc)
+    batcher = Batcher(predictor, max_batch, on_batch=metrics.batch_size.observe)
+    service = Service(predictor, limits, batcher, decoder, metrics, timeouts)
+    metrics.queue.set_function(batcher.queue_depth)
+    metrics.model.info({**identity(predictor.meta), "backend": predictor.backend})
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         service.batcher.start()
+        probe = asyncio.create_task(service.warm_up())  # /ready says 503 until it passes
         yield
-        service.batcher.stop()
+        probe.cancel()  # done long ago, unless the model hangs
+        with suppress(asyncio.CancelledError):
+            await probe
+        service.batcher.stop()  # uvicorn has waited for the requests in flight: the queue is empty
         service.decoder.heavy.shutdown(wait=False, cancel_futures=True)
 
     meta, assets = predictor.meta, swagger_assets()
@@ -506,9 +752,14 @@ def create_app(
     )
     if assets:
         add_docs(app, assets)
+    refused = metrics.refused
     app.add_middleware(
-        BodyLimit, max_bytes=limits.max_upload_bytes * max_files + MULTIPART_SLACK, timeout=body_timeout
+        BodyLimit,
+        max_bytes=limits.max_upload_bytes * max_files + MULTIPART_SLACK,
+        timeout=timeouts.body,
+        on_refused=lambda reason: refused.labels(reason).inc(),
     )
+    app.add_middleware(Observe, service=service, routes=app.router.routes, access_log=access_log)  # outermost
     app.state.service = service
     add_error_handlers(app)
     add_routes(app, service)
@@ -517,8 +768,6 @@ def create_app(
 
 def check_port(host: str, port: int) -> None:
     """Fail with one line, before the model loads, when the address cannot be listened on."""
-    from .errors import UserError
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
@@ -537,6 +786,26 @@ def check_address(port: int, max_upload_mb: float) -> None:
     Limits(max_upload_mb, 1, 1, 1).check(1)
 
 
+def log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging, and the request lines of `cifar10_cnn.serve` as bare JSON lines on stdout."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["json_line"] = {"format": "%(message)s"}
+    config["handlers"]["requests"] = {
+        "class": "logging.StreamHandler",
+        "formatter": "json_line",
+        "stream": "ext://sys.stdout",
+    }
+    config["loggers"][log.name] = {"handlers": ["requests"], "level": level.upper(), "propagate": False}
+    return config
+
+
+def limits_line(settings: dict[str, float | int]) -> str:
+    """The limits in one line, as printed at start (the same as /ready shows)."""
+    return "limits: " + " ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items()
+    )
+
+
 def serve(
     model_path: str | os.PathLike,
     *,
@@ -552,12 +821,14 @@ def serve(
     header_timeout: float = HEADER_TIMEOUT,
     body_timeout: float = BODY_TIMEOUT,
     keep_alive: float = KEEP_ALIVE,
+    graceful_timeout: float = GRACEFUL_TIMEOUT,
 ) -> None:
-    """Serve the model with uvicorn until interrupted; every option is checked before the model loads."""
-    import uvicorn
+    """Serve the model with uvicorn until SIGTERM or SIGINT, then finish the requests in flight and return.
 
+    Every option is checked before the model loads."""
     check_address(port, max_upload_mb)
     check_port(host, port)
+    timeouts = Timeouts(header_timeout, body_timeout, keep_alive, graceful_timeout)
     app = create_app(
         model_path,
         backend,
@@ -565,24 +836,28 @@ def serve(
         max_files=max_files,
         top_k_default=top_k_default,
         data_dir=data_dir,
-        body_timeout=body_timeout,
+        timeouts=timeouts,
+        access_log=access_log,
     )
-    predictor = app.state.service.predictor
-    shown = f"[{host}]" if ":" in host else host
+    service = app.state.service
+    meta, shown = service.predictor.meta, f"[{host}]" if ":" in host else host
     print(
-        f"serving {predictor.meta.name} ({predictor.meta.architecture}, {predictor.backend}) on "
-        f"http://{shown}:{port}/  (API docs: /docs; Ctrl-C stops)",
+        f"serving {meta.name} ({meta.architecture}, {service.predictor.backend}) on "
+        f"http://{shown}:{port}/  (API docs: /docs; metrics: /metrics; Ctrl-C stops)\n"
+        + limits_line(service.settings()),
         flush=True,
     )
-    protocol = type("Protocol", (TimedH11Protocol,), {"header_timeout": header_timeout})
-    uvicorn.run(
+    protocol = type("Protocol", (TimedH11Protocol,), {"header_timeout": timeouts.header})
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
-        access_log=access_log,
-        timeout_graceful_shutdown=5,
+        log_config=log_config(log_level),
+        access_log=False,  # replaced by Observe's JSON line
+        timeout_graceful_shutdown=timeouts.graceful_shutdown,
         http=protocol,
-        timeout_keep_alive=keep_alive,
+        timeout_keep_alive=timeouts.keep_alive,
         h11_max_incomplete_event_size=16 * 1024,  # request line and headers (uvicorn's default, stated)
     )
+    GracefulServer(config).run()
