@@ -145,7 +145,7 @@ def add_use_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--top-k", type=int, default=5, help="classes per image unless a request asks (5)")
     s.add_argument("--data-dir", help="CIFAR-10, to verify the in-memory ONNX conversion of --backend onnx")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    s.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    s.add_argument("--no-access-log", action="store_true", help="no JSON log line per request")
 
 
 def given_options(args: argparse.Namespace) -> dict:
