@@ -212,7 +212,7 @@ def add_explain_parser(sub: argparse._SubParsersAction) -> None:
         "--target", metavar="CLASS", help="explain this class (name or index) instead of the top ones"
     )
     x.add_argument("--top", type=int, default=3, metavar="K", help="maps for the K most probable classes (3)")
-    x.add_argument("--out", type=Path, help="a new or empty folder (default ./explain-<time>)")
+    x.add_argument("--out", type=Path, metavar="DIR", help="a new or empty folder (default ./explain-<time>)")
 
 
 def given_options(args: argparse.Namespace) -> dict:
