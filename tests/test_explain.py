@@ -1,4 +1,4 @@
-"""Explanations: maps for every architecture, sanity checks on a trained model (Adebayo et al., 2018), the verb.
+"""Explanations: maps for every architecture, sanity checks (Adebayo et al., 2018) on a trained model, the verb.
 
 The sanity checks train airbench_small for 2 epochs on 2,000 real CIFAR-10 images (about 55% test accuracy,
 ~30 s on 2 busy cores): enough for class evidence to be somewhere, which is what the checks measure.
@@ -32,7 +32,7 @@ from tests.conftest import run_cli
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One intra-op thread while this file runs: on 2 cores shared with other work, 2 threads spin and stall."""
+    """One intra-op thread while this file runs: on 2 cores shared with other work, 2 threads stall."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -116,10 +116,13 @@ def test_cascading_randomisation_changes_the_maps(trained, cifar):
         layer.reset_parameters()
         cascade.append(rank_correlation(maps, explain(model, images, target=labels)))
     print(
-        f"\nrank correlation: re-run {rerun:.3f}, mirrored input {mirrored:.3f}, cascade {np.round(cascade, 3)}"
+        f"\nrank correlation with the trained model's maps: re-run {rerun:.3f}, "
+        f"mirrored input {mirrored:.3f}, "
+        f"top 1..4 layers re-initialised {np.round(cascade, 3)}"
     )
-    assert rerun > 0.99
-    assert max(cascade) < 0.35 < rerun - 0.5
+    assert rerun > 0.99  # the maps are deterministic
+    assert max(cascade) < 0.35  # measured 0.18-0.21; below even the maps of a mirrored input (0.50):
+    assert max(cascade) < mirrored - 0.1
 
 
 def composites(cifar, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -158,7 +161,8 @@ def test_gradcam_points_at_the_pasted_image_of_its_class(trained, cifar):
     mass2 = quadrant_mass(explain(trained, two, target=labels))
     own_over_other = float((mass2[rows, quadrant] > mass2[rows, 3 - quadrant]).mean())
     print(
-        f"\npointing: peak quadrant hits {pointing:.0%} (chance 25%), mean mass in the quadrant {share.mean():.0%}, "
+        f"\npointing: peak quadrant hits {pointing:.0%} (chance 25%), "
+        f"mean mass in the quadrant {share.mean():.0%}, "
         f"mass over 25% in {(share > 0.25).mean():.0%}; with another class opposite, "
         f"more mass on the class's own image in {own_over_other:.0%} (chance 50%)"
     )

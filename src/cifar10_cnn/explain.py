@@ -337,7 +337,7 @@ def explain_command(
     out: Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> Path:
-    """`cifar10 explain`: one PNG per image (input, maps of the top classes or --target) and contact sheets."""
+    """`cifar10 explain`: a PNG per image (the input, maps of the top classes or --target), contact sheets."""
     if top < 1:
         raise UserError(f"--top {top}: give 1 or more")
     if method not in METHODS:
