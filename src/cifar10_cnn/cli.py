@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories (or a --seeds output)")
     r.add_argument("--out", type=Path, help="the comparison page of several runs (default: beside the runs)")
     add_use_parsers(sub)
+    add_explain_parser(sub)
     return parser
 
 
@@ -146,6 +147,19 @@ def add_use_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--data-dir", help="CIFAR-10, to verify the in-memory ONNX conversion of --backend onnx")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.add_argument("--no-access-log", action="store_true", help="no JSON log line per request")
+
+
+def add_explain_parser(sub: argparse._SubParsersAction) -> None:
+    """The explain verb: heatmaps of where in each image the evidence for a class is."""
+    x = sub.add_parser("explain", help="heatmaps of where the evidence is (Grad-CAM or Integrated Gradients)")
+    x.add_argument("model", type=Path, metavar="RUN", help="a run directory or a .safetensors file")
+    x.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files and folders (walked recursively)")
+    x.add_argument("--method", choices=("gradcam", "ig"), default="gradcam", help="gradcam (default) or ig")
+    x.add_argument(
+        "--target", metavar="CLASS", help="explain this class (name or index) instead of the top ones"
+    )
+    x.add_argument("--top", type=int, default=3, metavar="K", help="maps for the K most probable classes (3)")
+    x.add_argument("--out", type=Path, metavar="DIR", help="a new or empty folder (default ./explain-<time>)")
 
 
 def given_options(args: argparse.Namespace) -> dict:
@@ -297,6 +311,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain_command
+
+    explain_command(
+        args.model, args.inputs, method=args.method, target=args.target, top=args.top, out=args.out
+    )
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "tune": cmd_tune,
@@ -305,6 +328,7 @@ COMMANDS = {
     "predict": cmd_predict,
     "export": cmd_export,
     "serve": cmd_serve,
+    "explain": cmd_explain,
 }
 
 
