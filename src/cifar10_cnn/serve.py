@@ -1,6 +1,7 @@
 """The web service: FastAPI + uvicorn, a JSON API for predictions and a small page to try the model.
 
-    POST /predict   multipart files (any field name) -> top-k classes of each image, and the model's identity
+    POST /predict   multipart files (any field name) -> top-k classes of each image, and the model's identity;
+                    with explain=true (or explain_class=NAME_OR_INDEX) also a Grad-CAM overlay of each image
     GET  /model     architecture, params, test accuracy, classes, temperature, limits
     GET  /health    liveness
     GET  /ready     readiness (model loaded, a probe inference passed; 503 until then) and the limits
@@ -18,6 +19,10 @@ a body within BODY_TIMEOUT s, and an idle keep-alive connection is closed after 
 Every request gets an id (a valid incoming X-Request-ID, else a new one, echoed in the response header) and one
 JSON line on the `cifar10_cnn.serve` logger. On SIGTERM or SIGINT the server stops accepting, finishes the
 requests in flight (up to GRACEFUL_TIMEOUT s), drains the inference thread and exits 0.
+
+Explanations (torch backend only) run in a thread of their own on a copy of the model (Captum hooks the model it
+explains, so it must not be the object the inference thread runs), at most MAX_EXPLAIN_IMAGES per request and
+EXPLAIN_BACKLOG requests queued or running; more is a 503 to retry, never an unbounded queue.
 """
 
 from __future__ import annotations
@@ -75,8 +80,9 @@ from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import UserError, first_line
+from .explain import explain, overlay, require_captum, resolve_class
 from .images import MAX_PIXELS, DecodeBudget, ImageError, decode, decode_cost, open_image
-from .predict import NOT_FINITE, Predictor, finite_rows, identity, load_predictor, top_k
+from .predict import NOT_FINITE, Predictor, TorchPredictor, finite_rows, identity, load_predictor, top_k
 from .version import __version__
 
 STATIC = Path(str(resources.files("cifar10_cnn") / "static"))
@@ -88,6 +94,11 @@ MAX_UPLOAD_MB = 1024.0  # the largest --max-upload-mb accepted
 DECODE_MEMORY = 256 * 2**20  # bytes of decoded pixels in flight (about one 60-megapixel 16-bit image)
 DECODE_THREADS = 16  # threads decoding or waiting for the budget; a lone small decode never waits for one
 HEAVY_DECODE_THREADS = 2  # low-priority threads for the large decodes
+MAX_EXPLAIN_IMAGES = (
+    4  # images explained per request: a Grad-CAM map costs about a forward and a backward pass
+)
+EXPLAIN_BACKLOG = 8  # requests with explanations queued or running; beyond that a 503
+EXPLAIN_OVERLAY = 128  # pixels of the overlay's side: the 32x32 input enlarged, the map coloured on top
 GRACEFUL_TIMEOUT = 30.0  # seconds the requests in flight have to finish after SIGTERM
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # an incoming X-Request-ID we echo and log as it is
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -141,6 +152,13 @@ class Metrics:
         )  # fmt: skip
         self.queue = Gauge("cifar10_inference_queue_requests", "requests waiting for the model", registry=r)
         self.model = Info("cifar10_model", "the model served", registry=r)
+        self.explained = Counter(
+            "cifar10_explanations", "images explained (Grad-CAM overlays returned)", registry=r
+        )
+        self.explain_latency = Histogram(
+            "cifar10_explanation_duration_seconds", "time to explain one request's images, in the explanation thread",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
 
     def exposition(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
@@ -379,6 +397,91 @@ def _deliver(future: asyncio.Future, result: Any) -> None:
         future.set_result(result)
 
 
+class Explainer:
+    """Grad-CAM overlays in one thread of its own, on a copy of the torch model: Captum puts hooks on the model it
+    explains, which a prediction on the same object in the inference thread would trip."""
+
+    method = "gradcam"
+
+    def __init__(
+        self,
+        model: Any,
+        classes: list[str],
+        max_images: int = MAX_EXPLAIN_IMAGES,
+        backlog: int = EXPLAIN_BACKLOG,
+        on_explained: Callable[[int, float], None] = lambda n, seconds: None,
+    ):
+        self.model = copy.deepcopy(model).eval()
+        self.classes = classes
+        self.max_images = max_images
+        self.backlog = backlog
+        self.on_explained = on_explained  # images explained and seconds taken, per request
+        self._slots = threading.BoundedSemaphore(
+            backlog
+        )  # released when the work ends, even if the client left
+        self._thread = ThreadPoolExecutor(1, "explain")
+
+    def target(self, value: str | None, n_images: int) -> int | None:
+        """explain_class as a class index (None: each image's predicted class); ApiError for a bad request."""
+        if n_images > self.max_images:
+            raise ApiError(
+                422,
+                f"explain=true explains at most {self.max_images} images per request; {n_images} were sent",
+            )
+        if value is None:
+            return None
+        try:
+            return resolve_class(value, self.classes)
+        except UserError as e:
+            raise ApiError(422, f"explain_class: {e}") from None
+
+    async def overlays(self, images: np.ndarray, targets: np.ndarray) -> list[str]:
+        """Each image's map for its target class, overlaid on the image, as PNG data URLs."""
+        if not self._slots.acquire(blocking=False):
+            raise ApiError(503, f"{self.backlog} explanations are already waiting; retry in a moment")
+        try:
+            future = self._thread.submit(self._overlays, images, targets)
+        except RuntimeError:  # shut down
+            self._slots.release()
+            raise ApiError(503, "the service is shutting down") from None
+        future.add_done_callback(lambda _: self._slots.release())
+        return await asyncio.wrap_future(future)
+
+    def _overlays(self, images: np.ndarray, targets: np.ndarray, record: bool = True) -> list[str]:
+        t0 = time.perf_counter()
+        maps = explain(self.model, images, method=self.method, target=targets)
+        urls = [_png_data_url(overlay(i, m, size=EXPLAIN_OVERLAY)) for i, m in zip(images, maps, strict=True)]
+        if record:
+            self.on_explained(len(images), time.perf_counter() - t0)
+        return urls
+
+    def warm_up(self) -> None:
+        """One explanation, uncounted: the first imports Captum's modules (about a second)."""
+        self._thread.submit(self._overlays, PROBE[:1], np.zeros(1, np.int64), False).result()
+
+    def stop(self) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=True)
+
+
+def make_explainer(predictor: Predictor, metrics: Metrics) -> tuple[Explainer | None, str]:
+    """The explainer of a torch model, or None and why explain=true is refused (the backend, or no Captum)."""
+    if not isinstance(predictor, TorchPredictor):
+        return None, (
+            f"explanations need the torch backend; this server runs {predictor.backend} "
+            "(serve the run directory or .safetensors with --backend torch)"
+        )
+    try:
+        require_captum()
+    except UserError as e:
+        return None, str(e)
+
+    def record(n: int, seconds: float) -> None:
+        metrics.explained.inc(n)
+        metrics.explain_latency.observe(seconds)
+
+    return Explainer(predictor.model, list(predictor.meta.classes), on_explained=record), ""
+
+
 @dataclass
 class Limits:
     """What one request may hold: bytes per file, files, pixels per image; and the default top-k."""
@@ -508,6 +611,8 @@ class Service:
     decoder: Decoder
     metrics: Metrics
     timeouts: Timeouts = field(default_factory=Timeouts)
+    explainer: Explainer | None = None
+    no_explain: str = "explanations are not set up"  # why explain=true is refused when there is no explainer
     decode_threads: anyio.CapacityLimiter = field(
         default_factory=lambda: anyio.CapacityLimiter(DECODE_THREADS)
     )
@@ -536,6 +641,8 @@ class Service:
             "decode_threads": int(self.decode_threads.total_tokens),
             "heavy_decode_threads": self.decoder.heavy_threads,
             "decode_memory_mb": round(self.decoder.budget.max_bytes / 2**20, 1),
+            "max_explain_images": self.explainer.max_images if self.explainer else 0,
+            "explain_backlog": self.explainer.backlog if self.explainer else 0,
             **{f"{k}_timeout_s": v for k, v in asdict(self.timeouts).items()},
         }
 
@@ -545,6 +652,8 @@ class Service:
             probs = await self.batcher.probabilities(PROBE)
             if not finite_rows(probs).all():
                 raise ValueError(NOT_FINITE)
+            if self.explainer:
+                await anyio.to_thread.run_sync(self.explainer.warm_up)
         except Exception as e:  # a model that loaded but cannot answer: alive, never ready
             self.not_ready = f"the probe inference failed ({first_line(e)})"
             uvicorn_log.error("not ready: %s", self.not_ready)
@@ -570,20 +679,45 @@ class Service:
             "backend": self.predictor.backend,
             "input": "any image Pillow reads; EXIF orientation, RGB on white, centre square crop, antialiased resize to 32x32",
             "top_k_default": self.limits.top_k_default,
+            "explain": {
+                "available": self.explainer is not None,
+                **({"method": self.explainer.method} if self.explainer else {"detail": self.no_explain}),
+            },
             "limits": self.settings(),
             "stats": {"batches": self.batcher.batches, "images": self.batcher.images},
         }
 
-    async def predict(self, request: Request, k: int, include_input: bool) -> dict[str, Any]:
-        """Top-k classes of each uploaded image; a 422 for an image the model gives no finite answer for."""
+    async def predict(
+        self,
+        request: Request,
+        k: int,
+        include_input: bool,
+        explain: bool = False,
+        explain_class: str | None = None,
+    ) -> dict[str, Any]:
+        """Top-k classes of each uploaded image (and its explanation when asked); a 422 for an image the model
+        gives no finite answer for."""
         t0 = time.perf_counter()
+        explain = explain or explain_class is not None
+        if explain and self.explainer is None:
+            raise ApiError(422, self.no_explain)
         files = await read_uploads(request, self.limits)
         request.state.images = len(files)  # for the request's log line
+        target = self.explainer.target(explain_class, len(files)) if explain and self.explainer else None
         images = await anyio.to_thread.run_sync(self.decoder.decode_all, files, limiter=self.decode_threads)
         probs = await self.batcher.probabilities(np.stack(images))
         for (name, _), finite in zip(files, finite_rows(probs), strict=True):
             if not finite:
                 raise ApiError(422, f"{name}: {NOT_FINITE}", "not_finite")
+        explanations = None
+        if explain and self.explainer:
+            targets = probs.argmax(1) if target is None else np.full(len(images), target)
+            pngs = await self.explainer.overlays(np.stack(images), targets)
+            classes = self.predictor.meta.classes
+            explanations = [
+                {"class": classes[t], "method": self.explainer.method, "png": url}
+                for t, url in zip(targets, pngs, strict=True)
+            ]
         results = []
         for (name, _), image, row in zip(
             files, images, top_k(probs, self.predictor.meta.classes, k), strict=True
@@ -594,6 +728,8 @@ class Service:
             }
             if include_input:
                 item["input"] = _png_data_url(image)
+            if explanations:
+                item["explanation"] = explanations[len(results)]
             results.append(item)
         return {
             "model": identity(self.predictor.meta),
@@ -691,10 +827,20 @@ def add_routes(app: FastAPI, service: Service) -> None:
         include_input: bool = Query(
             False, description="also return the 32x32 image the model saw (PNG data URL)"
         ),
+        explain_: bool = Query(
+            False,
+            alias="explain",
+            description=f"also return a Grad-CAM heatmap over each image ({EXPLAIN_OVERLAY}x{EXPLAIN_OVERLAY} PNG data "
+            f"URL; at most {MAX_EXPLAIN_IMAGES} images per request; torch backend only)",
+        ),
+        explain_class: str | None = Query(
+            None,
+            description="the class to explain, by name or index (default: each image's predicted class); implies explain",
+        ),
     ) -> JSONResponse:
         """Top-k classes of each uploaded image (multipart/form-data; one or several files, any field name)."""
         # A JSONResponse directly: the values are plain JSON types, so FastAPI's encoder pass is not needed.
-        return JSONResponse(await service.predict(request, top_k_, include_input))
+        return JSONResponse(await service.predict(request, top_k_, include_input, explain_, explain_class))
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -726,7 +872,8 @@ def create_app(
     metrics = Metrics()
     decoder = Decoder(max_pixels, DecodeBudget(decode_memory), on_decoded=metrics.decoded.inc)
     batcher = Batcher(predictor, max_batch, on_batch=metrics.batch_size.observe)
-    service = Service(predictor, limits, batcher, decoder, metrics, timeouts)
+    explainer, no_explain = make_explainer(predictor, metrics)
+    service = Service(predictor, limits, batcher, decoder, metrics, timeouts, explainer, no_explain)
     metrics.queue.set_function(batcher.queue_depth)
     metrics.model.info({**identity(predictor.meta), "backend": predictor.backend})
 
@@ -739,6 +886,8 @@ def create_app(
         with suppress(asyncio.CancelledError):
             await probe
         service.batcher.stop()  # uvicorn has waited for the requests in flight: the queue is empty
+        if service.explainer:
+            service.explainer.stop()
         service.decoder.heavy.shutdown(wait=False, cancel_futures=True)
 
     meta, assets = predictor.meta, swagger_assets()
