@@ -1,9 +1,11 @@
 // The page of `cifar10 serve`: pick, drop or paste images; each is posted to /predict and its top classes
-// are drawn as bars. Plain DOM code, no build step, no external resources.
+// are drawn as bars, and (torch backend) a Grad-CAM heatmap shows where the evidence for the predicted class
+// is; a click on a class bar, or the class menu, fetches another class's map for the same image.
+// Plain DOM code, no build step, no external resources.
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
-const state = { maxBytes: 10 * 1024 * 1024, topK: 5 };
+const state = { maxBytes: 10 * 1024 * 1024, topK: 5, classes: [], explain: false };
 
 function percent(p) {
   return (100 * p).toFixed(p >= 0.995 || p < 0.001 ? 0 : 1) + "%";
@@ -26,6 +28,8 @@ async function loadModel() {
     $("#classes").textContent = `The model knows ${model.classes.length} classes: ${model.classes.join(", ")}.`;
     state.maxBytes = model.limits.max_upload_mb * 1024 * 1024;
     state.topK = Math.min(model.top_k_default, model.classes.length);
+    state.classes = model.classes;
+    state.explain = Boolean(model.explain && model.explain.available);
     $("#drop-hint").textContent =
       `PNG, JPEG, WebP, GIF, BMP, … up to ${model.limits.max_upload_mb} MB each — or paste one from the clipboard`;
   } catch (err) {
@@ -55,7 +59,67 @@ function fail(card, message) {
   status.className = "status error-text";
 }
 
-function render(card, result) {
+// Show an explanation (from /predict) in the card: the overlay, its class in the caption, the menu and the bar.
+function showExplanation(card, explanation) {
+  const figure = card.querySelector(".heatmap");
+  const img = figure.querySelector(".heatmap-img");
+  img.src = explanation.png;
+  img.dataset.class = explanation["class"];
+  img.alt = `heatmap of the evidence for ${explanation["class"]}`;
+  figure.querySelector(".explain-class").value = explanation["class"];
+  figure.querySelector(".heatmap-status").textContent = "";
+  for (const row of card.querySelectorAll(".bar-row")) {
+    row.classList.toggle("explained", row.dataset.class === explanation["class"]);
+  }
+  figure.hidden = false;
+  figure.dataset.state = "done";
+}
+
+// Fetch the map of another class for the same file; an answer to an older pick is dropped.
+async function explainClass(card, file, name) {
+  const figure = card.querySelector(".heatmap");
+  const pick = (Number(figure.dataset.pick || 0) + 1).toString();
+  figure.dataset.pick = pick;
+  figure.dataset.state = "loading";
+  figure.querySelector(".heatmap-status").textContent = `Explaining ${name}…`;
+  const body = new FormData();
+  body.append("file", file, file.name || "pasted.png");
+  try {
+    const response = await fetch(`predict?top_k=1&explain_class=${encodeURIComponent(name)}`, { method: "POST", body });
+    const answer = await response.json().catch(() => ({ detail: `the server answered ${response.status}` }));
+    if (figure.dataset.pick !== pick) return;
+    if (!response.ok) throw new Error(answer.detail || `The server answered ${response.status}.`);
+    showExplanation(card, answer.results[0].explanation);
+  } catch (err) {
+    if (figure.dataset.pick !== pick) return;
+    figure.dataset.state = "error";
+    figure.querySelector(".heatmap-status").textContent = err.message || "The server could not be reached.";
+  }
+}
+
+function setUpExplanation(card, file, explanation) {
+  const select = card.querySelector(".explain-class");
+  for (const name of state.classes) {
+    const option = document.createElement("option");
+    option.value = name;
+    option.textContent = name;
+    select.append(option);
+  }
+  select.addEventListener("change", () => explainClass(card, file, select.value));
+  for (const row of card.querySelectorAll(".bar-row")) {
+    row.tabIndex = 0;
+    row.title = `Show where the evidence for ${row.dataset.class} is`;
+    row.setAttribute("role", "button");
+    row.addEventListener("click", () => explainClass(card, file, row.dataset.class));
+    row.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" || e.key === " ") { e.preventDefault(); explainClass(card, file, row.dataset.class); }
+    });
+  }
+  card.classList.add("explainable");
+  showExplanation(card, explanation);
+}
+
+function render(card, result, file) {
   const [best] = result.predictions;
   const title = card.querySelector(".top-class");
   title.textContent = best["class"];
@@ -69,6 +133,7 @@ function render(card, result) {
   for (const [i, p] of result.predictions.entries()) {
     const row = document.createElement("li");
     row.className = i === 0 ? "bar-row best" : "bar-row";
+    row.dataset.class = p["class"];
     const label = document.createElement("span");
     label.className = "label";
     label.textContent = p["class"];
@@ -84,6 +149,7 @@ function render(card, result) {
     row.append(label, track, value);
     bars.append(row);
   }
+  if (result.explanation) setUpExplanation(card, file, result.explanation);
   card.dataset.state = "done";
 }
 
@@ -96,13 +162,14 @@ async function classify(file) {
   const body = new FormData();
   body.append("file", file, file.name || "pasted.png");
   try {
-    const response = await fetch(`predict?top_k=${state.topK}&include_input=true`, { method: "POST", body });
+    const explain = state.explain ? "&explain=true" : "";
+    const response = await fetch(`predict?top_k=${state.topK}&include_input=true${explain}`, { method: "POST", body });
     const answer = await response.json().catch(() => ({ detail: `the server answered ${response.status}` }));
     if (!response.ok) {
       fail(card, answer.detail || `The server answered ${response.status}.`);
       return;
     }
-    render(card, answer.results[0]);
+    render(card, answer.results[0], file);
   } catch (err) {
     fail(card, "The server could not be reached.");
   }
