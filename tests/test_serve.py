@@ -332,6 +332,13 @@ def test_the_onnx_backend_serves_the_same_answers(trained_run, tmp_path, cat_png
         assert httpx.get(f"{s.url}/model").json()["params"] == 1_147_466
         bad = httpx.post(f"{s.url}/predict", files={"file": ("x.png", b"nope")}, timeout=60)
         assert bad.status_code == 415
+        refused = httpx.post(
+            f"{s.url}/predict", files={"file": ("cat.png", cat_png)}, params={"explain": "true"}, timeout=60
+        )
+        assert refused.status_code == 422 and "need the torch backend" in refused.json()["detail"], (
+            refused.text
+        )
+        assert httpx.get(f"{s.url}/model").json()["explain"]["available"] is False
     finally:
         stop_server(s)
     torch_answer = client.post("/predict", files={"file": ("cat.png", cat_png)}, params={"top_k": 10}).json()
@@ -365,6 +372,75 @@ def test_the_body_limit_also_counts_bodies_without_a_length():
 
     with pytest.raises(ApiError, match="over"):
         asyncio.run(BodyLimit(app, max_bytes=10)({"type": "http", "headers": []}, receive, None))
+
+
+# --- explanations -----------------------------------------------------------------------------------------------
+
+
+def data_url_image(url: str) -> np.ndarray:
+    """The RGB pixels of a PNG data URL (and that it is one)."""
+    head, _, data = url.partition(",")
+    assert head == "data:image/png;base64", head
+    img = Image.open(io.BytesIO(base64.b64decode(data)))
+    assert img.format == "PNG" and img.mode == "RGB"
+    return np.asarray(img)
+
+
+def test_explain_returns_a_heatmap_per_image_bounded_and_counted(client, trained_run, cifar, cat_png):
+    from cifar10_cnn.explain import explain, overlay
+
+    before = scrape(client)
+    files = [("file", ("cat.png", cat_png)), ("file", ("ship.png", png(cifar.test_images[1], 64)))]
+    r = client.post("/predict", params={"explain": "true", "top_k": 3}, files=files)
+    assert r.status_code == 200, r.text
+    maps = []
+    for result in r.json()["results"]:
+        explanation = result["explanation"]
+        assert explanation["class"] == result["predictions"][0]["class"]  # default: the predicted class
+        assert explanation["method"] == "gradcam"
+        maps.append(data_url_image(explanation["png"]))
+        assert maps[-1].shape == (128, 128, 3)
+    # the server's overlay is the explain module's map of the image it decoded, with the served model
+    model, classes = load_predictor(trained_run).model, client.get("/model").json()["classes"]
+    predicted = classes.index(r.json()["results"][0]["predictions"][0]["class"])
+    mine = overlay(cifar.test_images[0], explain(model, cifar.test_images[:1], target=predicted)[0], size=128)
+    diff = np.abs(mine.astype(int) - maps[0])  # float rounding apart (memory layout, threads)
+    assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())
+
+    other = classes[(predicted + 5) % 10]  # another class: another map of the same image
+    by_name = client.post("/predict", params={"explain_class": other}, files={"file": ("cat.png", cat_png)})
+    by_index = client.post(
+        "/predict",
+        params={"explain": "1", "explain_class": classes.index(other)},
+        files={"file": ("c.png", cat_png)},
+    )
+    assert by_name.status_code == by_index.status_code == 200, by_name.text
+    named, indexed = (x.json()["results"][0]["explanation"] for x in (by_name, by_index))
+    assert named["class"] == indexed["class"] == other and named["png"] == indexed["png"]
+    assert np.abs(data_url_image(named["png"]).astype(int) - maps[0]).mean() > 3
+
+    refused = {
+        "at most 4 images": client.post(
+            "/predict", params={"explain": "true"}, files=[("f", ("c.png", cat_png))] * 5
+        ),
+        "unknown class 'unicorn'": client.post(
+            "/predict", params={"explain_class": "unicorn"}, files={"file": ("cat.png", cat_png)}
+        ),
+    }
+    for words, answer in refused.items():
+        assert answer.status_code == 422 and words in answer.json()["detail"], answer.text
+    plain = client.post("/predict", files={"file": ("cat.png", cat_png)}).json()["results"][0]
+    assert "explanation" not in plain
+    model_info = client.get("/model").json()
+    assert model_info["explain"] == {"available": True, "method": "gradcam"}
+    assert model_info["limits"]["max_explain_images"] == 4
+
+    after = scrape(client)
+    assert after[("cifar10_explanations_total", ())] - before.get(("cifar10_explanations_total", ()), 0) == 4
+    count = ("cifar10_explanation_duration_seconds_count", ())
+    assert (
+        after[count] - before.get(count, 0) == 3
+    )  # one observation per explained request; warm-up not counted
 
 
 # --- operating the service: metrics, readiness, request logs ---------------------------------------------------
