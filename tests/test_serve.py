@@ -679,6 +679,50 @@ def test_the_page_classifies_an_uploaded_image(browser, server, client, cifar, t
     page.close()
 
 
+def test_the_page_shows_a_heatmap_and_another_class_on_demand(browser, server, client, cifar, tmp_path):
+    image = tmp_path / "cat.png"
+    image.write_bytes(png(cifar.test_images[0]))
+    page = browser.new_page(viewport={"width": 900, "height": 900})
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelector('#model-info').textContent.includes('seed_cnn')")
+    page.set_input_files("#file-input", str(image))
+    page.wait_for_selector(".card[data-state=done] .heatmap[data-state=done] .heatmap-img", timeout=60_000)
+    card = page.locator(".card").first
+    heat = card.locator(".heatmap-img")
+    assert heat.is_visible()
+    predicted = card.locator(".top-class").inner_text().lower()
+    first = heat.get_attribute("src")
+    assert heat.get_attribute("data-class") == predicted == card.locator(".explain-class").input_value()
+    assert data_url_image(first).shape == (128, 128, 3)
+
+    def shows(cls: str) -> str:
+        page.wait_for_function(
+            "c => { const f = document.querySelector('.card .heatmap');"
+            " return f.dataset.state === 'done' && f.querySelector('.heatmap-img').dataset.class === c; }",
+            arg=cls,
+            timeout=60_000,
+        )
+        return heat.get_attribute("src")
+
+    second = card.locator(".bar-row").nth(1)  # click the runner-up's bar
+    runner_up = second.get_attribute("data-class")
+    second.click()
+    clicked = shows(runner_up)
+    assert clicked != first and "explained" in (second.get_attribute("class") or "")
+    api = client.post(
+        "/predict", params={"explain_class": runner_up}, files={"file": ("cat.png", image.read_bytes())}
+    )
+    assert clicked == api.json()["results"][0]["explanation"]["png"]  # the map of that class, for this image
+    last = next(c for c in ("truck", "frog") if c not in (predicted, runner_up))
+    card.locator(".explain-class").select_option(last)  # any class, from the menu
+    assert shows(last) not in (first, clicked)
+    assert not errors, errors
+    page.close()
+
+
 def test_the_api_docs_render_offline(browser, server):
     page = browser.new_page()
     page.goto(server.url + "/docs")
