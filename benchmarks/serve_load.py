@@ -15,6 +15,12 @@ ones. Latencies are those of the normal requests; the last line gives the ratio 
 peak RSS (VmHWM). At the end of each backend it prints the server's own view, scraped from /metrics: the
 /predict requests it answered and the bucket its p99 latency falls in. --access-log keeps the JSON line per
 request on (to a file), to measure what it costs.
+
+With --explain-share F (e.g. 0.2) a share F of the normal requests asks for explain=true (a Grad-CAM overlay;
+torch backend only), chosen at random per request with a fixed seed per client; a last line per mix gives
+p50/p99 of the plain requests and of the explain requests apart.
+
+    python benchmarks/serve_load.py --backends torch --hostile 0 --explain-share 0.2 --clients 8 --seconds 10
 """
 
 from __future__ import annotations
@@ -63,11 +69,18 @@ def multipart(image: bytes, name: str = "image.png") -> tuple[bytes, str]:
 
 
 def run_clients(
-    url: str, image: Path, clients: int, seconds: float, hostile: Path | None = None, n_hostile: int = 0
+    url: str,
+    image: Path,
+    clients: int,
+    seconds: float,
+    hostile: Path | None = None,
+    n_hostile: int = 0,
+    explain_share: float = 0.0,
 ) -> dict:
     """The client process: `clients` threads posting image (and n_hostile threads posting hostile) for `seconds`.
 
-    Latencies (ms) and errors are those of the normal clients; the hostile ones only count their requests.
+    Latencies (ms) and errors are those of the normal clients; the hostile ones only count their requests. A
+    share explain_share of the normal requests asks for explain=true; their latencies are also reported apart.
     """
     host, port = url.removeprefix("http://").split(":")
     bodies = [multipart(image.read_bytes(), image.name)] * clients
@@ -75,6 +88,7 @@ def run_clients(
         bodies += [multipart(hostile.read_bytes(), hostile.name)] * n_hostile
     latencies: list[list[float]] = [[] for _ in bodies]
     errors = [0] * len(bodies)
+    explained: list[list[bool]] = [[] for _ in bodies]
     start = threading.Barrier(len(bodies) + 1)
     stop_at = [0.0]
 
@@ -82,19 +96,25 @@ def run_clients(
         body, content_type = bodies[i]
         headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        rng = np.random.default_rng(i)
         start.wait()
         while time.perf_counter() < stop_at[0]:
+            explain = i < clients and rng.random() < explain_share
             t0 = time.perf_counter()
             try:
-                conn.request("POST", "/predict?top_k=3", body=body, headers=headers)
+                conn.request(
+                    "POST", "/predict?top_k=3" + "&explain=true" * explain, body=body, headers=headers
+                )
                 response = conn.getresponse()
                 payload = response.read()
                 ok = response.status == 200 and b'"predictions"' in payload
+                ok = ok and (not explain or b'"explanation"' in payload)
             except (OSError, http.client.HTTPException):
                 ok = False
                 conn.close()
                 conn = http.client.HTTPConnection(host, int(port), timeout=60)
             latencies[i].append((time.perf_counter() - t0) * 1000)
+            explained[i].append(explain)
             errors[i] += not ok
         conn.close()
 
@@ -108,7 +128,16 @@ def run_clients(
         t.join()
     elapsed = time.perf_counter() - t0
     lat = np.array([x for per in latencies[:clients] for x in per])
+    asked = np.array([x for per in explained[:clients] for x in per], bool)
+    split = {
+        f"{kind}_{stat}": float(np.percentile(part, q)) if len(part) else float("nan")
+        for kind, part in (("plain", lat[~asked]), ("explain", lat[asked]))
+        for stat, q in (("p50", 50), ("p99", 99))
+    }
     return {
+        **split,
+        "plain_requests": int((~asked).sum()),
+        "explain_requests": int(asked.sum()),
         "requests": len(lat),
         "seconds": elapsed,
         "rps": len(lat) / elapsed,
@@ -228,6 +257,13 @@ def measure(client_cmd: list[str], url: str, clients: int, seconds: float, extra
     return r
 
 
+def split_row(r: dict) -> str:
+    return (
+        f"{'':<8}plain {r['plain_requests']} requests p50 {r['plain_p50']:.1f} ms p99 {r['plain_p99']:.1f} ms | "
+        f"explain=true {r['explain_requests']} requests p50 {r['explain_p50']:.1f} ms p99 {r['explain_p99']:.1f} ms"
+    )
+
+
 def row(backend: str, mix: str, r: dict) -> str:
     return (
         f"{backend:<8}{mix:<9}{r['requests']:>9}{r['rps']:>8.0f}{r['p50']:>8.1f}{r['p95']:>8.1f}{r['p99']:>8.1f}"
@@ -247,6 +283,9 @@ def main() -> None:
     ap.add_argument("--image", help="the image every request posts (default: CIFAR-10 test image 0 as PNG)")
     ap.add_argument("--data-dir", help="CIFAR-10 (default $CIFAR10_DATA, else ./data)")
     ap.add_argument("--access-log", action="store_true", help="keep the JSON line per request on (to a file)")
+    ap.add_argument(
+        "--explain-share", type=float, default=0.0, help="share of requests with explain=true (torch backend)"
+    )
     ap.add_argument("--client", help=argparse.SUPPRESS)  # internal: run the clients against this URL
     ap.add_argument("--hostile-image", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -254,10 +293,22 @@ def main() -> None:
         hostile = Path(args.hostile_image) if args.hostile_image else None
         print(
             json.dumps(
-                run_clients(args.client, Path(args.image), args.clients, args.seconds, hostile, args.hostile)
+                run_clients(
+                    args.client,
+                    Path(args.image),
+                    args.clients,
+                    args.seconds,
+                    hostile,
+                    args.hostile,
+                    args.explain_share,
+                )
             )
         )
         return
+    if not 0 <= args.explain_share <= 1:
+        ap.error(f"--explain-share {args.explain_share}: give a share from 0 to 1")
+    if args.explain_share and "onnx" in args.backends:
+        ap.error("--explain-share needs --backends torch: the onnx backend does not explain")
 
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         work = Path(tmp)
@@ -266,6 +317,7 @@ def main() -> None:
         bomb = hostile_image(work) if args.hostile else None
         print(
             f"{args.clients} concurrent clients x {args.seconds:g} s per backend, single-image requests "
+            f"({args.explain_share:.0%} with explain=true) "
             f"({image.stat().st_size:,} bytes), model {args.model}, {os.cpu_count()} CPUs shared by server and clients"
         )
         if bomb:
@@ -291,12 +343,17 @@ def main() -> None:
                 )
                 if warm.returncode != 0:
                     raise SystemExit(warm.stderr)
-                quiet = measure(client_cmd, url, args.clients, args.seconds, [])
+                share = ["--explain-share", str(args.explain_share)]
+                quiet = measure(client_cmd, url, args.clients, args.seconds, share)
                 print(row(backend, "quiet", quiet), flush=True)
+                if args.explain_share:
+                    print(split_row(quiet), flush=True)
                 if bomb:
-                    extra = ["--hostile", str(args.hostile), "--hostile-image", str(bomb)]
+                    extra = ["--hostile", str(args.hostile), "--hostile-image", str(bomb), *share]
                     loud = measure(client_cmd, url, args.clients, args.seconds, extra)
                     print(row(backend, "hostile", loud), flush=True)
+                    if args.explain_share:
+                        print(split_row(loud), flush=True)
                     print(
                         f"{'':<8}p99 hostile/quiet {loud['p99'] / quiet['p99']:.2f}x, {loud['hostile_ok']} of "
                         f"{loud['hostile_requests']} hostile uploads answered, server peak RSS {peak_rss_mb(proc.pid):.0f} MB",
