@@ -6,7 +6,9 @@
 
 The test set is only ever measured here; the temperature is fitted on the run's validation split. Evaluation
 writes only eval/, plots/, results.json and the report: never the weights (their temperature is fitted and
-stored at training time).
+stored at training time). With Captum (the `explain` extra) it also draws Grad-CAM maps of 12 test images
+(correct, confidently wrong, least confident) into eval/explanations.png; without it the report says how to
+get them.
 """
 
 from __future__ import annotations
