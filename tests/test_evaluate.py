@@ -18,6 +18,7 @@ from cifar10_cnn import calibration as C
 from cifar10_cnn import corruptions as K
 from cifar10_cnn import data as D
 from cifar10_cnn.evaluate import evaluate_model
+from cifar10_cnn.explain import explain
 from cifar10_cnn.inference import evaluate_logits
 from cifar10_cnn.metrics import (
     accuracy_interval,
@@ -30,7 +31,7 @@ from cifar10_cnn.metrics import (
 )
 from cifar10_cnn.weights import load_model, read_metadata
 
-from .conftest import error_line, run_cli
+from .conftest import DATA_DIR, error_line, run_cli
 
 OLD_KEYS = (
     "test_accuracy",
@@ -261,6 +262,19 @@ def test_evaluate_model_computes_without_writing(trained_run, cifar, tmp_path, m
     assert len(ev.errors) == 24 and all(ev.probs[i].argmax() != ev.labels[i] for i in ev.errors)
     assert ev.robustness["images"] == 40 and set(ev.robustness["accuracy"]) == set(K.CORRUPTIONS)
     assert len(lines) == 1 + len(K.CORRUPTIONS)
+    # Grad-CAM of 4 images per group: the true class's map, then the predicted (or runner-up) class's.
+    x = ev.explanations
+    assert list(x.groups) == ["correct", "confidently_wrong", "least_confident"]
+    assert x.groups["confidently_wrong"].tolist() == ev.errors[:4].tolist()
+    pred = ev.probs.argmax(1)
+    assert all(pred[i] == ev.labels[i] for i in x.groups["correct"])
+    idx = np.concatenate(list(x.groups.values()))
+    assert np.sort(ev.probs[x.groups["least_confident"]].max(1)).max() <= np.sort(ev.probs.max(1))[3]
+    assert x.classes[:, 0].tolist() == ev.labels[idx].tolist() and (x.classes[:, 1] != x.classes[:, 0]).all()
+    assert x.maps.shape == (12, 2, 32, 32)
+    np.testing.assert_allclose(
+        x.maps[:, 1], explain(model, ev.images[idx], target=x.classes[:, 1]), atol=1e-5
+    )
 
 
 def test_training_stores_calibration_and_the_temperature(trained_run):
@@ -289,6 +303,12 @@ def test_training_stores_calibration_and_the_temperature(trained_run):
     for name in ("eval/reliability.png", "eval/confident_errors.png", "plots/per_class.png"):
         assert (trained_run / name).stat().st_size > 10_000, name
     assert not (trained_run / "eval" / "robustness.json").exists()
+    shown = evaluation["explanations"]
+    assert shown["method"] == "Grad-CAM" and len(shown["images"]) == 12 and shown["seconds"] < 10
+    wrong = [e for e in shown["images"] if e["group"] == "confidently_wrong"]
+    assert [e["index"] for e in wrong] == [e["index"] for e in evaluation["confident_errors"][:4]]
+    assert all(e["maps"] == [e["true"], e["pred"]] for e in wrong)
+    assert (trained_run / "eval" / "explanations.png").stat().st_size > 10_000
 
 
 def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path, cache_dir):
@@ -348,6 +368,35 @@ def test_a_run_without_validation_fits_no_temperature(cifar, tmp_path):
     note = json.loads((run / "eval" / "metrics.json").read_text())["calibration"]["note"]
     assert "no validation split" in note and "no temperature" in note
     assert "no temperature was fitted" in (run / "report.md").read_text()
+
+
+EVALUATE_WITHOUT_CAPTUM = """
+import sys
+sys.modules["captum"] = None  # as if Captum were not installed: importing it raises ImportError
+from cifar10_cnn import data as D
+from cifar10_cnn.evaluate import evaluate_into_run
+data = D.load_cifar10(sys.argv[2], progress=False)
+evaluate_into_run(sys.argv[1], D.to_split(data.test_images[:300], data.test_labels[:300]))
+"""
+
+
+def test_evaluation_without_captum_says_how_to_get_the_heatmaps(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    assert (run / "eval" / "explanations.png").is_file()  # from training's evaluation, with Captum
+    proc = subprocess.run(
+        [sys.executable, "-c", EVALUATE_WITHOUT_CAPTUM, str(run), str(DATA_DIR)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "test accuracy" in proc.stdout
+    note = "explanations need Captum: python -m pip install -e '.[explain]'"
+    assert json.loads((run / "eval" / "metrics.json").read_text())["explanations"] == {"note": note}
+    assert not (run / "eval" / "explanations.png").exists(), "a figure of the previous evaluation is left"
+    md = (run / "report.md").read_text()
+    section = md.split("## Where the model looks\n\n")[1].split("\n## ")[0]
+    assert section.strip() == f"Not computed: {note}."
+    assert "explanations.png" not in md and (run / "eval" / "reliability.png").is_file()
 
 
 # --- errors: one line each, nothing written ------------------------------------------------------------------

@@ -45,7 +45,8 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch, cache_dir):
     images = sum(
         1 for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})
     )
-    assert images >= 8, f"only {images} figures shown"
+    assert images >= 9, f"only {images} figures shown"
+    assert "Grad-CAM on layer" in text and "Integrated Gradients for 6 images" in text
     runs = Path(tmp_path / "runs")
     assert (runs / "seed" / "report.html").is_file() and (runs / "fast" / "model.safetensors").is_file()
-    assert (runs / "comparison.html").is_file()
+    assert (runs / "comparison.html").is_file() and (runs / "explanations.png").stat().st_size > 10_000

@@ -312,9 +312,13 @@ def test_write_report_tolerates_missing_pieces(tmp_path: Path) -> None:
     (run / "results.json").write_text(json.dumps({"test_accuracy": 0.1234, "best_val_accuracy": None}))
     with (run / "metrics.csv").open("w", newline="") as f:
         f.write("epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds\n1,2.3,0.1,,,0.1,5.0\n")
+    # A heatmap figure that no evaluation record vouches for (e.g. left by other weights) is not shown.
+    (run / "eval").mkdir()
+    mpimg.imsave(run / "eval" / "explanations.png", np.full((8, 8, 3), 0.5))
     md_path, html_path = write_report(run)
     md, page = md_path.read_text(), html_path.read_text()
     assert "12.34%" in md and "12.34%" in page
+    assert "## Where the model looks\n\nNot computed: `cifar10 evaluate RUN` adds it" in md
     assert "n/a" in md and "n/a" in page
     assert "config.json not found" in md
     assert "data:image/png;base64," not in page, "no plots on disk, so none embedded"

@@ -67,6 +67,7 @@ def test_report_of_an_evaluated_run(trained_run, tmp_path):
         "Calibration",
         "Per-class results",
         "Errors",
+        "Where the model looks",
         "Robustness to common corruptions",
         "Training",
     ):
@@ -82,7 +83,8 @@ def test_report_of_an_evaluated_run(trained_run, tmp_path):
     # Every figure of the run is embedded, byte for byte, and nothing is fetched from anywhere.
     expected = {
         (run / p).read_bytes()
-        for p in ("eval/reliability.png", "eval/confident_errors.png", "plots/confusion.png", "plots/per_class.png",
+        for p in ("eval/reliability.png", "eval/confident_errors.png", "eval/explanations.png",
+                  "plots/confusion.png", "plots/per_class.png",
                   "plots/predictions.png", "plots/curves.png", "plots/augmentations.png")
     }  # fmt: skip
     assert set(embedded_images(page)) == expected
@@ -166,6 +168,16 @@ PROBE = """<script>window.addEventListener("load", () => {
   out.id = "probe";
   out.textContent = JSON.stringify({
     widths: images.map(i => i.naturalWidth),
+    // Distinct colours of each decoded image, sampled on a 64x64 grid: a blank image has one or two.
+    colours: Object.fromEntries(images.map(i => {
+      const c = document.createElement("canvas");
+      c.width = c.height = 64;
+      const g = c.getContext("2d");
+      g.drawImage(i, 0, 0, 64, 64);
+      const d = g.getImageData(0, 0, 64, 64).data, seen = new Set();
+      for (let k = 0; k < d.length; k += 4) seen.add((d[k] << 16) | (d[k + 1] << 8) | d[k + 2]);
+      return [i.alt.split(":")[0], seen.size];
+    })),
     complete: images.every(i => i.complete),
     headline: document.querySelector(".headline .value").textContent,
   });
@@ -191,7 +203,9 @@ def test_report_pages_render_in_headless_chromium(trained_run, seeds_dir, tmp_pa
 
     seen = rendered(html_path, tmp_path / "profile")
     assert seen["headline"] == headline
-    assert seen["complete"] and len(seen["widths"]) == 7 and all(w > 0 for w in seen["widths"]), seen
+    assert seen["complete"] and len(seen["widths"]) == 8 and all(w > 0 for w in seen["widths"]), seen
+    # The Grad-CAM figure is drawn: photos under coloured heatmaps, hundreds of colours, not a blank box.
+    assert seen["colours"]["Grad-CAM heatmaps of test images"] > 300, seen["colours"]
 
     shot = tmp_path / "report.png"
     chromium(tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,1800", html_path.as_uri())

@@ -6,7 +6,9 @@
 
 The test set is only ever measured here; the temperature is fitted on the run's validation split. Evaluation
 writes only eval/, plots/, results.json and the report: never the weights (their temperature is fitted and
-stored at training time).
+stored at training time). With Captum (the `explain` extra) it also draws Grad-CAM maps of 12 test images
+(correct, confidently wrong, least confident) into eval/explanations.png; without it the report says how to
+get them.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ from torch import nn
 from . import augment, plots
 from . import calibration as C
 from . import data as D
+from . import explain as X
 from .config import TrainConfig
 from .corruptions import APPROXIMATION_NOTE, CORRUPTIONS, SEVERITIES, corrupt
-from .errors import UserError
+from .errors import UserError, first_line
 from .inference import evaluate_logits
 from .metrics import classification_metrics, confident_errors
 from .models import count_params
 from .report import write_report
-from .runs import Run, read_json, write_json
+from .runs import Run, read_json, write_atomic, write_json
 from .weights import ModelMeta, load_model, model_fingerprint, weights_path
 
 N_CONFIDENT_ERRORS = 24
@@ -41,7 +44,26 @@ N_SAMPLES = (
 )
 
 
+N_EXPLAINED = 4  # test images per group in the report's Grad-CAM figure
+EXPLAINED_GROUPS = {
+    "correct": "Correctly classified (a seeded random choice)",
+    "confidently_wrong": "Confidently wrong",
+    "least_confident": "Least confident",
+}
+
+
 # --- computing (no files) ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Explanations:
+    """Grad-CAM maps of a few test images per group: of the true class and of the predicted one."""
+
+    groups: dict[str, np.ndarray]  # EXPLAINED_GROUPS key -> test indices
+    classes: np.ndarray  # (n, 2): the true class, then the predicted one (the runner-up when they agree)
+    maps: np.ndarray  # (n, 2, 32, 32) in [0, 1], in the order of the groups
+    layer: str  # the layer Grad-CAM reads
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -58,6 +80,7 @@ class Evaluation:
     tta: int
     robustness: dict[str, Any] | None  # evaluate_corruptions, if it was run
     seconds: float
+    explanations: Explanations | str = "not computed"  # or why there are none (e.g. Captum not installed)
 
     @property
     def probs(self) -> np.ndarray:
@@ -105,6 +128,34 @@ def evaluate_corruptions(
     }
 
 
+def explain_examples(
+    model: nn.Module, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, errors: np.ndarray
+) -> Explanations | str:
+    """Grad-CAM of N_EXPLAINED test images per group (EXPLAINED_GROUPS); without Captum, the one-line hint."""
+    try:
+        X.require_captum()
+    except UserError as e:
+        return first_line(e)
+    t0 = time.perf_counter()
+    pred = probs.argmax(1)
+    correct = np.flatnonzero(pred == labels)
+    rng = np.random.default_rng(0)
+    groups = {
+        "correct": np.sort(rng.choice(correct, min(N_EXPLAINED, len(correct)), replace=False)),
+        "confidently_wrong": np.asarray(errors[:N_EXPLAINED], np.int64),
+        "least_confident": np.argsort(probs.max(1), kind="stable")[:N_EXPLAINED],
+    }
+    idx = np.concatenate(list(groups.values())).astype(np.int64)
+    runner_up = np.argsort(-probs[idx], axis=1, kind="stable")[:, 1]
+    shown = np.where(pred[idx] == labels[idx], runner_up, pred[idx])
+    classes = np.stack([labels[idx], shown], 1)
+    # Both classes' maps in one batch: one forward and backward pass.
+    maps = X.explain(model, np.concatenate([images[idx]] * 2), target=classes.T.ravel())
+    maps = maps.reshape(2, len(idx), 32, 32).transpose(1, 0, 2, 3)
+    layer = X.gradcam_layer(model)[0]
+    return Explanations(groups, classes, maps, layer, time.perf_counter() - t0)
+
+
 def _calibration(
     model: nn.Module, val: D.Split | None, logits: np.ndarray, labels: np.ndarray, tta: int
 ) -> dict[str, Any]:
@@ -144,18 +195,45 @@ def evaluate_model(
             **evaluate_corruptions(model, images[:n], labels[:n], seed=corruption_seed, echo=echo),
             "model_fingerprint": fingerprint,
         }
+    errors = confident_errors(C.softmax(logits), labels, N_CONFIDENT_ERRORS)
     return Evaluation(
         logits=logits,
         labels=labels,
         images=images,
         metrics=classification_metrics(logits, labels),
         calibration=_calibration(model, val, logits, labels, tta),
-        errors=confident_errors(C.softmax(logits), labels, N_CONFIDENT_ERRORS),
+        errors=errors,
         fingerprint=fingerprint,
         tta=tta,
         robustness=robustness,
         seconds=time.perf_counter() - t0,
+        explanations=explain_examples(model, images, labels, C.softmax(logits), errors),
     )
+
+
+def explanations_record(ev: Evaluation) -> dict[str, Any]:
+    """What eval/metrics.json says of the Grad-CAM figure: each image and its maps' classes, or the note."""
+    x = ev.explanations
+    if isinstance(x, str):
+        return {"note": x}
+    probs, names = ev.probs, D.CLASSES
+    rows = [(group, int(i)) for group, ids in x.groups.items() for i in ids]
+    return {
+        "method": X.METHOD_NAMES["gradcam"],
+        "layer": x.layer,
+        "seconds": x.seconds,
+        "images": [
+            {
+                "group": group,
+                "index": i,
+                "true": names[ev.labels[i]],
+                "pred": names[int(probs[i].argmax())],
+                "confidence": float(probs[i].max()),
+                "maps": [names[int(c)] for c in x.classes[n]],
+            }
+            for n, (group, i) in enumerate(rows)
+        ],
+    }
 
 
 def evaluation_record(ev: Evaluation, weights: Path) -> dict[str, Any]:
@@ -178,6 +256,7 @@ def evaluation_record(ev: Evaluation, weights: Path) -> dict[str, Any]:
             }
             for i in ev.errors
         ],
+        "explanations": explanations_record(ev),
         "eval_seconds": ev.seconds,
     }
 
@@ -278,6 +357,29 @@ def _plot_evaluation(run: Run, ev: Evaluation, robustness: dict[str, Any] | None
         )
 
 
+def _plot_explanations(run: Run, ev: Evaluation) -> None:
+    """eval/explanations.png: each group's images, the true class's map and the predicted one's (or none)."""
+    x = ev.explanations
+    if isinstance(x, str):
+        run.file("explanations_png").unlink(missing_ok=True)  # an earlier evaluation's, of other weights
+        return
+    probs, names, rows, start = ev.probs, D.CLASSES, [], 0
+    for group, ids in x.groups.items():
+        maps, classes = x.maps[start : start + len(ids)], x.classes[start : start + len(ids)]
+        start += len(ids)
+        captions = []
+        for i, (true, shown) in zip(ids, classes, strict=True):
+            second = "pred" if shown == probs[i].argmax() else "2nd"
+            captions.append([
+                f"#{i} true {names[true]}",
+                f"true: {names[true]} {probs[i, true]:.0%}",
+                f"{second}: {names[shown]} {probs[i, shown]:.0%}",
+            ])  # fmt: skip
+        if len(ids):
+            rows.append((EXPLAINED_GROUPS[group], ev.images[ids], maps, captions))
+    write_atomic(run.file("explanations_png"), X.figure_png(X.explanation_rows(rows, N_EXPLAINED)))
+
+
 def write_evaluation(
     run_dir: str | os.PathLike, ev: Evaluation, *, weights: Path, info: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -298,6 +400,7 @@ def write_evaluation(
     results = run.update_results({**(info or {}), **results_fields(ev, robustness)})
     _plot_test_set(run, ev, results)
     _plot_evaluation(run, ev, robustness)
+    _plot_explanations(run, ev)
     write_report(run.path)
     return results
 

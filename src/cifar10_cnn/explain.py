@@ -283,6 +283,30 @@ def contact_sheet(images: np.ndarray, maps: np.ndarray, captions: Sequence[str],
     return fig
 
 
+def explanation_rows(
+    rows: Sequence[tuple[str, np.ndarray, np.ndarray, Sequence[Sequence[str]]]], per_line: int = 4
+) -> Figure:
+    """Groups of images, one band each: (title, images (N, 32, 32, 3), maps (N, K, 32, 32), captions).
+
+    Each image takes K + 1 panels, the input then its K overlays; captions hold K + 1 strings per image.
+    """
+    k = max((maps.shape[1] for _, _, maps, _ in rows), default=1)
+    cols = per_line * (k + 1)
+    fig = Figure(figsize=(1.25 * cols, 2.0 * len(rows)), layout="constrained")
+    for sub, (title, images, maps, captions) in zip(
+        fig.subfigures(len(rows), 1, squeeze=False)[:, 0], rows, strict=True
+    ):
+        axes = sub.subplots(1, cols, squeeze=False)[0]
+        for ax in axes:
+            ax.set_axis_off()
+        for i, (image, heat, caption) in enumerate(zip(images[:per_line], maps, captions, strict=False)):
+            pictures = [overlay(image, np.zeros((32, 32), np.float32))] + [overlay(image, h) for h in heat]
+            for j, (picture, text) in enumerate(zip(pictures, caption, strict=True)):
+                _panel(axes[i * (k + 1) + j], picture, text, fontsize=7)
+        sub.suptitle(title, fontsize=10)
+    return fig
+
+
 # --- the verb -----------------------------------------------------------------------------------------------
 
 

@@ -55,6 +55,9 @@ FIGURES = {
     "per_class_png": "Test precision, recall (accuracy) and F1 per class; the dashed line is the mean "
     "accuracy over classes.",
     "confident_errors_png": "The test images the model got wrong with the highest confidence.",
+    "explanations_png": "Grad-CAM heatmaps of test images: each input, then the map of its true class and of "
+    "the predicted class (for correct predictions, of the runner-up class), with the model's probability of "
+    "each; red is where the evidence for that class is.",
     "predictions_png": "Sample test predictions with confidence: green titles are right, red are wrong.",
     "corruptions_png": "Test accuracy under each corruption by severity (regenerated CIFAR-10-C "
     "approximation); the dashed black line is the mean over corruptions.",
@@ -66,11 +69,13 @@ SECTION_FIGURES = {
     "calibration": ["reliability_png"],
     "classes": ["per_class_png", "confusion_png"],
     "errors": ["confident_errors_png", "predictions_png"],
+    "explanations": ["explanations_png"],
     "robustness": ["corruptions_png"],
     "training": ["curves_png", "augmentations_png"],
 }
 
 ROBUSTNESS_HINT = "Not measured: `cifar10 evaluate RUN --corruptions` adds it."
+EXPLANATIONS_HINT = "Not computed: `cifar10 evaluate RUN` adds it (with Captum installed)."
 
 
 @dataclass
@@ -127,6 +132,8 @@ def _load_run(run_dir: Path) -> _Run:
     figures = {key: run.file(key) for key in FIGURES if run.file(key).is_file()}
     if not robustness:
         figures.pop("corruptions_png", None)
+    if not _explained(evaluation):
+        figures.pop("explanations_png", None)  # not from this evaluation
     plots_dir = run.dir("plots")
     known = {run.file(key) for key in FIGURES}
     found = sorted(plots_dir.glob("*.png")) if plots_dir.is_dir() else []
@@ -430,6 +437,32 @@ def _config_table(run: _Run) -> _Table | None:
     return _Table(["setting", "value"], rows)
 
 
+def _explained(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+    """The images of eval/metrics.json's Grad-CAM figure (none: not computed, or Captum missing)."""
+    x = evaluation.get("explanations")
+    images = x.get("images") if isinstance(x, dict) else None
+    return [i for i in images if isinstance(i, dict)] if isinstance(images, list) else []
+
+
+def _explanations_section(run: _Run) -> _Section:
+    section = _Section("Where the model looks")
+    x = run.evaluation.get("explanations")
+    figures = _figures(run, "explanations")
+    if not figures:
+        note = x.get("note") if isinstance(x, dict) else None
+        section.blocks.append(
+            f"Not computed: {note}." if isinstance(note, str) and note else EXPLANATIONS_HINT
+        )
+        return section
+    section.blocks.append(
+        f"{_value(x.get('method'))} on layer `{_value(x.get('layer'))}` for {len(_explained(run.evaluation))} "
+        f"test images, computed in {_duration(x.get('seconds'))}: where in each image the evidence for a class "
+        "is. A map that covers the background rather than the object is a reason to doubt the prediction. "
+        "`cifar10 explain RUN IMAGES` does the same for any image."
+    )
+    return _Section(section.heading, section.blocks + figures)
+
+
 def _figures(run: _Run, section: str) -> list[_Figure]:
     return [
         _Figure(run.figures[key], FIGURES[key], RUN_FILES[key])
@@ -460,6 +493,7 @@ def _sections(run: _Run) -> list[_Section]:
         classes.blocks += ["Confusion matrix, counts (rows true class, columns predicted class):", cm]
 
     errors = _Section("Errors", _figures(run, "errors") or ["No prediction plots found."])
+    explanations = _explanations_section(run)
 
     robustness = _Section("Robustness to common corruptions")
     if run.robustness:
@@ -478,7 +512,7 @@ def _sections(run: _Run) -> list[_Section]:
     training.blocks.append(_metrics_table(run) or "metrics.csv not found or empty.")
     training.blocks += _figures(run, "training")[1:]
     config = _Section("Configuration", [_config_table(run) or "config.json not found."])
-    sections = [calibration, classes, errors, robustness, training, config]
+    sections = [calibration, classes, errors, explanations, robustness, training, config]
     if run.extra_plots:
         sections.append(
             _Section(
