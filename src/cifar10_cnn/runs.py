@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -249,7 +250,7 @@ def create_run(path: str | os.PathLike, cfg: TrainConfig, *, force: bool) -> Run
         write_atomic(run.path / MARKER, "cifar10-cnn run directory\n")
         run.write_config(cfg)
     except OSError as e:
-        if e.errno in (28, 122):  # ENOSPC, EDQUOT: the CLI words these
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the CLI words these
             raise
         raise UserError(f"cannot create the run directory {run.path} ({first_line(e)})") from None
     return run
