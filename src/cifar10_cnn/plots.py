@@ -68,11 +68,13 @@ def _figure(figsize: tuple[float, float]) -> Figure:
     return Figure(figsize=figsize, layout="constrained", facecolor="white")
 
 
-def _save(fig: Figure, out: Path) -> Path:
-    """Write the figure as PNG (creating parent directories) and release its memory."""
+def _save(fig: Figure, out: Path, tight: bool = True) -> Path:
+    """Write the figure as PNG (creating parent directories) and release its memory.
+
+    tight: crop to the drawn content (a second layout pass); figures laid out by hand skip it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI, format="png", bbox_inches="tight", pad_inches=0.15)
+    fig.savefig(out, dpi=DPI, format="png", bbox_inches="tight" if tight else None, pad_inches=0.15)
     fig.clear()
     return out
 
@@ -268,26 +270,90 @@ def _check_images(images: np.ndarray) -> np.ndarray:
     return images[..., 0] if images.shape[-1] == 1 else images
 
 
-def _grid(n: int, ncols: int, cell: tuple[float, float]) -> tuple[Figure, np.ndarray]:
-    if n == 0:
-        raise ValueError("no images to plot")
-    ncols = max(1, min(int(ncols), n))
-    nrows = math.ceil(n / ncols)
-    fig = _figure((cell[0] * ncols, cell[1] * nrows + 0.6))
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in axes[n:]:
-        ax.set_axis_off()
-    return fig, axes[:n]
-
-
 def _grid_title_size(n: int, ncols: int) -> float:
     """Smaller overall titles for narrow grids, so the title does not dwarf one or two images."""
     return 13.0 if min(n, ncols) >= 4 else 10.0
 
 
-def _show(ax: Any, image: np.ndarray) -> None:
-    ax.imshow(image, interpolation="nearest", cmap="gray" if image.ndim == 2 else None)
+def _spacing(scale: float, lines: int, fontsize: float) -> tuple[int, int]:
+    """Pixels between images, and of the caption band above each, at scale inches per pixel."""
+    return max(1, round(0.1 / scale)), round((fontsize / 72 * 1.25 * lines + 0.06) / scale)
+
+
+def captioned_grid(
+    ax: Any,
+    images: np.ndarray,
+    captions: Sequence[str],
+    *,
+    ncols: int,
+    scale: float,
+    lines: int,
+    fontsize: float = 8,
+    colors: Sequence[str] | None = None,
+    bold: Sequence[bool] | None = None,
+) -> tuple[int, int]:
+    """Draw images (N, H, W, C) in a grid, each under a caption of `lines` lines, as one canvas in ax.
+
+    One image drawn once is far faster than an axes per image (a 32-image grid: 0.3 s against 2.7 s).
+    scale: inches per image pixel. Returns the canvas size (height, width) in pixels.
+    """
+    n = len(images)
+    ncols = max(1, min(int(ncols), n))
+    nrows, (h, w) = math.ceil(n / ncols), images.shape[1:3]
+    gap, band = _spacing(scale, lines, fontsize)
+    white = 1.0 if np.issubdtype(images.dtype, np.floating) else 255
+    canvas = np.full((nrows * (h + band), ncols * (w + gap), images.shape[-1]), white, images.dtype)
+    for k in range(n):
+        r, c = divmod(k, ncols)
+        canvas[r * (h + band) + band :][:h, c * (w + gap) + gap // 2 :][:, :w] = images[k]
+    ax.imshow(canvas, interpolation="nearest")
     ax.set_axis_off()
+    for k, caption in enumerate(captions):
+        r, c = divmod(k, ncols)
+        ax.text(c * (w + gap) + gap / 2 + w / 2, r * (h + band) + band - 0.03 / scale, caption,
+                ha="center", va="bottom", fontsize=fontsize, color=colors[k] if colors else "black",
+                fontweight="bold" if bold and bold[k] else "normal")  # fmt: skip
+    return canvas.shape[:2]
+
+
+def grid_shape(
+    n: int, ncols: int, side: int, scale: float, lines: int, fontsize: float = 8
+) -> tuple[float, float]:
+    """(width, height) in inches of captioned_grid's canvas for n images of side pixels."""
+    ncols = max(1, min(int(ncols), n))
+    gap, band = _spacing(scale, lines, fontsize)
+    return ncols * (side + gap) * scale, math.ceil(n / ncols) * (side + band) * scale
+
+
+def _mosaic(
+    images: np.ndarray,
+    captions: Sequence[str],
+    out: Path,
+    title: str,
+    *,
+    ncols: int,
+    cell: float,
+    lines: int,
+    colors: Sequence[str] | None = None,
+    bold: Sequence[bool] | None = None,
+) -> Path:
+    """A captioned grid of images under a title, as a PNG. cell: inches per image side."""
+    images, n = _check_images(images), len(images)
+    if n == 0:
+        raise ValueError("no images to plot")
+    if images.ndim == 3:  # grayscale -> RGB
+        images = np.repeat(images[..., None], 3, axis=-1)
+    scale = cell / max(images.shape[1:3])
+    width, height = grid_shape(n, ncols, max(images.shape[1:3]), scale, lines)
+    title_height = 0.45
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(width, height + title_height), facecolor="white")
+        ax = fig.add_axes((0, 0, 1, height / (height + title_height)))
+        captioned_grid(ax, images, captions, ncols=ncols, scale=scale, lines=lines, colors=colors, bold=bold)
+        fig.suptitle(
+            title, fontsize=_grid_title_size(n, ncols), y=1 - 0.1 / (height + title_height), va="top"
+        )
+        return _save(fig, out, tight=False)
 
 
 def _confidence(p: float) -> str:
@@ -307,7 +373,7 @@ def plot_predictions(
     ncols: int = 8,
     title: str | None = None,
 ) -> Path:
-    """Grid of images titled "pred (conf%)\\ntrue: x", green when right and red when wrong."""
+    """Grid of images titled "pred (conf%)\ntrue: x", green when right and red when wrong."""
     images = _check_images(images)
     true = np.asarray(true).astype(int).ravel()
     pred = np.asarray(pred).astype(int).ravel()
@@ -322,24 +388,23 @@ def plot_predictions(
         if len(conf) != n:
             raise ValueError(f"plot_predictions: {n} images but {len(conf)} confidences")
     correct = pred == true
-
-    with matplotlib.rc_context(_STYLE):
-        fig, axes = _grid(n, ncols, (1.45, 1.8))
-        for k, ax in enumerate(axes):
-            _show(ax, images[k])
-            head = class_names[pred[k]] + (f" ({_confidence(conf[k])})" if conf is not None else "")
-            ax.set_title(
-                f"{head}\ntrue: {class_names[true[k]]}",
-                fontsize=8,
-                pad=3,
-                color=CORRECT_COLOR if correct[k] else WRONG_COLOR,
-                fontweight="normal" if correct[k] else "bold",  # not colour alone
-            )
-        fig.suptitle(
-            title or f"Predictions: {int(correct.sum())}/{n} correct (green right, red wrong)",
-            fontsize=_grid_title_size(n, ncols),
-        )
-        return _save(fig, out)
+    captions = [
+        class_names[pred[k]]
+        + (f" ({_confidence(conf[k])})" if conf is not None else "")
+        + f"\ntrue: {class_names[true[k]]}"
+        for k in range(n)
+    ]
+    return _mosaic(
+        images,
+        captions,
+        out,
+        title or f"Predictions: {int(correct.sum())}/{n} correct (green right, red wrong)",
+        ncols=ncols,
+        cell=1.35,
+        lines=2,
+        colors=[CORRECT_COLOR if c else WRONG_COLOR for c in correct],
+        bold=list(~correct),  # not colour alone
+    )
 
 
 def plot_image_grid(
@@ -355,14 +420,7 @@ def plot_image_grid(
     labels = np.asarray(labels).astype(int).ravel()
     if len(labels) != len(images):
         raise ValueError(f"plot_image_grid: {len(images)} images but {len(labels)} labels")
-
-    with matplotlib.rc_context(_STYLE):
-        fig, axes = _grid(len(images), ncols, (1.35, 1.55))
-        for ax, image, label in zip(axes, images, labels, strict=True):
-            _show(ax, image)
-            ax.set_title(class_names[label], fontsize=8, pad=3)
-        fig.suptitle(title, fontsize=_grid_title_size(len(images), ncols))
-        return _save(fig, out)
+    return _mosaic(images, [class_names[i] for i in labels], out, title, ncols=ncols, cell=1.25, lines=1)
 
 
 def _reliability_panel(ax_rel: Any, ax_hist: Any, bins: Mapping[str, Any], title: str) -> None:
