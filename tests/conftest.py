@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -33,6 +34,12 @@ def cifar(data_dir, cache_dir):
     from cifar10_cnn.data import load_cifar10
 
     return load_cifar10(data_dir, progress=False)
+
+
+def copy_run(run: Path, dest: Path, *, checkpoints: bool = False) -> Path:
+    """A private copy of a shared run at dest; without its checkpoints (large) unless asked."""
+    skip = ("tb",) if checkpoints else ("checkpoints", "tb")
+    return Path(shutil.copytree(run, dest, ignore=shutil.ignore_patterns(*skip)))
 
 
 def free_port() -> int:

@@ -31,7 +31,7 @@ from cifar10_cnn.metrics import (
 )
 from cifar10_cnn.weights import load_model, read_metadata
 
-from .conftest import DATA_DIR, error_line, run_cli
+from .conftest import DATA_DIR, copy_run, error_line, run_cli
 
 OLD_KEYS = (
     "test_accuracy",
@@ -41,11 +41,6 @@ OLD_KEYS = (
     "epochs_run",
     "train_seconds",
 )
-
-
-def copy_run(run: Path, tmp_path: Path, name: str = "run") -> Path:
-    """A private copy of a shared run, without its (large, unused here) checkpoints."""
-    return Path(shutil.copytree(run, tmp_path / name, ignore=shutil.ignore_patterns("checkpoints", "tb")))
 
 
 def listing(path: Path) -> dict[str, int]:
@@ -312,7 +307,7 @@ def test_training_stores_calibration_and_the_temperature(trained_run):
 
 
 def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path, cache_dir):
-    run = copy_run(trained_run, tmp_path)
+    run = copy_run(trained_run, tmp_path / "run")
     weights_sha = hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()
     proc = run_cli("evaluate", str(run), "--corruption-images", "300", "--no-progress")
     assert "gaussian_noise" in proc.stdout and "mean corruption accuracy" in proc.stdout
@@ -335,11 +330,15 @@ def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path,
     assert again["test_accuracy"] == results["test_accuracy"]
     assert again["temperature"] == pytest.approx(results["temperature"])
 
-    # A weights file works too: results, plots and report in <name>-eval/ beside it (or --out).
+    # A weights file works too: results, plots and report in <name>-eval/ beside it (or --out); here with
+    # selective TTA, whose headline line comes first and says on how many images TTA ran.
     weights = tmp_path / "weights" / "model.safetensors"
     weights.parent.mkdir()
     shutil.copy(run / "model.safetensors", weights)
-    run_cli("evaluate", str(weights), "--no-progress")
+    proc = run_cli("evaluate", str(weights), "--no-progress", "--tta", "2", "--tta-margin", "0.5")
+    assert proc.stdout.splitlines()[0].startswith("test accuracy") and "TTA level 2 on" in proc.stdout
+    selective = json.loads((tmp_path / "weights" / "model-eval" / "results.json").read_text())
+    assert selective["tta"] == 2 and selective["tta_margin"] == 0.5 and 0 < selective["tta_share"] < 1
     # Evaluation writes under eval/, plots/, results.json and the report: the weights stay byte for byte.
     assert hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest() == weights_sha
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == weights_sha
@@ -381,7 +380,7 @@ evaluate_into_run(sys.argv[1], D.to_split(data.test_images[:300], data.test_labe
 
 
 def test_evaluation_without_captum_says_how_to_get_the_heatmaps(trained_run, tmp_path):
-    run = copy_run(trained_run, tmp_path)
+    run = copy_run(trained_run, tmp_path / "run")
     assert (run / "eval" / "explanations.png").is_file()  # from training's evaluation, with Captum
     proc = subprocess.run(
         [sys.executable, "-c", EVALUATE_WITHOUT_CAPTUM, str(run), str(DATA_DIR)],
@@ -423,7 +422,7 @@ def test_evaluate_errors_are_one_line_and_write_nothing(trained_run, tmp_path, c
     assert not (tmp_path / "alien-eval").exists()
 
     # Data that fails verification (a doctored copy): refused before anything is written.
-    run = copy_run(trained_run, tmp_path)
+    run = copy_run(trained_run, tmp_path / "run")
     before = listing(run)
     bad = tmp_path / "bad-data"
     bad.mkdir()
@@ -436,4 +435,7 @@ def test_evaluate_errors_are_one_line_and_write_nothing(trained_run, tmp_path, c
 
     line = error_line(run_cli("evaluate", str(run), "--out", str(tmp_path / "x"), check=False))
     assert "--out is for a weights file" in line
+    assert listing(run) == before
+    line = error_line(run_cli("evaluate", str(run), "--tta", "2", "--tta-margin", "1.5", check=False))
+    assert "--tta-margin must be between 0 and 1" in line
     assert listing(run) == before

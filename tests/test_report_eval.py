@@ -17,14 +17,10 @@ import pytest
 
 from cifar10_cnn.report import write_report
 
-from .conftest import error_line, run_cli
+from .conftest import copy_run, error_line, run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 ACCENT = np.array([0x09, 0x69, 0xDA]) / 255  # the headline number's colour (report CSS --accent)
-
-
-def copy_run(run: Path, dest: Path) -> Path:
-    return Path(shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints", "tb")))
 
 
 def embedded_images(page: str) -> list[bytes]:

@@ -22,7 +22,7 @@ from cifar10_cnn.config import recipe_config
 from cifar10_cnn.errors import CheckpointError
 from cifar10_cnn.train import fit
 
-from .conftest import DATA_DIR, error_line, run_cli
+from .conftest import DATA_DIR, copy_run, error_line, run_cli
 
 TINY = ["--subset", "100", "--val-size", "10", "--epochs", "1", "--no-progress"]
 
@@ -56,9 +56,9 @@ def test_force_refuses_a_folder_that_is_not_a_run_of_ours(tmp_path):
     assert listing(tmp_path) == before
 
 
-def test_force_replaces_our_run_and_keeps_the_users_files(tmp_path):
-    run = tmp_path / "run"
-    run_cli("train", *TINY, "--out", str(run))
+def test_force_replaces_our_run_and_keeps_the_users_files(tmp_path, trained_run):
+    run = copy_run(trained_run, tmp_path / "run", checkpoints=True)
+    (run / "tb").mkdir()
     (run / "plots" / "mine.png").write_text("a user's figure")
     (run / "notes.txt").write_text("a user's notes")
     (run / "tb" / "my-events.txt").write_text("not an event file of ours")
@@ -187,9 +187,8 @@ def test_resume_from_a_checkpoint_that_does_not_fit_is_one_line(one_epoch, tmp_p
     assert "\n" not in str(info.value)
 
 
-def test_bad_config_values_are_one_line(tmp_path):
-    run = tmp_path / "run"
-    run_cli("train", *TINY, "--out", str(run))
+def test_bad_config_values_are_one_line(tmp_path, trained_run):
+    run = copy_run(trained_run, tmp_path / "run", checkpoints=True)
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "epochs": "abc"}))
     before = listing(run)

@@ -27,7 +27,7 @@ from cifar10_cnn.optim import lr_factor
 from cifar10_cnn.train import fit
 from cifar10_cnn.weights import load_model, read_metadata
 
-from .conftest import DATA_DIR, error_line, run_cli
+from .conftest import DATA_DIR, copy_run, error_line, run_cli
 
 SMALL = ["--subset", "1000", "--val-size", "200", "--no-progress"]
 
@@ -212,9 +212,8 @@ def test_divergence_stops_with_the_last_good_checkpoint_intact(cifar, tmp_path):
 # --- errors: one line each, nothing lost ---------------------------------------------------------------------------
 
 
-def test_refuses_to_overwrite_a_run_unless_forced(tmp_path):
-    run = tmp_path / "run"
-    run_cli("train", "--epochs", "1", *SMALL, "--out", str(run))
+def test_refuses_to_overwrite_a_run_unless_forced(tmp_path, trained_run):
+    run = copy_run(trained_run, tmp_path / "run", checkpoints=True)
     before = (run / "model.safetensors").read_bytes()
     line = error_line(run_cli("train", "--epochs", "1", *SMALL, "--out", str(run), check=False))
     assert "already holds a run" in line and "--force" in line
@@ -223,9 +222,8 @@ def test_refuses_to_overwrite_a_run_unless_forced(tmp_path):
     assert json.loads((run / "config.json").read_text())["lr"] == 0.02
 
 
-def test_resume_errors(tmp_path):
-    run = tmp_path / "run"
-    run_cli("train", "--epochs", "1", *SMALL, "--out", str(run))
+def test_resume_errors(tmp_path, trained_run):
+    run = copy_run(trained_run, tmp_path / "run", checkpoints=True)
     line = error_line(run_cli("train", "--resume", str(run), "--lr", "0.5", check=False))
     assert "conflicts with --lr 0.5" in line
     ckpt = run / "checkpoints" / "last.pt"
