@@ -93,3 +93,26 @@ def test_fast_recipe_learns_in_one_short_epoch(cifar, tmp_path):
     test = D.to_split(cifar.test_images[:2000], cifar.test_labels[:2000])
     acc = (evaluate_logits(result.model, test).argmax(1) == test.labels).float().mean().item()
     assert result.history[0]["val_acc"] > 0.25 and acc > 0.25, (result.history, acc)
+
+
+def test_selective_tta_augments_only_the_unsure_images_each_on_its_own(trained_run, cifar):
+    """tta_margin: images whose top-two margin is below it get the TTA logits, the others the plain ones; an
+    image's logits never depend on the images evaluated with it; 0 and 1 are no TTA and TTA everywhere."""
+    from cifar10_cnn.inference import selective_tta_logits
+    from cifar10_cnn.weights import load_model
+
+    model, _ = load_model(trained_run / "model.safetensors")
+    split = D.to_split(cifar.test_images[:300], cifar.test_labels[:300])
+    images, plain = split.images, evaluate_logits(model, split)
+    full = selective_tta_logits(model, images, tta=2)[0]
+    probs = plain.softmax(1).topk(2, dim=1).values
+    margin = probs[:, 0] - probs[:, 1]
+    m = float(margin.median())
+    logits, unsure = selective_tta_logits(model, images, tta=2, tta_margin=m)
+    assert torch.equal(unsure, margin < m) and 0 < int(unsure.sum()) < len(images)
+    assert torch.allclose(logits[unsure], full[unsure], atol=1e-4)
+    assert torch.allclose(logits[~unsure], plain[~unsure], atol=1e-4)
+    alone = selective_tta_logits(model, images[unsure][:5], tta=2, tta_margin=m)[0]
+    assert torch.allclose(alone, logits[unsure][:5], atol=1e-4)  # batch composition does not matter
+    assert torch.allclose(selective_tta_logits(model, images, tta=2, tta_margin=0)[0], plain, atol=1e-4)
+    assert not selective_tta_logits(model, images, tta=2, tta_margin=0)[1].any()

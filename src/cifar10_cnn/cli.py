@@ -71,6 +71,8 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--tta", type=int, nargs="?", const=1, default=0, choices=(0, 1, 2),
                    help="test-time augmentation: 1 mirror, 2 mirror + 1-pixel shifts")  # fmt: skip
+    e.add_argument("--tta-margin", type=float, default=1.0, metavar="M",
+                   help="TTA only for images whose top-two class probabilities are closer than M (1: all)")  # fmt: skip
     e.add_argument("--no-progress", action="store_true")
 
 
@@ -256,6 +258,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         allow_unverified=args.allow_unverified,
         tta=args.tta,
+        tta_margin=args.tta_margin,
         corruptions=args.corruptions or args.corruption_images is not None,
         corruption_images=args.corruption_images,
         out=args.out,

@@ -71,6 +71,9 @@ class TrainConfig:
     patience: int | None = opt(None, "stop after N epochs without a better validation accuracy")
     tta: int = opt(0, "test-time augmentation of the final test: 1 mirror, 2 mirror + shifts (alone: 1)",
                    choices=(0, 1, 2), const=1)  # fmt: skip
+    tta_margin: float = opt(
+        1.0, "TTA only for test images whose top-two class probabilities are closer than this (1: all)"
+    )
     device: str = opt("auto", "where to train", choices=DEVICES)
     amp: str = opt(
         "auto", "mixed precision (auto: on for CUDA and for CPUs with native bf16)", choices=AMP_MODES
@@ -107,6 +110,8 @@ class TrainConfig:
             raise UserError("crop_mode must be zeros or reflect")
         if self.tta not in (0, 1, 2):
             raise UserError("--tta must be 0, 1 or 2")
+        if not 0 <= self.tta_margin <= 1:
+            raise UserError("--tta-margin must be between 0 and 1")
         if self.amp not in AMP_MODES:
             raise UserError(f"unknown amp mode {self.amp!r}; choose one of {', '.join(AMP_MODES)}")
         for name in ("epochs", "batch_size"):

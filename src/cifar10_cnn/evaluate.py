@@ -31,7 +31,7 @@ from . import explain as X
 from .config import TrainConfig
 from .corruptions import APPROXIMATION_NOTE, CORRUPTIONS, SEVERITIES, corrupt
 from .errors import UserError, first_line
-from .inference import evaluate_logits
+from .inference import evaluate_logits, selective_tta_logits
 from .metrics import classification_metrics, confident_errors
 from .models import count_params
 from .report import write_report
@@ -78,8 +78,11 @@ class Evaluation:
     errors: np.ndarray  # indices of the most confidently wrong predictions, most confident first
     fingerprint: str  # weights.model_fingerprint
     tta: int
+    tta_margin: float  # TTA only where the plain view's top-two margin is below this (1: every image)
+    tta_share: float  # the share of test images that were augmented
     robustness: dict[str, Any] | None  # evaluate_corruptions, if it was run
     seconds: float
+    test_seconds: float  # of the test-set logits, the headline figure: everything else comes after
     explanations: Explanations | str = "not computed"  # or why there are none (e.g. Captum not installed)
 
     @property
@@ -157,12 +160,12 @@ def explain_examples(
 
 
 def _calibration(
-    model: nn.Module, val: D.Split | None, logits: np.ndarray, labels: np.ndarray, tta: int
+    model: nn.Module, val: D.Split | None, logits: np.ndarray, labels: np.ndarray, tta: int, tta_margin: float
 ) -> dict[str, Any]:
-    """Temperature scaling fitted on the validation split at the evaluation's TTA level (none without one)."""
+    """Temperature scaling fitted on the validation split at the evaluation's TTA (none without one)."""
     if val is None or len(val) == 0:
         return C.temperature_scaling(logits, labels)
-    val_logits = evaluate_logits(model, val, tta=tta).numpy()
+    val_logits = selective_tta_logits(model, val.images, tta=tta, tta_margin=tta_margin)[0].numpy()
     return C.temperature_scaling(logits, labels, val_logits, val.labels.cpu().numpy())
 
 
@@ -172,6 +175,7 @@ def evaluate_model(
     *,
     val: D.Split | None = None,
     tta: int = 0,
+    tta_margin: float = 1.0,
     corruptions: bool = False,
     corruption_images: int | None = None,
     corruption_seed: int = 0,
@@ -179,12 +183,17 @@ def evaluate_model(
 ) -> Evaluation:
     """Measure the model on the test set (and the temperature on val, the robustness suite if asked); no files.
 
+    The test accuracy is printed as soon as it is known; calibration, robustness and explanations follow.
     corruption_images: the first n test images for the robustness suite (None: all of them).
     """
     t0 = time.perf_counter()
-    tta = int(tta)
-    logits = evaluate_logits(model, test, tta=tta).numpy()
+    tta, tta_margin = int(tta), float(tta_margin)
+    if not 0 <= tta_margin <= 1:
+        raise UserError("--tta-margin must be between 0 and 1")
+    logits_t, unsure = selective_tta_logits(model, test.images, tta=tta, tta_margin=tta_margin)
+    logits, test_seconds = logits_t.numpy(), time.perf_counter() - t0
     labels = test.labels.cpu().numpy()
+    echo(headline(logits, labels, tta, float(unsure.float().mean()) if len(unsure) else 0.0, test_seconds))
     images = test.images.cpu().permute(0, 2, 3, 1).numpy()
     fingerprint = model_fingerprint(model)
     robustness = None
@@ -201,14 +210,24 @@ def evaluate_model(
         labels=labels,
         images=images,
         metrics=classification_metrics(logits, labels),
-        calibration=_calibration(model, val, logits, labels, tta),
+        calibration=_calibration(model, val, logits, labels, tta, tta_margin),
         errors=errors,
         fingerprint=fingerprint,
         tta=tta,
+        tta_margin=tta_margin,
+        tta_share=float(unsure.float().mean()) if len(unsure) else 0.0,
         robustness=robustness,
         seconds=time.perf_counter() - t0,
+        test_seconds=test_seconds,
         explanations=explain_examples(model, images, labels, C.softmax(logits), errors),
     )
+
+
+def headline(logits: np.ndarray, labels: np.ndarray, tta: int, share: float, seconds: float) -> str:
+    """The test accuracy line, printed before the slower parts of an evaluation."""
+    acc = float((logits.argmax(1) == labels).mean()) if len(labels) else float("nan")
+    views = "no TTA" if not tta else f"TTA level {tta} on {share:.0%} of the images"
+    return f"test accuracy {acc:.2%} on {len(labels):,} images ({views}, {seconds:.1f} s); calibration, plots and report follow"
 
 
 def explanations_record(ev: Evaluation) -> dict[str, Any]:
@@ -244,6 +263,8 @@ def evaluation_record(ev: Evaluation, weights: Path) -> dict[str, Any]:
         "model_fingerprint": ev.fingerprint,
         "test_size": len(ev.labels),
         "tta": ev.tta,
+        "tta_margin": ev.tta_margin,
+        "tta_share": ev.tta_share,
         "class_names": list(D.CLASSES),
         **{k.removeprefix("test_"): v for k, v in ev.metrics.items()},
         "calibration": ev.calibration,
@@ -272,6 +293,9 @@ def results_fields(ev: Evaluation, robustness: dict[str, Any] | None) -> dict[st
         "mean_corruption_accuracy": robustness and robustness["mean_corruption_accuracy"],
         "test_size": len(ev.labels),
         "tta": ev.tta,
+        "tta_margin": ev.tta_margin,
+        "tta_share": ev.tta_share,
+        "test_seconds": ev.test_seconds,
         "eval_seconds": ev.seconds,
         "class_names": list(D.CLASSES),
     }
@@ -410,6 +434,7 @@ def evaluate_into_run(
     test: D.Split,
     *,
     tta: int = 0,
+    tta_margin: float = 1.0,
     model: nn.Module | None = None,
     val: D.Split | None = None,
     corruptions: bool = False,
@@ -433,6 +458,7 @@ def evaluate_into_run(
         test,
         val=val,
         tta=tta,
+        tta_margin=tta_margin,
         corruptions=corruptions,
         corruption_images=corruption_images,
         corruption_seed=corruption_seed,
@@ -503,6 +529,7 @@ def evaluate_saved(
     data_dir: str | os.PathLike | None = None,
     allow_unverified: bool = False,
     tta: int = 0,
+    tta_margin: float = 1.0,
     corruptions: bool = False,
     corruption_images: int | None = None,
     out: str | os.PathLike | None = None,
@@ -516,6 +543,8 @@ def evaluate_saved(
     verification) is checked before anything is written. Returns the directory written.
     """
     path = Path(path)
+    if not 0 <= tta_margin <= 1:
+        raise UserError("--tta-margin must be between 0 and 1")
     weights = weights_path(path)
     model, metadata = load_model(weights)
     _check_request(path, weights, metadata, out, corruption_images)
@@ -534,6 +563,7 @@ def evaluate_saved(
         run_dir,
         D.to_split(data.test_images, data.test_labels),
         tta=tta,
+        tta_margin=tta_margin,
         model=model,
         val=val,
         corruptions=corruptions,

@@ -3,7 +3,9 @@
 Images are uint8 (N, 3, 32, 32) tensors, on any device and in any memory format; they are normalised here
 exactly as in training. Test-time augmentation: level 1 averages each image with its mirror; level 2 also
 averages that with two views shifted by one pixel (up-left and down-right, reflect padding), the unshifted
-views weighted one half.
+views weighted one half. Selective TTA (tta_margin < 1) augments only the images the plain view is unsure
+of: those whose two most probable classes are closer than tta_margin in softmax probability. An image's
+logits depend on that image alone, never on the others evaluated with it.
 """
 
 from __future__ import annotations
@@ -60,6 +62,27 @@ def evaluate_logits(
 ) -> torch.Tensor:
     """Logits for a whole split (float32, on CPU), with test-time augmentation at level tta."""
     return predict_logits(model, split.images, batch_size=batch_size, tta=tta, amp_dtype=amp_dtype)
+
+
+def selective_tta_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    tta: int,
+    tta_margin: float = 1.0,
+    batch_size: int = 1000,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of uint8 images with TTA only where the plain view is unsure, and the mask of those images."""
+    kw = dict(batch_size=batch_size, amp_dtype=amp_dtype)
+    if not tta or tta_margin >= 1:
+        return predict_logits(model, images, tta=tta, **kw), torch.full((len(images),), bool(tta))
+    logits = predict_logits(model, images, **kw)
+    top2 = logits.softmax(1).topk(2, dim=1).values
+    unsure = (top2[:, 0] - top2[:, 1]) < tta_margin
+    if unsure.any():
+        logits[unsure] = predict_logits(model, images[unsure.to(images.device)], tta=tta, **kw)
+    return logits, unsure
 
 
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

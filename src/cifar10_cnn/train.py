@@ -42,7 +42,7 @@ from .weights import save_weights
 EpochHook = Callable[[int, nn.Module, dict[str, Any]], None]
 
 # Options that may differ on --resume without changing what the run computes.
-RESUME_FREE = ("device",)
+RESUME_FREE = ("device", "tta", "tta_margin")  # options that do not change what training computes
 
 
 # --- one step ----------------------------------------------------------------------------------------------------
@@ -351,10 +351,8 @@ def train(
     result = fit(cfg, splits, run.path, resume=resume is not None, progress=progress, echo=echo,
                  on_epoch_end=on_epoch_end, trainer=t)  # fmt: skip
     if world.main:
-        finish_run(run, cfg, t, data, splits, result, echo)
-        run.update_results(
-            {"total_seconds": time.perf_counter() - started}
-        )  # every second, data and report too
+        finish_run(run, cfg, t, data, splits, result, echo, started)
+        run.update_results({"total_seconds": time.perf_counter() - started})  # data, report and all
     return run.path
 
 
@@ -410,9 +408,19 @@ def run_header(cfg: TrainConfig, t: Trainer, data: CIFAR10, splits: Splits) -> s
 
 
 def finish_run(
-    run: Run, cfg: TrainConfig, t: Trainer, data: CIFAR10, splits: Splits, result: FitResult, echo: Callable
+    run: Run,
+    cfg: TrainConfig,
+    t: Trainer,
+    data: CIFAR10,
+    splits: Splits,
+    result: FitResult,
+    echo: Callable,
+    started: float,
 ) -> None:
-    """Final weights (with the temperature fitted on the validation split), results.json, test evaluation."""
+    """Final weights (with the temperature fitted on the validation split), results.json, test evaluation.
+
+    headline_seconds in results.json: from the job's start to the test accuracy (before plots and report).
+    """
     temperature = stored_temperature(result.model, splits.val)
     save_weights(
         result.model,
@@ -422,7 +430,10 @@ def finish_run(
         temperature=temperature,
     )
     run.update_results(training_results(cfg, t, data, splits, result))
-    evaluate_into_run(run.path, splits.test, tta=cfg.tta, model=result.model, val=splits.val, echo=echo)
+    evaluating = time.perf_counter()
+    results = evaluate_into_run(run.path, splits.test, tta=cfg.tta, tta_margin=cfg.tta_margin,
+                                model=result.model, val=splits.val, echo=echo)  # fmt: skip
+    run.update_results({"headline_seconds": evaluating - started + results["test_seconds"]})
 
 
 def stored_temperature(model: nn.Module, val: Split) -> float | None:

@@ -1,0 +1,156 @@
+"""What each trick of a recipe buys, measured on the validation split: accuracy, calibration and time.
+
+    python benchmarks/ablation.py --recipe quick --seeds 2 \
+        --variants base calib=1000 label_smoothing=0 alternate_flip=false --tta-margins 0.1 0.25 0.5
+
+Every variant trains the recipe (with the variant's config overrides) on the same 45,000 training images
+and is measured on the same 5,000 held-out validation images (split seed 0); the test set is never read.
+A variant is a name made of overrides joined by "+": `label_smoothing=0+tta=0`, or `calib=N`, which holds
+out the last N training images to fit the softmax temperature on (the recipe's calibration split).
+
+For each trained model the evaluation is timed in several ways on the validation images: no TTA, the
+recipe's TTA level on every image, and the same level only on the images whose top-two probability margin
+is below each --tta-margins value (selective TTA). ECE is that of the recipe's evaluation, before and (with
+a calibration split) after temperature scaling. All figures come from this one invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from cifar10_cnn import calibration as C
+from cifar10_cnn import data as D
+from cifar10_cnn.config import TrainConfig, recipe_config
+from cifar10_cnn.inference import selective_tta_logits
+from cifar10_cnn.metrics import summarize
+from cifar10_cnn.train import fit
+
+MEASURE_SIZE = 5000
+
+
+def parse_variant(variant: str) -> tuple[dict, int]:
+    """`key=value+key=value` -> (config overrides, calibration images); `base` is no override."""
+    overrides, calib = {}, 0
+    hints = typing.get_type_hints(TrainConfig)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for part in variant.split("+"):
+        if part == "base":
+            continue
+        key, _, value = part.partition("=")
+        if key == "calib":
+            calib = int(value)
+        elif key in fields:
+            parsed = json.loads(value.lower()) if value.lower() in ("true", "false", "null") else value
+            overrides[key] = parsed if isinstance(parsed, bool) or parsed is None else hints[key](value)
+        else:
+            sys.exit(f"unknown override {key!r} in variant {variant!r}")
+    return overrides, calib
+
+
+def evaluations(model, measure: D.Split, calib: D.Split | None, tta: int, margins: list[float]) -> dict:
+    """Accuracy, share augmented and seconds on the measure split for each way of evaluating."""
+    labels = measure.labels.numpy()
+    modes = {"no TTA": (0, 1.0), f"TTA {tta}": (tta, 1.0)} if tta else {"no TTA": (0, 1.0)}
+    modes |= {f"TTA {tta} @ {m:g}": (tta, m) for m in margins} if tta else {}
+    out = {}
+    for name, (level, margin) in modes.items():
+        t0 = time.perf_counter()
+        logits, unsure = selective_tta_logits(model, measure.images, tta=level, tta_margin=margin)
+        seconds = time.perf_counter() - t0
+        logits = logits.numpy()
+        row = {
+            "acc": float((logits.argmax(1) == labels).mean()),
+            "share": float(unsure.float().mean()),
+            "seconds": seconds,
+            "ece": C.calibration_metrics(C.softmax(logits), labels)["ece"],
+        }
+        if calib is not None:
+            calib_logits = selective_tta_logits(model, calib.images, tta=level, tta_margin=margin)[0].numpy()
+            t = C.fit_temperature(calib_logits, calib.labels.numpy())
+            row["ece_calibrated"] = C.calibration_metrics(C.softmax(logits, t), labels)["ece"]
+            row["temperature"] = t
+        out[name] = row
+    return out
+
+
+def one_run(recipe: str, variant: str, seed: int, data: D.CIFAR10, margins: list[float], extra: dict) -> dict:
+    overrides, n_calib = parse_variant(variant)
+    cfg = recipe_config(recipe, seed=seed, val_size=MEASURE_SIZE, **{**extra, **overrides})
+    splits = D.make_splits(data, **cfg.split_args())
+    measure, train, calib = splits.val, splits.train, None
+    if n_calib:
+        calib = D.Split(train.images[-n_calib:], train.labels[-n_calib:])
+        train = D.Split(train.images[:-n_calib], train.labels[:-n_calib])
+    empty = D.Split(train.images[:0], train.labels[:0])  # fit() validates on nothing: no extra cost
+    with tempfile.TemporaryDirectory() as tmp:
+        result = fit(
+            cfg, D.Splits(train, empty, splits.test), Path(tmp), progress=False, echo=lambda *_: None
+        )
+    evals = evaluations(result.model, measure, calib, cfg.tta, margins)
+    return {"train_seconds": result.train_seconds, "train_size": len(train), "evals": evals}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="quick")
+    parser.add_argument("--variants", nargs="+", default=["base"])
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--tta-margins", nargs="*", type=float, default=[])
+    parser.add_argument("--epochs", type=int, help="smoke tests only")
+    parser.add_argument("--subset", type=int, help="smoke tests only (the measure split is then a tenth)")
+    parser.add_argument("--data-dir")
+    args = parser.parse_args()
+    extra = {k: v for k, v in (("epochs", args.epochs), ("subset", args.subset)) if v is not None}
+    if args.subset:
+        global MEASURE_SIZE
+        MEASURE_SIZE = args.subset // 10
+    for variant in args.variants:
+        parse_variant(variant)  # refuse a typo before hours of training
+
+    data = D.load_cifar10(args.data_dir, progress=False)
+    print(f"recipe {args.recipe}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    runs: dict[str, list[dict]] = {}
+    for variant in args.variants:
+        for seed in range(args.seeds):
+            r = one_run(args.recipe, variant, seed, data, args.tta_margins, extra)
+            runs.setdefault(variant, []).append(r)
+            best = list(r["evals"].values())[-1]
+            print(f"  {variant} seed {seed}: {best['acc']:.2%} in {r['train_seconds']:.0f} s", flush=True)
+
+    w = max(len("variant"), *map(len, runs))
+    print(
+        f"\nmeasured on {MEASURE_SIZE:,} validation images; mean over {args.seeds} seed(s) (± std when > 1)\n"
+        f"{'variant':<{w}} {'evaluation':<16} {'val acc':>15} {'ECE':>7} {'ECE (T)':>8} {'TTA share':>9} "
+        f"{'eval s':>7} {'train s':>8}"
+    )
+    for variant, rs in runs.items():
+        train_s = np.mean([r["train_seconds"] for r in rs])
+        for mode in rs[0]["evals"]:
+            rows = [r["evals"][mode] for r in rs]
+            acc = summarize([x["acc"] for x in rows])
+            acc_text = f"{acc['mean']:.2%}" + (f" ± {acc['std']:.2%}" if len(rows) > 1 else "")
+            ece_t = (
+                f"{np.mean([x['ece_calibrated'] for x in rows]):.2%}" if "ece_calibrated" in rows[0] else "—"
+            )
+            print(
+                f"{variant:<{w}} {mode:<16} {acc_text:>15} {np.mean([x['ece'] for x in rows]):>7.2%} "
+                f"{ece_t:>8} {np.mean([x['share'] for x in rows]):>9.0%} "
+                f"{np.mean([x['seconds'] for x in rows]):>7.1f} {train_s:>8.0f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
