@@ -745,6 +745,7 @@ def test_the_api_docs_render_offline(browser, server):
         ({"port": 99999}, "--port 99999"),
         ({"port": 0}, "--port 0"),
         ({"port": -5}, "--port -5"),
+        ({"max_connections": 0}, "--max-connections 0"),
     ],
 )
 def test_serve_refuses_bad_options_before_loading_the_model(tmp_path, options, words):
@@ -777,12 +778,13 @@ def test_a_broken_model_is_refused_at_start_not_served(trained_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def strict_server(trained_run, tmp_path_factory) -> Iterator[Server]:
-    """The server with short timeouts: 1 s for headers, 2 s for a body, 1 s of keep-alive."""
+    """The server with short timeouts (1 s for headers, 2 s for a body, 1 s of keep-alive), 3 connections."""
     port = free_port()
     log = tmp_path_factory.mktemp("strict") / "server.log"
     code = (
         "import sys; from cifar10_cnn.serve import serve; "
-        "serve(sys.argv[1], port=int(sys.argv[2]), access_log=False, header_timeout=1, body_timeout=2, keep_alive=1)"
+        "serve(sys.argv[1], port=int(sys.argv[2]), access_log=False, header_timeout=1, body_timeout=2, keep_alive=1, "
+        "max_connections=3)"
     )
     env = {**os.environ, "CIFAR10_DATA": str(DATA_DIR), "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as f:
@@ -855,6 +857,22 @@ def test_a_client_that_disconnects_mid_upload_logs_one_line(strict_server, cat_p
     new = strict_server.log.read_text()[len(before) :]
     assert "Traceback" not in new and len([ln for ln in new.splitlines() if ln.strip()]) == 1, new
     assert "disconnected during the upload" in new
+    assert httpx.get(f"{strict_server.url}/health", timeout=5).status_code == 200
+
+
+def test_connections_over_the_limit_get_503_at_once(strict_server):
+    """--max-connections 3: with three connections open, a fourth is answered 503 without waiting."""
+    assert httpx.get(f"{strict_server.url}/ready", timeout=5).json()["limits"]["max_connections"] == 3
+    held = [connect(strict_server) for _ in range(3)]  # open, idle: they count until the header timeout
+    try:
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        answer = httpx.get(f"{strict_server.url}/health", timeout=5)
+        assert answer.status_code == 503 and time.monotonic() - t0 < 1
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.5)
     assert httpx.get(f"{strict_server.url}/health", timeout=5).status_code == 200
 
 

@@ -146,6 +146,8 @@ def add_use_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest file accepted (10)")
     s.add_argument("--max-files", type=int, default=16, help="most files in one request (16)")
     s.add_argument("--top-k", type=int, default=5, help="classes per image unless a request asks (5)")
+    s.add_argument("--max-connections", type=int, default=64, metavar="N",
+                   help="open connections and requests in progress at once; beyond: 503 (64)")  # fmt: skip
     s.add_argument("--data-dir", help="CIFAR-10, to verify the in-memory ONNX conversion of --backend onnx")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.add_argument("--no-access-log", action="store_true", help="no JSON log line per request")
@@ -307,6 +309,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb,
         max_files=args.max_files,
         top_k_default=args.top_k,
+        max_connections=args.max_connections,
         data_dir=args.data_dir,
         log_level=args.log_level,
         access_log=not args.no_access_log,

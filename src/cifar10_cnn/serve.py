@@ -100,6 +100,7 @@ MAX_EXPLAIN_IMAGES = (
 EXPLAIN_BACKLOG = 8  # requests with explanations queued or running; beyond that a 503
 EXPLAIN_OVERLAY = 128  # pixels of the overlay's side: the 32x32 input enlarged, the map coloured on top
 GRACEFUL_TIMEOUT = 30.0  # seconds the requests in flight have to finish after SIGTERM
+MAX_CONNECTIONS = 64  # open connections and requests in progress; beyond that uvicorn answers 503 at once
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # an incoming X-Request-ID we echo and log as it is
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -484,12 +485,14 @@ def make_explainer(predictor: Predictor, metrics: Metrics) -> tuple[Explainer | 
 
 @dataclass
 class Limits:
-    """What one request may hold: bytes per file, files, pixels per image; and the default top-k."""
+    """What one request may hold: bytes per file, files, pixels per image; the default top-k; and how many
+    connections (and requests in progress) the server takes at once."""
 
     max_upload_mb: float
     max_files: int
     max_pixels: int
     top_k_default: int
+    max_connections: int = MAX_CONNECTIONS
 
     @property
     def max_upload_bytes(self) -> int:
@@ -504,6 +507,8 @@ class Limits:
             )
         if self.max_files < 1 or max_batch < 1 or self.max_pixels < 1 or self.top_k_default < 1:
             raise UserError("--max-files, --top-k, the pixel limit and the batch size must be positive")
+        if self.max_connections < 1:
+            raise UserError(f"--max-connections {self.max_connections}: give at least 1")
 
 
 @dataclass(frozen=True)
@@ -637,6 +642,7 @@ class Service:
             "max_upload_mb": limits.max_upload_mb,
             "max_files": limits.max_files,
             "max_pixels": limits.max_pixels,
+            "max_connections": limits.max_connections,
             "max_batch": self.batcher.max_batch,
             "decode_threads": int(self.decode_threads.total_tokens),
             "heavy_decode_threads": self.decoder.heavy_threads,
@@ -857,6 +863,7 @@ def create_app(
     max_files: int = 16,
     max_pixels: int = MAX_PIXELS,
     top_k_default: int = 5,
+    max_connections: int = MAX_CONNECTIONS,
     max_batch: int = 64,
     decode_memory: int = DECODE_MEMORY,
     data_dir: str | os.PathLike | None = None,
@@ -866,7 +873,7 @@ def create_app(
     """The FastAPI app serving one model (a run directory, a .safetensors or an .onnx file).
 
     timeouts.body is enforced here; the others are uvicorn's (serve passes them) and shown on /ready."""
-    limits = Limits(max_upload_mb, max_files, max_pixels, top_k_default)
+    limits = Limits(max_upload_mb, max_files, max_pixels, top_k_default, max_connections)
     limits.check(max_batch)
     predictor = load_predictor(model_path, backend, data_dir=data_dir)
     metrics = Metrics()
@@ -928,11 +935,12 @@ def check_port(host: str, port: int) -> None:
         ) from None
 
 
-def check_address(port: int, max_upload_mb: float) -> None:
-    """One line for a port outside 1-65535 or an upload limit that is not a positive number of megabytes."""
+def check_address(port: int, max_upload_mb: float, max_connections: int = MAX_CONNECTIONS) -> None:
+    """One line for a port outside 1-65535, an upload limit that is not a positive number of megabytes, or
+    a connection limit below 1."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise UserError(f"--port {port}: give a port from 1 to 65535")
-    Limits(max_upload_mb, 1, 1, 1).check(1)
+    Limits(max_upload_mb, 1, 1, 1, max_connections).check(1)
 
 
 def log_config(level: str) -> dict[str, Any]:
@@ -964,6 +972,7 @@ def serve(
     max_upload_mb: float = 10.0,
     max_files: int = 16,
     top_k_default: int = 5,
+    max_connections: int = MAX_CONNECTIONS,
     data_dir: str | os.PathLike | None = None,
     log_level: str = "info",
     access_log: bool = True,
@@ -975,7 +984,7 @@ def serve(
     """Serve the model with uvicorn until SIGTERM or SIGINT, then finish the requests in flight and return.
 
     Every option is checked before the model loads."""
-    check_address(port, max_upload_mb)
+    check_address(port, max_upload_mb, max_connections)
     check_port(host, port)
     timeouts = Timeouts(header_timeout, body_timeout, keep_alive, graceful_timeout)
     app = create_app(
@@ -984,6 +993,7 @@ def serve(
         max_upload_mb=max_upload_mb,
         max_files=max_files,
         top_k_default=top_k_default,
+        max_connections=max_connections,
         data_dir=data_dir,
         timeouts=timeouts,
         access_log=access_log,
@@ -1007,6 +1017,7 @@ def serve(
         timeout_graceful_shutdown=timeouts.graceful_shutdown,
         http=protocol,
         timeout_keep_alive=timeouts.keep_alive,
+        limit_concurrency=max_connections,  # beyond it: 503 at once, before the request is read
         h11_max_incomplete_event_size=16 * 1024,  # request line and headers (uvicorn's default, stated)
     )
     GracefulServer(config).run()
