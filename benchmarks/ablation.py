@@ -75,12 +75,12 @@ def evaluations(model, measure: D.Split, calib: D.Split | None, tta: int, margin
             "acc": float((logits.argmax(1) == labels).mean()),
             "share": float(unsure.float().mean()),
             "seconds": seconds,
-            "ece": C.calibration_metrics(C.softmax(logits), labels)["ece"],
+            "ece": C.calibration_metrics(logits, labels)["ece"],
         }
         if calib is not None:
             calib_logits = selective_tta_logits(model, calib.images, tta=level, tta_margin=margin)[0].numpy()
             t = C.fit_temperature(calib_logits, calib.labels.numpy())
-            row["ece_calibrated"] = C.calibration_metrics(C.softmax(logits, t), labels)["ece"]
+            row["ece_calibrated"] = C.calibration_metrics(logits, labels, t)["ece"]
             row["temperature"] = t
         out[name] = row
     return out

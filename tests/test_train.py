@@ -107,6 +107,12 @@ def test_train_cli_writes_a_complete_run(tmp_path):
     assert np.trace(cm) / 10000 == pytest.approx(results["test_accuracy"])
     assert results["epochs_run"] == 2 and results["train_seconds"] > 0
     assert results["data"]["verified"] is True
+    # The test accuracy comes first, then the slower extras; the last line says where the time went.
+    assert 0 < results["headline_seconds"] < results["total_seconds"]
+    lines = proc.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("test accuracy"))
+    assert f"{results['test_accuracy']:.2%} on 10,000 images (no TTA" in lines[first]
+    assert lines[-1].startswith(f"{results['total_seconds']:.0f} s in all: training")
 
     for name in ("last.pt", "best.pt"):
         assert load_checkpoint(run / "checkpoints" / name)["epoch"] in (1, 2)

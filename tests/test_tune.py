@@ -122,7 +122,10 @@ def test_interrupted_search_leaves_a_consistent_study_and_continues(tmp_path, ca
             "cannot open the study storage 'sqlite:////no/such/folder/t.db'",
         ),
         (["--storage", "nosuchdb://x"], "cannot open the study storage 'nosuchdb://x'"),
-        (["--recipe", "fast"], "tuning scores validation accuracy: give --val-size > 0 (or --cv K)"),
+        (
+            ["--recipe", "fast", "--val-size", "0"],
+            "tuning scores validation accuracy: give --val-size > 0 (or --cv K)",
+        ),
         (["--report", "--study", "nothing"], "no study 'nothing' in this storage"),
     ],
 )

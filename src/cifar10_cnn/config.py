@@ -227,7 +227,12 @@ RECIPES: dict[str, dict[str, Any]] = {
         crop_mode="reflect",
         alternate_flip=True,
         tta=2,
-        val_size=0,
+        # Measured on the validation split (benchmarks/ablation.py, quick, 2 seeds): TTA only where the top-two
+        # margin is < 0.3 (22% of images) matched TTA on all of them within 0.05% at 2.7x less evaluation time.
+        tta_margin=0.3,
+        # 1,000 training images held out to fit the softmax temperature (and validate on): ECE 20.3% -> 1.7%
+        # on the same split, with no measurable accuracy cost. --val-size 0 trains on all 50,000 as published.
+        val_size=1000,
     ),
 }
 # The same tricks on the narrow net (32/64/128) for a few epochs: the short-budget recipe for CPUs.

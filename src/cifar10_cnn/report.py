@@ -181,6 +181,16 @@ def _int(value: Any) -> str:
     return NA if x is None else f"{round(x):,}"
 
 
+def _tta(r: dict[str, Any]) -> str:
+    """ "level 2", or "level 2 on 28% of the images (top-two margin < 0.4)" for selective TTA."""
+    if not r.get("tta"):
+        return _yes_no(r.get("tta"))
+    margin, share = _number(r.get("tta_margin")), _number(r.get("tta_share"))
+    if margin is None or margin >= 1 or share is None:
+        return f"level {r['tta']}"
+    return f"level {r['tta']} on {share:.0%} of the images (top-two margin < {margin:g})"
+
+
 def _duration(value: Any) -> str:
     x = _number(value)
     if x is None:
@@ -291,8 +301,9 @@ def _summary(run: _Run) -> list[tuple[str, str]]:
         ("Epochs run", epochs),
         ("Stopped early", _yes_no(r.get("stopped_early"))),
         ("Weights evaluated", _value(r.get("weights"))),
-        ("Test-time augmentation", f"level {r['tta']}" if r.get("tta") else _yes_no(r.get("tta"))),
+        ("Test-time augmentation", _tta(r)),
         ("Device", _value(r.get("device", c.get("device")))),
+        ("Test accuracy known after", _duration(r.get("headline_seconds"))),
         ("Evaluation time", _duration(r.get("eval_seconds"))),
         ("Created", _value(r.get("created"))),
     ]
