@@ -256,7 +256,7 @@ def test_evaluate_model_computes_without_writing(trained_run, cifar, tmp_path, m
     assert ev.calibration["temperature"] == C.fit_temperature(val_logits, val.labels.numpy())
     assert len(ev.errors) == 24 and all(ev.probs[i].argmax() != ev.labels[i] for i in ev.errors)
     assert ev.robustness["images"] == 40 and set(ev.robustness["accuracy"]) == set(K.CORRUPTIONS)
-    assert len(lines) == 1 + len(K.CORRUPTIONS)
+    assert len(lines) == 2 + len(K.CORRUPTIONS) and lines[0].startswith("test accuracy ")
     # Grad-CAM of 4 images per group: the true class's map, then the predicted (or runner-up) class's.
     x = ev.explanations
     assert list(x.groups) == ["correct", "confidently_wrong", "least_confident"]
@@ -330,15 +330,19 @@ def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path,
     assert again["test_accuracy"] == results["test_accuracy"]
     assert again["temperature"] == pytest.approx(results["temperature"])
 
-    # A weights file works too: results, plots and report in <name>-eval/ beside it (or --out); here with
-    # selective TTA, whose headline line comes first and says on how many images TTA ran.
+    # A weights file works too: results, plots and report in <name>-eval/ beside it (or --out).
     weights = tmp_path / "weights" / "model.safetensors"
     weights.parent.mkdir()
     shutil.copy(run / "model.safetensors", weights)
-    proc = run_cli("evaluate", str(weights), "--no-progress", "--tta", "2", "--tta-margin", "0.5")
-    assert proc.stdout.splitlines()[0].startswith("test accuracy") and "TTA level 2 on" in proc.stdout
-    selective = json.loads((tmp_path / "weights" / "model-eval" / "results.json").read_text())
-    assert selective["tta"] == 2 and selective["tta_margin"] == 0.5 and 0 < selective["tta_share"] < 1
+    run_cli("evaluate", str(weights), "--no-progress")
+    # Selective TTA: the headline line comes first and says on how many images TTA ran (the mix: test_fast.py).
+    proc = run_cli("evaluate", str(weights), "--no-progress", "--tta", "2", "--tta-margin", "0.5",
+                   "--out", str(tmp_path / "selective"))  # fmt: skip
+    selective = json.loads((tmp_path / "selective" / "results.json").read_text())
+    assert selective["tta"] == 2 and selective["tta_margin"] == 0.5 and 0 < selective["tta_share"] <= 1
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith(f"test accuracy {selective['test_accuracy']:.2%} on 10,000 images")
+    assert f"TTA level 2 on {selective['tta_share']:.0%} of the images" in first
     # Evaluation writes under eval/, plots/, results.json and the report: the weights stay byte for byte.
     assert hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest() == weights_sha
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == weights_sha
