@@ -17,13 +17,10 @@ a calibration split) after temperature scaling. All figures come from this one i
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 import tempfile
 import time
-import typing
 from pathlib import Path
 
 import numpy as np
@@ -33,31 +30,22 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from cifar10_cnn import calibration as C
 from cifar10_cnn import data as D
-from cifar10_cnn.config import TrainConfig, recipe_config
+from cifar10_cnn.config import recipe_config
+from cifar10_cnn.errors import UserError, first_line
 from cifar10_cnn.inference import selective_tta_logits
 from cifar10_cnn.metrics import summarize
 from cifar10_cnn.train import fit
-
-MEASURE_SIZE = 5000
+from cifar10_cnn.tune import parse_grid
 
 
 def parse_variant(variant: str) -> tuple[dict, int]:
-    """`key=value+key=value` -> (config overrides, calibration images); `base` is no override."""
-    overrides, calib = {}, 0
-    hints = typing.get_type_hints(TrainConfig)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    for part in variant.split("+"):
-        if part == "base":
-            continue
-        key, _, value = part.partition("=")
-        if key == "calib":
-            calib = int(value)
-        elif key in fields:
-            parsed = json.loads(value.lower()) if value.lower() in ("true", "false", "null") else value
-            overrides[key] = parsed if isinstance(parsed, bool) or parsed is None else hints[key](value)
-        else:
-            sys.exit(f"unknown override {key!r} in variant {variant!r}")
-    return overrides, calib
+    """`key=value+key=value` -> (config overrides, calibration images); `base` is no override.
+
+    Values are typed as `cifar10 tune --grid` types them (one value each)."""
+    parts = [p for p in variant.split("+") if p != "base"]
+    calib = [int(p.partition("=")[2]) for p in parts if p.startswith("calib=")]
+    overrides = parse_grid([p for p in parts if not p.startswith("calib=")])
+    return {k: v[0] for k, v in overrides.items()}, calib[-1] if calib else 0
 
 
 def evaluations(model, measure: D.Split, calib: D.Split | None, tta: int, margins: list[float]) -> dict:
@@ -88,7 +76,8 @@ def evaluations(model, measure: D.Split, calib: D.Split | None, tta: int, margin
 
 def one_run(recipe: str, variant: str, seed: int, data: D.CIFAR10, margins: list[float], extra: dict) -> dict:
     overrides, n_calib = parse_variant(variant)
-    cfg = recipe_config(recipe, seed=seed, val_size=MEASURE_SIZE, **{**extra, **overrides})
+    # val_size None: the default split (5,000 images, a tenth of --subset) is the measure split.
+    cfg = recipe_config(recipe, seed=seed, **{**extra, **overrides, "val_size": None})
     splits = D.make_splits(data, **cfg.split_args())
     measure, train, calib = splits.val, splits.train, None
     if n_calib:
@@ -100,7 +89,7 @@ def one_run(recipe: str, variant: str, seed: int, data: D.CIFAR10, margins: list
             cfg, D.Splits(train, empty, splits.test), Path(tmp), progress=False, echo=lambda *_: None
         )
     evals = evaluations(result.model, measure, calib, cfg.tta, margins)
-    return {"train_seconds": result.train_seconds, "train_size": len(train), "evals": evals}
+    return {"train_seconds": result.train_seconds, "measure_size": len(measure), "evals": evals}
 
 
 def main() -> None:
@@ -114,11 +103,11 @@ def main() -> None:
     parser.add_argument("--data-dir")
     args = parser.parse_args()
     extra = {k: v for k, v in (("epochs", args.epochs), ("subset", args.subset)) if v is not None}
-    if args.subset:
-        global MEASURE_SIZE
-        MEASURE_SIZE = args.subset // 10
-    for variant in args.variants:
-        parse_variant(variant)  # refuse a typo before hours of training
+    try:
+        for variant in args.variants:
+            parse_variant(variant)  # refuse a typo before hours of training
+    except (UserError, ValueError) as e:
+        sys.exit(f"error: variant: {first_line(e)}")
 
     data = D.load_cifar10(args.data_dir, progress=False)
     print(f"recipe {args.recipe}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
@@ -131,8 +120,9 @@ def main() -> None:
             print(f"  {variant} seed {seed}: {best['acc']:.2%} in {r['train_seconds']:.0f} s", flush=True)
 
     w = max(len("variant"), *map(len, runs))
+    measure_size = next(iter(runs.values()))[0]["measure_size"]
     print(
-        f"\nmeasured on {MEASURE_SIZE:,} validation images; mean over {args.seeds} seed(s) (± std when > 1)\n"
+        f"\nmeasured on {measure_size:,} validation images; mean over {args.seeds} seed(s) (± std when > 1)\n"
         f"{'variant':<{w}} {'evaluation':<16} {'val acc':>15} {'ECE':>7} {'ECE (T)':>8} {'TTA share':>9} "
         f"{'eval s':>7} {'train s':>8}"
     )

@@ -110,8 +110,7 @@ class TrainConfig:
             raise UserError("crop_mode must be zeros or reflect")
         if self.tta not in (0, 1, 2):
             raise UserError("--tta must be 0, 1 or 2")
-        if not 0 <= self.tta_margin <= 1:
-            raise UserError("--tta-margin must be between 0 and 1")
+        check_tta_margin(self.tta_margin)
         if self.amp not in AMP_MODES:
             raise UserError(f"unknown amp mode {self.amp!r}; choose one of {', '.join(AMP_MODES)}")
         for name in ("epochs", "batch_size"):
@@ -187,6 +186,12 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise UserError(f"config file {path} must hold a JSON object")
         return cls.from_dict(data)
+
+
+def check_tta_margin(margin: float) -> None:
+    """Selective TTA's margin is a difference of two probabilities: 0 (no TTA) to 1 (TTA on every image)."""
+    if not 0 <= margin <= 1:
+        raise UserError("--tta-margin must be between 0 and 1")
 
 
 _TYPES: dict[Any, tuple[type, ...]] = {

@@ -28,7 +28,7 @@ from . import augment, plots
 from . import calibration as C
 from . import data as D
 from . import explain as X
-from .config import TrainConfig
+from .config import TrainConfig, check_tta_margin
 from .corruptions import APPROXIMATION_NOTE, CORRUPTIONS, SEVERITIES, corrupt
 from .errors import UserError, first_line
 from .inference import evaluate_logits, selective_tta_logits
@@ -188,12 +188,12 @@ def evaluate_model(
     """
     t0 = time.perf_counter()
     tta, tta_margin = int(tta), float(tta_margin)
-    if not 0 <= tta_margin <= 1:
-        raise UserError("--tta-margin must be between 0 and 1")
+    check_tta_margin(tta_margin)
     logits_t, unsure = selective_tta_logits(model, test.images, tta=tta, tta_margin=tta_margin)
     logits, test_seconds = logits_t.numpy(), time.perf_counter() - t0
     labels = test.labels.cpu().numpy()
-    echo(headline(logits, labels, tta, float(unsure.float().mean()) if len(unsure) else 0.0, test_seconds))
+    tta_share = float(unsure.float().mean()) if len(unsure) else 0.0
+    echo(headline(logits, labels, tta, tta_share, test_seconds))
     images = test.images.cpu().permute(0, 2, 3, 1).numpy()
     fingerprint = model_fingerprint(model)
     robustness = None
@@ -215,7 +215,7 @@ def evaluate_model(
         fingerprint=fingerprint,
         tta=tta,
         tta_margin=tta_margin,
-        tta_share=float(unsure.float().mean()) if len(unsure) else 0.0,
+        tta_share=tta_share,
         robustness=robustness,
         seconds=time.perf_counter() - t0,
         test_seconds=test_seconds,
@@ -227,7 +227,10 @@ def headline(logits: np.ndarray, labels: np.ndarray, tta: int, share: float, sec
     """The test accuracy line, printed before the slower parts of an evaluation."""
     acc = float((logits.argmax(1) == labels).mean()) if len(labels) else float("nan")
     views = "no TTA" if not tta else f"TTA level {tta} on {share:.0%} of the images"
-    return f"test accuracy {acc:.2%} on {len(labels):,} images ({views}, {seconds:.1f} s); calibration, plots and report follow"
+    return (
+        f"test accuracy {acc:.2%} on {len(labels):,} images ({views}, {seconds:.1f} s); "
+        "calibration, plots and report follow"
+    )
 
 
 def explanations_record(ev: Evaluation) -> dict[str, Any]:
@@ -543,8 +546,7 @@ def evaluate_saved(
     verification) is checked before anything is written. Returns the directory written.
     """
     path = Path(path)
-    if not 0 <= tta_margin <= 1:
-        raise UserError("--tta-margin must be between 0 and 1")
+    check_tta_margin(tta_margin)
     weights = weights_path(path)
     model, metadata = load_model(weights)
     _check_request(path, weights, metadata, out, corruption_images)
