@@ -482,30 +482,35 @@ def test_every_answer_carries_the_security_headers(client, cat_png):
 
 
 def test_a_long_explain_class_is_echoed_clipped(server, cat_png):
-    """A 100 KB explain_class (http.client sends a URL that long; httpx refuses to) is refused with its first 40
-    characters, not echoed whole."""
+    """A long explain_class is refused with its first 40 characters, not echoed whole. http.client sends a URL
+    that long (httpx refuses to). 15 KB always reaches the app; 100 KB may be refused by uvicorn first (over its
+    16 KB for a request line and headers, when it does not arrive in one piece): either way, not echoed."""
     import http.client
 
-    value = "A" * 100_000
     body = (
         b"--b\r\nContent-Disposition: form-data; name=file; filename=cat.png\r\n\r\n"
         + cat_png
         + b"\r\n--b--\r\n"
     )
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    try:
-        conn.request(
-            "POST",
-            f"/predict?explain_class={value}",
-            body=body,
-            headers={"Content-Type": "multipart/form-data; boundary=b"},
-        )
-        r = conn.getresponse()
-        status, detail = r.status, json.loads(r.read())["detail"]
-    finally:
-        conn.close()
-    assert status == 422 and f"unknown class '{'A' * 40}…'" in detail, detail[:200]
-    assert len(detail) < 300
+    answers = {}
+    for size in (15_000, 100_000):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        try:
+            conn.request(
+                "POST",
+                f"/predict?explain_class={'A' * size}",
+                body=body,
+                headers={"Content-Type": "multipart/form-data; boundary=b"},
+            )
+            r = conn.getresponse()
+            answers[size] = r.status, r.read().decode()
+        finally:
+            conn.close()
+    status, text = answers[15_000]
+    detail = json.loads(text)["detail"]
+    assert status == 422 and f"unknown class '{'A' * 40}…'" in detail and len(detail) < 300, detail[:200]
+    status, text = answers[100_000]
+    assert status in (400, 422) and len(text) < 300, (status, text[:200])
 
 
 def test_odd_explain_values_are_422_never_500(client, cat_png):

@@ -139,12 +139,18 @@ def check_port(host: str, port: int) -> None:
         ) from None
 
 
-def check_address(port: int, max_upload_mb: float, max_connections: int = MAX_CONNECTIONS) -> None:
+def check_address(
+    port: int,
+    max_upload_mb: float,
+    max_connections: int = MAX_CONNECTIONS,
+    max_files: int = 1,
+    top_k: int = 1,
+) -> None:
     """One line for a port outside 1-65535, an upload limit that is not a positive number of megabytes, or
-    a connection limit below 1."""
+    a connection, file or top-k limit below 1: before the heavy imports, so that a typo fails at once."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise UserError(f"--port {port}: give a port from 1 to 65535")
-    Limits(max_upload_mb, 1, 1, 1, max_connections).check(1)
+    Limits(max_upload_mb, max_files, 1, top_k, max_connections).check(1)
 
 
 def log_config(level: str) -> dict[str, Any]:
@@ -228,7 +234,7 @@ def serve(
 
     Every option is checked before the model loads. A signal before the server listens returns too, with one
     line on stderr."""
-    check_address(port, max_upload_mb, max_connections)
+    check_address(port, max_upload_mb, max_connections, max_files, top_k_default)
     check_port(host, port)
     timeouts = Timeouts(header_timeout, body_timeout, keep_alive, graceful_timeout)
     try:
