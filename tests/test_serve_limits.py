@@ -135,6 +135,16 @@ def test_a_signal_during_warm_up_exits_0_with_one_line(trained_run):
             s.bind(("127.0.0.1", port))
 
 
+def test_the_server_helper_fails_when_health_never_answers(tmp_path):
+    """The serve tests' fixtures fail, with the server's output, rather than yield a server that never answered."""
+    sleeper = [sys.executable, "-c", "print('still warming up', flush=True); import time; time.sleep(60)"]
+    with pytest.raises(pytest.fail.Exception, match=r"did not answer /health in 1 s:\nstill warming up"):
+        start_server(lambda port: sleeper, tmp_path / "sleeper.log", timeout=1)
+    quitter = [sys.executable, "-c", "raise SystemExit(3)"]
+    with pytest.raises(pytest.fail.Exception, match="exited 3 before /health answered"):
+        start_server(lambda port: quitter, tmp_path / "quitter.log")
+
+
 # --- connection timeouts and limits, and SIGTERM (a server with short timeouts, ended by the last test) ---------
 
 
