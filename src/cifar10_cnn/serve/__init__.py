@@ -239,7 +239,7 @@ def serve(
     timeouts = Timeouts(header_timeout, body_timeout, keep_alive, graceful_timeout)
     try:
         with serving_signals() as hand_over:
-            print(f"loading {model_path} …", flush=True)  # the warm-up: the imports, then the model
+            print(f"loading {model_path} ...", flush=True)  # the warm-up: the imports, then the model
             from .app import create_app  # torch and FastAPI: seconds
 
             app = create_app(
