@@ -773,3 +773,49 @@ def test_normalize_uses_true_statistics(cifar):
     assert z.dtype == torch.float32
     assert torch.allclose(z.mean((0, 2, 3)), torch.zeros(3), atol=0.05)
     assert torch.allclose(z.std((0, 2, 3)), torch.ones(3), atol=0.05)
+
+
+# --- the seam for new sources, and the constants without torch ----------------------------------------------
+
+
+def test_load_dataset_by_name_by_folder_and_through_a_registered_source(small_npz, tmp_path):
+    options = {"allow_unverified": True, "cache_dir": "off", "progress": False}
+    by_name = D.load_dataset("cifar10", data_dir=small_npz, **options)
+    by_folder = D.load_dataset(small_npz, **options)
+    assert by_name.source == by_folder.source == f"npz:{small_npz / 'train.npz'}"
+    assert np.array_equal(by_name.train_images, by_folder.train_images) and by_name.classes == D.CLASSES
+    # A folder that no source holds goes to CIFAR-10, which says what is missing (no download asked).
+    with pytest.raises(DataError, match="no CIFAR-10 found in"):
+        D.load_dataset(tmp_path / "empty", download=False, **options)
+    # A new kind of dataset: registered once, found by its folder and by its name.
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "two.npy").write_bytes(npy_bytes(np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3)))
+
+    def load_two(data_dir, **_) -> D.Dataset:
+        images = np.load(Path(data_dir) / "two.npy", allow_pickle=False)
+        labels = np.array([0, 1])
+        return D.Dataset(
+            images, labels, images, labels, source=f"two:{data_dir}", verified=False, classes=("a", "b")
+        )
+
+    D.register_source(D.Source("two", load_two, lambda root: (root / "two.npy").is_file()))
+    try:
+        found = D.load_dataset(own, **options)
+        assert found.source == f"two:{own}" and found.classes == ("a", "b") and len(found.train_images) == 2
+        assert D.load_dataset("two", data_dir=own).source == f"two:{own}"
+        assert D.load_dataset(small_npz, **options).source == by_name.source  # CIFAR-10 still comes first
+    finally:
+        D.SOURCES.pop("two")
+
+
+def test_class_names_and_statistics_load_without_numpy_or_torch():
+    code = (
+        "import sys\n"
+        "from cifar10_cnn.constants import CLASSES, MEAN, STD\n"
+        "assert len(CLASSES) == 10 and len(MEAN) == len(STD) == 3\n"
+        "print(sorted(m for m in ('numpy', 'torch') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
