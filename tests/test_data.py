@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -819,3 +820,54 @@ def test_class_names_and_statistics_load_without_numpy_or_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+# --- the download is bounded by the archive's known size ----------------------------------------------------
+
+
+class Endless(http.server.BaseHTTPRequestHandler):
+    """Sends zeros without a Content-Length (the end is when the server closes), up to 8 MiB."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        with contextlib.suppress(OSError):  # the client hanging up is the point
+            for _ in range(128):
+                self.wfile.write(bytes(2**16))
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def endless_server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    httpd.daemon_threads, httpd.block_on_close = True, False
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_download_larger_than_the_archive_is_cut_off_and_nothing_kept(endless_server, tmp_path):
+    assert D.ARCHIVE_SIZE == 170_498_071  # the real cifar-10-python.tar.gz
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match=r"sent more than 1,048,576 bytes, the size of the CIFAR-10") as err:
+        D.load_cifar10(root, url=f"{endless_server}/x.tar.gz", size=2**20, cache_dir="off", progress=False)
+    assert "\n" not in str(err.value) and "nothing was kept" in str(err.value)
+    assert leftovers(root) == []
+
+
+def test_a_download_of_one_byte_more_than_the_size_is_refused_of_exactly_the_size_kept(
+    server, small_archive, tmp_path
+):
+    www, url = server
+    os.link(small_archive, www / D.ARCHIVE)
+    size = small_archive.stat().st_size
+    options = {"url": f"{url}/{D.ARCHIVE}", "md5": md5(small_archive), "cache_dir": "off", "progress": False}
+    with pytest.raises(DataError, match=f"sent more than {size - 1:,} bytes"):
+        D.load_cifar10(tmp_path / "short", size=size - 1, allow_unverified=True, **options)
+    assert leftovers(tmp_path / "short") == []
+    data = D.load_cifar10(tmp_path / "exact", size=size, allow_unverified=True, **options)
+    assert len(data.train_images) == 1000 and leftovers(tmp_path / "exact") == [D.ARCHIVE]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .archive import ARCHIVE, DATA_ENV, MD5, URL, extract_archive, fetch_archive
+from .archive import ARCHIVE, ARCHIVE_SIZE, DATA_ENV, MD5, URL, extract_archive, fetch_archive
 from .constants import CLASSES, MEAN, STD
 from .errors import DataError
 from .readers import (
@@ -42,7 +42,7 @@ from .sources import (
 )
 
 __all__ = [
-    "ARCHIVE", "ARRAY_NAMES", "BATCHES_DIR", "CACHE_ENV", "CIFAR10", "CLASSES", "DATA_ENV", "MAX_BATCH_FILE",
+    "ARCHIVE", "ARCHIVE_SIZE", "ARRAY_NAMES", "BATCHES_DIR", "CACHE_ENV", "CIFAR10", "CLASSES", "DATA_ENV", "MAX_BATCH_FILE",
     "MAX_META_JSON", "MD5", "MEAN", "SHA256", "SOURCES", "STD", "TEST_BATCH", "TRAIN_BATCHES", "URL",
     "Dataset", "Source", "Split", "Splits", "batch_indices", "check_arrays", "content_sha256",
     "extract_archive", "fetch_archive", "find_source", "load_cifar10", "load_dataset", "make_splits",

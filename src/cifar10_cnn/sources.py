@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .archive import ARCHIVE, DATA_ENV, MD5, URL, extract_archive, fetch_archive
+from .archive import ARCHIVE, ARCHIVE_SIZE, DATA_ENV, MD5, URL, extract_archive, fetch_archive
 from .constants import CLASSES
 from .errors import DataError
 from .readers import (
@@ -117,17 +117,19 @@ def load_cifar10(
     progress: bool = True,
     url: str = URL,
     md5: str = MD5,
+    size: int = ARCHIVE_SIZE,
 ) -> Dataset:
     """Load CIFAR-10 from the first source found in data_dir, downloading the archive if there is none.
 
-    `verified` is computed from the arrays returned, on every load (the cache is re-hashed too).
+    `verified` is computed from the arrays returned, on every load (the cache is re-hashed too). url, md5
+    and size (the most bytes the download may take) name another copy of the archive, e.g. a mirror.
     """
     root = resolve_data_dir(data_dir)
     kind, paths = find_source(root)
     if kind is None:
         if not download:
             raise DataError(f"no CIFAR-10 found in {root}; put the data there or allow the download")
-        paths = [fetch_archive(root, url=url, md5=md5, progress=progress)]
+        paths = [fetch_archive(root, url=url, md5=md5, progress=progress, size=size)]
         kind = "archive"
     source = f"{kind}:{paths[0]}"
     cache = _cache_path(kind, paths, cache_dir)
