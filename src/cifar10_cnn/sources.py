@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .archive import ARCHIVE, ARCHIVE_SIZE, DATA_ENV, MD5, URL, extract_archive, fetch_archive
+from .archive import extract_archive
 from .constants import CLASSES
+from .download import ARCHIVE, ARCHIVE_SIZE, DATA_ENV, MD5, URL, fetch_archive
 from .errors import DataError
 from .readers import (
     ARRAY_NAMES,
