@@ -175,10 +175,7 @@ def tune(
     base = replace(base, **fixed)
     if base.resolved_val_size == 0 and not cv:
         raise UserError("tuning scores validation accuracy: give --val-size > 0 (or --cv K)")
-    if trials is None:
-        trials = math.prod(len(v) for v in grid.values()) if grid else 20
-    if trials < 1:
-        raise UserError("--trials must be at least 1")
+    trials = _trial_count(trials, grid)
     description = _description(sampler, searched, base, cv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with storage_errors(storage):
@@ -205,6 +202,15 @@ def tune(
         )
         _optimize(study, Objective(searched, base, out, data, cv, echo), remaining, trials)
     return study
+
+
+def _trial_count(trials: int | None, grid: dict[str, list[Any]] | None) -> int:
+    """--trials, or by default the size of the grid (20 without one)."""
+    if trials is None:
+        trials = math.prod(len(v) for v in grid.values()) if grid else 20
+    if trials < 1:
+        raise UserError("--trials must be at least 1")
+    return trials
 
 
 def _description(
