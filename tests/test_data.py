@@ -931,3 +931,48 @@ def test_a_killed_extraction_is_cleaned_on_the_next_run_and_look_alikes_are_left
     assert not killed.exists()
     assert {p.name: snapshot(p) for p in [*others, linked]} == before
     assert leftovers(root) == sorted([D.ARCHIVE, ".extract-l1nk2usr", *(p.name for p in others)])
+
+
+KILL_DURING_DOWNLOAD = """
+import os, signal, sys
+from pathlib import Path
+from cifar10_cnn import download
+
+def kill_after_two_writes(frame, event, arg):  # a real SIGKILL, with part of the archive written
+    global writes
+    if event == "return" and frame.f_code is download._CappedFile.write.__code__:
+        writes = globals().get("writes", 0) + 1
+        if writes == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+sys.setprofile(kill_after_two_writes)
+download.fetch_archive(Path(sys.argv[1]), url=sys.argv[2], md5=sys.argv[3], progress=False)
+"""
+
+
+def test_a_killed_download_is_cleaned_on_the_next_run_and_look_alikes_are_left(
+    server, small_archive, tmp_path
+):
+    www, url = server
+    os.link(small_archive, www / D.ARCHIVE)
+    root = tmp_path / "data"
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_DOWNLOAD, str(root), f"{url}/{D.ARCHIVE}", md5(small_archive)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == -9, proc.stderr
+    (killed,) = root.glob(".download-*")
+    (partial,) = (p for p in killed.iterdir() if p.name.startswith("tmp"))
+    assert 0 < partial.stat().st_size < small_archive.stat().st_size
+    user = root / ".download-u5er0wns"  # a user's folder named alike: no marker
+    user.mkdir()
+    (user / "tmpabcdefgh").write_text("the user's")
+    notes = root / ".download-n0tes4me"  # our marker, and a user's file beside it
+    shutil.copytree(killed, notes)
+    (notes / "notes.txt").write_text("the user's notes")
+    before = {p.name: snapshot(p) for p in (user, notes)}
+    data = D.load_cifar10(root, url=f"{url}/{D.ARCHIVE}", md5=md5(small_archive), allow_unverified=True,
+                          cache_dir="off", progress=False)  # fmt: skip
+    assert len(data.train_images) == 1000 and not killed.exists()
+    assert {p.name: snapshot(p) for p in (user, notes)} == before
+    assert leftovers(root) == sorted([D.ARCHIVE, user.name, notes.name])

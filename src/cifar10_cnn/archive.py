@@ -3,7 +3,7 @@
 Extraction reads only the known members, each within its known size, and refuses links, devices, unknown
 names and duplicates; the unpacked total is capped too (a decompression bomb). The batches folder is kept
 next to the archive only when the arrays are the real CIFAR-10; the staging folder that a killed extraction
-leaves behind is removed on the next one, and nothing else of that name is touched.
+leaves behind is removed by the next load (remove_stale_extractions), and nothing else of that name.
 """
 
 from __future__ import annotations
@@ -12,12 +12,9 @@ import contextlib
 import gzip
 import io
 import os
-import re
 import shutil
-import socket
 import stat
 import tarfile
-import tempfile
 import zlib
 from pathlib import Path
 from typing import BinaryIO
@@ -34,8 +31,8 @@ from .readers import (
     join_batches,
     open_regular,
     parse_batch,
-    read_capped,
 )
+from .stages import MARKER, make_stage, only_files, remove_stale_stages
 
 # The members of the real cifar-10-python.tar.gz and their sizes in bytes: nothing else is extracted, and
 # nothing larger (a repacked archive may hold smaller batches, e.g. a subset).
@@ -83,9 +80,8 @@ def extract_archive(archive: Path, target: Path) -> dict[str, np.ndarray]:
     duplicates are refused. The members are also staged in target/.extract-*, and moved into place as
     target/cifar-10-batches-py/ only if the arrays are the real CIFAR-10 (sha256): an unverified folder
     would shadow the archive as a source on later runs. Staging is best effort: a read-only or full disk
-    only means that nothing is kept. The stages that a killed extraction left behind are removed first.
+    only means that nothing is kept.
     """
-    clean_stale_stages(target)
     stage = _Stage(target)
     batches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
@@ -156,22 +152,13 @@ def _member_kind(member: tarfile.TarInfo) -> str:
     return "a folder" if member.isdir() else "a special entry"
 
 
-# A stage: a folder named as tempfile.mkdtemp(prefix=".extract-") names it, holding our marker, written first.
-STAGE_PREFIX = ".extract-"
-STAGE_NAME = re.compile(r"\.extract-[a-z0-9_]{8}")
-STAGE_MARKER = ".cifar10-cnn-stage"
-_MARKER_TEXT = re.compile(r"cifar10-cnn extraction stage\nhost (.+)\npid (\d+)\n")
-
-
 class _Stage:
     """target/.extract-*/cifar-10-batches-py, written as the members are read; best effort throughout."""
 
     def __init__(self, target: Path) -> None:
         self.seen: set[str] = set()
         try:
-            self.root: Path | None = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=target))
-            marker = f"cifar10-cnn extraction stage\nhost {socket.gethostname()}\npid {os.getpid()}\n"
-            (self.root / STAGE_MARKER).write_text(marker)
+            self.root: Path | None = make_stage(target, "extract")
             (self.root / BATCHES_DIR).mkdir()
         except OSError:  # read-only, full, or not a folder: the arrays are read in memory all the same
             self.discard()
@@ -199,51 +186,16 @@ class _Stage:
         self.root = None
 
 
-def clean_stale_stages(target: Path) -> list[Path]:
-    """Remove the stages that killed extractions left in target; the paths removed.
+def remove_stale_extractions(target: Path) -> list[Path]:
+    """Remove what killed extractions left in target (only stages of ours; see stages.py)."""
 
-    Only what is surely ours goes: a folder (not a link) of our user, named as we name stages, holding our
-    marker, written on this host by a process that is gone, and besides it nothing but archive members.
-    """
-    try:
-        entries = [Path(entry.path) for entry in os.scandir(target) if STAGE_NAME.fullmatch(entry.name)]
-    except OSError:
-        return []
-    stale = [folder for folder in entries if _is_stale_stage(folder)]
-    for folder in stale:
-        shutil.rmtree(folder, ignore_errors=True)
-    return stale
-
-
-def _is_stale_stage(folder: Path) -> bool:
-    try:
-        st = folder.lstat()
-        if not stat.S_ISDIR(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != os.getuid()):
-            return False
+    def holds_only_ours(folder: Path) -> bool:
         names = set(os.listdir(folder))
-        if STAGE_MARKER not in names or not names <= {STAGE_MARKER, BATCHES_DIR}:
+        if not names <= {MARKER, BATCHES_DIR}:
             return False
-        found = _MARKER_TEXT.fullmatch(read_capped(folder / STAGE_MARKER, 512, "a stage marker").decode())
-        if not found or found[1] != socket.gethostname() or _alive(int(found[2])):
+        batches = folder / BATCHES_DIR
+        if BATCHES_DIR in names and not stat.S_ISDIR(batches.lstat().st_mode):
             return False
-        if BATCHES_DIR not in names:
-            return True
-        if not stat.S_ISDIR((folder / BATCHES_DIR).lstat().st_mode):
-            return False
-        return all(
-            entry.name in MEMBER_SIZES and entry.is_file(follow_symlinks=False)
-            for entry in os.scandir(folder / BATCHES_DIR)
-        )
-    except (OSError, DataError, UnicodeError, ValueError, OverflowError):
-        return False
+        return BATCHES_DIR not in names or only_files(batches, lambda name: name in MEMBER_SIZES)
 
-
-def _alive(pid: int) -> bool:
-    """Whether a process pid runs on this host (one of another user counts: it may be extracting)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # no permission to signal it: it exists
-        return True
-    return True
+    return remove_stale_stages(target, "extract", holds_only_ours)

@@ -1,16 +1,21 @@
 """The download of the CIFAR-10 python archive: md5-checked by pooch, and bounded by the archive's known size.
 
-The archive appears in the data folder only when it is complete and right; pooch writes it to a temporary
-file first, and removes that file when the download fails, is too large, or has the wrong md5.
+The archive appears in the data folder only when it is complete and right: pooch writes it in a stage of
+ours (<data>/.download-XXXXXXXX, see stages.py), removed when the download fails, is too large or has the
+wrong md5; a stage that a kill left behind is removed by the next load (remove_stale_downloads).
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import BinaryIO
 
 from .errors import DataError, first_line
+from .stages import MARKER, make_stage, only_files, remove_stale_stages
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -32,13 +37,19 @@ def fetch_archive(
     pooch.get_logger().setLevel("WARNING")  # the progress bar says it; errors are ours to word
     try:
         root.mkdir(parents=True, exist_ok=True)
-        path = pooch.retrieve(
-            url,
-            known_hash=f"md5:{md5}",
-            fname=ARCHIVE,
-            path=root,
-            downloader=_CappedDownloader(pooch.HTTPDownloader(progressbar=progress), size),
-        )
+        stage = make_stage(root, "download")  # pooch's temporary file goes there: a kill leaves it ours
+        try:
+            staged = pooch.retrieve(
+                url,
+                known_hash=f"md5:{md5}",
+                fname=ARCHIVE,
+                path=stage,
+                downloader=_CappedDownloader(pooch.HTTPDownloader(progressbar=progress), size),
+            )
+            if not (root / ARCHIVE).exists():  # else another process brought it meanwhile: that one stays
+                os.rename(staged, root / ARCHIVE)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     except ValueError as e:  # pooch's hash mismatch
         raise DataError(
             f"download of {url} failed its md5 check ({first_line(e)}); nothing was kept"
@@ -54,7 +65,7 @@ def fetch_archive(
             f"cannot download {url} ({first_line(cause)}); check the network, or put the data in {root} "
             f"(or pass --data-dir / set {DATA_ENV})"
         ) from None
-    return Path(path)
+    return root / ARCHIVE
 
 
 class _CappedDownloader:
@@ -97,3 +108,17 @@ def _root_cause(e: BaseException) -> BaseException:
     while e.__cause__ or e.__context__:
         e = e.__cause__ or e.__context__
     return e
+
+
+_POOCH_TEMPORARY = re.compile(r"tmp[a-z0-9_]{8}")  # tempfile.NamedTemporaryFile's names, as pooch makes them
+
+
+def remove_stale_downloads(root: Path) -> list[Path]:
+    """Remove what killed downloads left in root (only stages of ours; see stages.py)."""
+
+    def holds_only_ours(folder: Path) -> bool:
+        return only_files(
+            folder, lambda name: name in (MARKER, ARCHIVE) or bool(_POOCH_TEMPORARY.fullmatch(name))
+        )
+
+    return remove_stale_stages(root, "download", holds_only_ours)

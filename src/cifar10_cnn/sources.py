@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .archive import extract_archive
+from .archive import extract_archive, remove_stale_extractions
 from .constants import CLASSES
-from .download import ARCHIVE, ARCHIVE_SIZE, DATA_ENV, MD5, URL, fetch_archive
+from .download import ARCHIVE, ARCHIVE_SIZE, DATA_ENV, MD5, URL, fetch_archive, remove_stale_downloads
 from .errors import DataError
 from .readers import (
     ARRAY_NAMES,
@@ -131,6 +131,8 @@ def load_cifar10(
     and size (the most bytes the download may take) name another copy of the archive, e.g. a mirror.
     """
     root = resolve_data_dir(data_dir)
+    remove_stale_downloads(root)  # what killed downloads and extractions left, and only that
+    remove_stale_extractions(root)
     kind, paths = find_source(root)
     if kind is None:
         if not download:
