@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -773,3 +774,205 @@ def test_normalize_uses_true_statistics(cifar):
     assert z.dtype == torch.float32
     assert torch.allclose(z.mean((0, 2, 3)), torch.zeros(3), atol=0.05)
     assert torch.allclose(z.std((0, 2, 3)), torch.ones(3), atol=0.05)
+
+
+# --- the seam for new sources, and the constants without torch ----------------------------------------------
+
+
+def test_load_dataset_by_name_by_folder_and_through_a_registered_source(small_npz, tmp_path):
+    options = {"allow_unverified": True, "cache_dir": "off", "progress": False}
+    by_name = D.load_dataset("cifar10", data_dir=small_npz, **options)
+    by_folder = D.load_dataset(small_npz, **options)
+    assert by_name.source == by_folder.source == f"npz:{small_npz / 'train.npz'}"
+    assert np.array_equal(by_name.train_images, by_folder.train_images) and by_name.classes == D.CLASSES
+    # A folder that no source holds goes to CIFAR-10, which says what is missing (no download asked).
+    with pytest.raises(DataError, match="no CIFAR-10 found in"):
+        D.load_dataset(tmp_path / "empty", download=False, **options)
+    # A new kind of dataset: registered once, found by its folder and by its name.
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "two.npy").write_bytes(npy_bytes(np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3)))
+
+    def load_two(data_dir, **_) -> D.Dataset:
+        images = np.load(Path(data_dir) / "two.npy", allow_pickle=False)
+        labels = np.array([0, 1])
+        return D.Dataset(
+            images, labels, images, labels, source=f"two:{data_dir}", verified=False, classes=("a", "b")
+        )
+
+    D.register_source(D.Source("two", load_two, lambda root: (root / "two.npy").is_file()))
+    try:
+        found = D.load_dataset(own, **options)
+        assert found.source == f"two:{own}" and found.classes == ("a", "b") and len(found.train_images) == 2
+        assert D.load_dataset("two", data_dir=own).source == f"two:{own}"
+        assert D.load_dataset(small_npz, **options).source == by_name.source  # CIFAR-10 still comes first
+    finally:
+        D.SOURCES.pop("two")
+
+
+def test_class_names_and_statistics_load_without_numpy_or_torch():
+    code = (
+        "import sys\n"
+        "from cifar10_cnn.constants import CLASSES, MEAN, STD\n"
+        "assert len(CLASSES) == 10 and len(MEAN) == len(STD) == 3\n"
+        "print(sorted(m for m in ('numpy', 'torch') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+# --- the download is bounded by the archive's known size ----------------------------------------------------
+
+
+class Endless(http.server.BaseHTTPRequestHandler):
+    """Sends zeros without a Content-Length (the end is when the server closes), up to 8 MiB."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        with contextlib.suppress(OSError):  # the client hanging up is the point
+            for _ in range(128):
+                self.wfile.write(bytes(2**16))
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def endless_server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    httpd.daemon_threads, httpd.block_on_close = True, False
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_download_larger_than_the_archive_is_cut_off_and_nothing_kept(endless_server, tmp_path):
+    assert D.ARCHIVE_SIZE == 170_498_071  # the real cifar-10-python.tar.gz
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match=r"sent more than 1,048,576 bytes, the size of the CIFAR-10") as err:
+        D.load_cifar10(root, url=f"{endless_server}/x.tar.gz", size=2**20, cache_dir="off", progress=False)
+    assert "\n" not in str(err.value) and "nothing was kept" in str(err.value)
+    assert leftovers(root) == []
+
+
+def test_a_download_of_one_byte_more_than_the_size_is_refused_of_exactly_the_size_kept(
+    server, small_archive, tmp_path
+):
+    www, url = server
+    os.link(small_archive, www / D.ARCHIVE)
+    size = small_archive.stat().st_size
+    options = {"url": f"{url}/{D.ARCHIVE}", "md5": md5(small_archive), "cache_dir": "off", "progress": False}
+    with pytest.raises(DataError, match=f"sent more than {size - 1:,} bytes"):
+        D.load_cifar10(tmp_path / "short", size=size - 1, allow_unverified=True, **options)
+    assert leftovers(tmp_path / "short") == []
+    data = D.load_cifar10(tmp_path / "exact", size=size, allow_unverified=True, **options)
+    assert len(data.train_images) == 1000 and leftovers(tmp_path / "exact") == [D.ARCHIVE]
+
+
+# --- what a killed extraction leaves is cleaned on the next run, and only that -----------------------------
+
+KILL_DURING_EXTRACTION = """
+import os, signal, sys
+from pathlib import Path
+from cifar10_cnn import archive
+
+def kill_after_two_members(frame, event, arg):  # a real SIGKILL, with two members staged
+    if event == "return" and frame.f_code is archive._Stage.add.__code__ and len(frame.f_locals["self"].seen) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+sys.setprofile(kill_after_two_members)
+archive.extract_archive(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+def look_alike(root: Path, name: str, marker: str | None, extra: str | None = None) -> Path:
+    """A folder named like a stage that is not a stale one of ours: a user's, or one still being written."""
+    folder = root / name
+    (folder / D.BATCHES_DIR).mkdir(parents=True)
+    (folder / D.BATCHES_DIR / "data_batch_1").write_bytes(b"the user's")
+    if marker is not None:
+        (folder / ".cifar10-cnn-stage").write_text(marker)
+    if extra:
+        (folder / extra).write_text("the user's notes")
+    return folder
+
+
+def test_a_killed_extraction_is_cleaned_on_the_next_run_and_look_alikes_are_left(small_archive, tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    os.link(small_archive, root / D.ARCHIVE)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_EXTRACTION, str(root / D.ARCHIVE), str(root)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == -9, proc.stderr
+    (killed,) = root.glob(".extract-*")
+    assert sorted(p.name for p in (killed / D.BATCHES_DIR).iterdir()) == ["data_batch_1", "data_batch_2"]
+    ours = (killed / ".cifar10-cnn-stage").read_text()
+    host = ours.splitlines()[1]
+    alive = f"cifar10-cnn extraction stage\n{host}\npid {os.getpid()}\n"  # this process: still extracting
+    others = [
+        look_alike(root, ".extract-u5er0wns", None),  # no marker: a user's folder named alike
+        look_alike(root, ".extract-n0tes4me", ours, extra="notes.txt"),  # our marker, and a user's file
+        look_alike(root, ".extract-running_", alive),  # a running extraction's
+        look_alike(root, ".extract-otherhst", ours.replace(host, "host elsewhere")),  # another host's
+        look_alike(root, ".extract-named-by-user", ours),  # not a name mkdtemp gives
+    ]
+    linked = tmp_path / "user-folder"
+    shutil.copytree(killed, linked)
+    (root / ".extract-l1nk2usr").symlink_to(linked)  # a link to a folder that looks like our stage
+    before = {p.name: snapshot(p) for p in [*others, linked]}
+    data = D.load_cifar10(root, allow_unverified=True, cache_dir="off", progress=False)
+    assert len(data.train_images) == 1000
+    assert not killed.exists()
+    assert {p.name: snapshot(p) for p in [*others, linked]} == before
+    assert leftovers(root) == sorted([D.ARCHIVE, ".extract-l1nk2usr", *(p.name for p in others)])
+
+
+KILL_DURING_DOWNLOAD = """
+import os, signal, sys
+from pathlib import Path
+from cifar10_cnn import download
+
+def kill_after_two_writes(frame, event, arg):  # a real SIGKILL, with part of the archive written
+    global writes
+    if event == "return" and frame.f_code is download._CappedFile.write.__code__:
+        writes = globals().get("writes", 0) + 1
+        if writes == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+sys.setprofile(kill_after_two_writes)
+download.fetch_archive(Path(sys.argv[1]), url=sys.argv[2], md5=sys.argv[3], progress=False)
+"""
+
+
+def test_a_killed_download_is_cleaned_on_the_next_run_and_look_alikes_are_left(
+    server, small_archive, tmp_path
+):
+    www, url = server
+    os.link(small_archive, www / D.ARCHIVE)
+    root = tmp_path / "data"
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_DOWNLOAD, str(root), f"{url}/{D.ARCHIVE}", md5(small_archive)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == -9, proc.stderr
+    (killed,) = root.glob(".download-*")
+    (partial,) = (p for p in killed.iterdir() if p.name.startswith("tmp"))
+    assert 0 < partial.stat().st_size < small_archive.stat().st_size
+    user = root / ".download-u5er0wns"  # a user's folder named alike: no marker
+    user.mkdir()
+    (user / "tmpabcdefgh").write_text("the user's")
+    notes = root / ".download-n0tes4me"  # our marker, and a user's file beside it
+    shutil.copytree(killed, notes)
+    (notes / "notes.txt").write_text("the user's notes")
+    before = {p.name: snapshot(p) for p in (user, notes)}
+    data = D.load_cifar10(root, url=f"{url}/{D.ARCHIVE}", md5=md5(small_archive), allow_unverified=True,
+                          cache_dir="off", progress=False)  # fmt: skip
+    assert len(data.train_images) == 1000 and not killed.exists()
+    assert {p.name: snapshot(p) for p in (user, notes)} == before
+    assert leftovers(root) == sorted([D.ARCHIVE, user.name, notes.name])
