@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from cifar10_cnn import calibration as C
 from cifar10_cnn import corruptions as K
 from cifar10_cnn import data as D
-from cifar10_cnn.evaluate import evaluate_model
+from cifar10_cnn.evaluate import EvalOptions, evaluate_model
 from cifar10_cnn.explain import explain
 from cifar10_cnn.inference import evaluate_logits
 from cifar10_cnn.metrics import (
@@ -247,7 +247,9 @@ def test_evaluate_model_computes_without_writing(trained_run, cifar, tmp_path, m
     test = D.to_split(cifar.test_images[:300], cifar.test_labels[:300])
     val = D.to_split(cifar.train_images[:200], cifar.train_labels[:200])
     lines: list[str] = []
-    ev = evaluate_model(model, test, val=val, corruptions=True, corruption_images=40, echo=lines.append)
+    ev = evaluate_model(
+        model, test, EvalOptions(corruptions=True, corruption_images=40), val=val, echo=lines.append
+    )
     assert listing(trained_run) == before and not list(tmp_path.iterdir()), "evaluate_model wrote a file"
     logits = evaluate_logits(model, test).numpy()
     assert np.array_equal(ev.logits, logits) and ev.labels.tolist() == cifar.test_labels[:300].tolist()
@@ -356,7 +358,7 @@ def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path,
 
 def test_a_run_without_validation_fits_no_temperature(cifar, tmp_path):
     from cifar10_cnn.config import recipe_config
-    from cifar10_cnn.train import train
+    from cifar10_cnn.pipeline import train
 
     run = train(
         recipe_config("seed", epochs=1, subset=500, val_size=0),
@@ -377,7 +379,7 @@ EVALUATE_WITHOUT_CAPTUM = """
 import sys
 sys.modules["captum"] = None  # as if Captum were not installed: importing it raises ImportError
 from cifar10_cnn import data as D
-from cifar10_cnn.evaluate import evaluate_into_run
+from cifar10_cnn.pipeline import evaluate_and_report as evaluate_into_run
 data = D.load_cifar10(sys.argv[2], progress=False)
 evaluate_into_run(sys.argv[1], D.to_split(data.test_images[:300], data.test_labels[:300]))
 """

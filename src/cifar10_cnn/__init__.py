@@ -27,11 +27,12 @@ _EXPORTS = {
     "classification_metrics": "metrics",
     "evaluate_into_run": "evaluate",
     "evaluate_saved": "evaluate",
+    "evaluate": "pipeline",
     "fit": "train",
-    "train": "train",
+    "train": "pipeline",
     "train_step": "train",
-    "train_seeds": "experiments",
-    "train_cv": "experiments",
+    "train_seeds": "pipeline",
+    "train_cv": "pipeline",
 }
 __all__ = sorted(_EXPORTS)
 

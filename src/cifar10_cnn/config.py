@@ -69,8 +69,9 @@ class TrainConfig:
     fold: int = opt(0, cli=False)
     subset: int | None = opt(None, "train on the first N training images only")
     patience: int | None = opt(None, "stop after N epochs without a better validation accuracy")
-    tta: int = opt(0, "test-time augmentation of the final test: 1 mirror, 2 mirror + shifts (alone: 1)",
-                   choices=(0, 1, 2), const=1)  # fmt: skip
+    # The two test-time augmentation options, declared here once: `cifar10 evaluate` takes them too.
+    tta: int = opt(0, "test-time augmentation of the test evaluation: 1 mirror, 2 mirror + 1-pixel shifts "
+                   "(alone: 1)", choices=(0, 1, 2), const=1)  # fmt: skip
     tta_margin: float = opt(
         1.0, "TTA only for test images whose top-two class probabilities are closer than this (1: all)"
     )
@@ -108,9 +109,7 @@ class TrainConfig:
             raise UserError("loss_reduction must be mean or sum")
         if self.crop_mode not in CROP_MODES:
             raise UserError("crop_mode must be zeros or reflect")
-        if self.tta not in (0, 1, 2):
-            raise UserError("--tta must be 0, 1 or 2")
-        check_tta_margin(self.tta_margin)
+        check_tta(self.tta, self.tta_margin)
         if self.amp not in AMP_MODES:
             raise UserError(f"unknown amp mode {self.amp!r}; choose one of {', '.join(AMP_MODES)}")
         for name in ("epochs", "batch_size"):
@@ -186,6 +185,13 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise UserError(f"config file {path} must hold a JSON object")
         return cls.from_dict(data)
+
+
+def check_tta(level: int, margin: float) -> None:
+    """Test-time augmentation: level 0 (none), 1 (mirror) or 2 (mirror + shifts), on images below the margin."""
+    if level not in (0, 1, 2):
+        raise UserError("--tta must be 0, 1 or 2")
+    check_tta_margin(margin)
 
 
 def check_tta_margin(margin: float) -> None:
