@@ -214,8 +214,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "seed": dict(model="seed_cnn", epochs=20, batch_size=64, lr=0.01, momentum=0.9),
     # airbench94_muon's recipe (Jordan, 2024): 94% in 8 epochs on all 50,000 images. The loss is summed over
     # the batch, as there, so these LRs are theirs: SGD for the head (lr) and biases, Muon for conv filters.
-    # Batches of 2000 run as 4 micro-batches of 500: 1.33x faster on CPU (less page-fault churn), with
-    # batch-norm statistics per 500 images.
+    # Batches of 2000 run as 4 micro-batches of 500: faster on CPU (less page-fault churn; the ratio on this
+    # machine: python benchmarks/profile_step.py), with batch-norm statistics per 500 images.
     "fast": dict(
         model="airbench",
         epochs=8,
