@@ -27,7 +27,6 @@ _EXPORTS = {
     "classification_metrics": "metrics",
     "evaluate_into_run": "evaluate",
     "evaluate_saved": "evaluate",
-    "evaluate": "pipeline",
     "fit": "train",
     "train": "pipeline",
     "train_step": "train",
