@@ -137,7 +137,7 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 def trained_run(cifar, tmp_path_factory) -> Path:
     """A small finished seed_cnn run (1 epoch on 1,000 images: seconds), for predict, export and serve."""
     from cifar10_cnn.config import recipe_config
-    from cifar10_cnn.train import train
+    from cifar10_cnn.pipeline import train
 
     out = tmp_path_factory.mktemp("trained") / "seed-small"
     cfg = recipe_config("seed", epochs=1, subset=1000, val_size=200)

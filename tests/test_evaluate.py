@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from cifar10_cnn import calibration as C
 from cifar10_cnn import corruptions as K
 from cifar10_cnn import data as D
-from cifar10_cnn.evaluate import evaluate_model
+from cifar10_cnn.evaluate import EvalOptions, evaluate_model
 from cifar10_cnn.explain import explain
 from cifar10_cnn.inference import evaluate_logits
 from cifar10_cnn.metrics import (
@@ -247,7 +247,9 @@ def test_evaluate_model_computes_without_writing(trained_run, cifar, tmp_path, m
     test = D.to_split(cifar.test_images[:300], cifar.test_labels[:300])
     val = D.to_split(cifar.train_images[:200], cifar.train_labels[:200])
     lines: list[str] = []
-    ev = evaluate_model(model, test, val=val, corruptions=True, corruption_images=40, echo=lines.append)
+    ev = evaluate_model(
+        model, test, EvalOptions(corruptions=True, corruption_images=40), val=val, echo=lines.append
+    )
     assert listing(trained_run) == before and not list(tmp_path.iterdir()), "evaluate_model wrote a file"
     logits = evaluate_logits(model, test).numpy()
     assert np.array_equal(ev.logits, logits) and ev.labels.tolist() == cifar.test_labels[:300].tolist()
@@ -356,7 +358,7 @@ def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path,
 
 def test_a_run_without_validation_fits_no_temperature(cifar, tmp_path):
     from cifar10_cnn.config import recipe_config
-    from cifar10_cnn.train import train
+    from cifar10_cnn.pipeline import train
 
     run = train(
         recipe_config("seed", epochs=1, subset=500, val_size=0),
@@ -377,7 +379,7 @@ EVALUATE_WITHOUT_CAPTUM = """
 import sys
 sys.modules["captum"] = None  # as if Captum were not installed: importing it raises ImportError
 from cifar10_cnn import data as D
-from cifar10_cnn.evaluate import evaluate_into_run
+from cifar10_cnn.pipeline import evaluate_and_report as evaluate_into_run
 data = D.load_cifar10(sys.argv[2], progress=False)
 evaluate_into_run(sys.argv[1], D.to_split(data.test_images[:300], data.test_labels[:300]))
 """
@@ -443,3 +445,51 @@ def test_evaluate_errors_are_one_line_and_write_nothing(trained_run, tmp_path, c
     line = error_line(run_cli("evaluate", str(run), "--tta", "2", "--tta-margin", "1.5", check=False))
     assert "--tta-margin must be between 0 and 1" in line
     assert listing(run) == before
+
+
+def test_evaluate_takes_trains_tta_options_declared_once_and_checked_once():
+    import argparse
+
+    from cifar10_cnn.cli import build_parser
+    from cifar10_cnn.config import TrainConfig
+    from cifar10_cnn.errors import UserError
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    def tta_options(verb: str) -> dict:
+        return {
+            a.dest: (a.option_strings, a.help, a.choices, a.const)
+            for a in verbs[verb]._actions
+            if a.dest in ("tta", "tta_margin")
+        }
+
+    assert tta_options("evaluate") == tta_options("train") and len(tta_options("train")) == 2
+    # evaluate's defaults are TrainConfig's (train's are None: "not given", the recipe decides).
+    args = parser.parse_args(["evaluate", "run"])
+    assert (args.tta, args.tta_margin) == (TrainConfig().tta, TrainConfig().tta_margin) == (0, 1.0)
+    assert parser.parse_args(["evaluate", "run", "--tta"]).tta == 1
+    for bad, message in (
+        (dict(tta=3), "--tta must be 0, 1 or 2"),
+        (dict(tta=2, tta_margin=-0.1), "--tta-margin must be between 0 and 1"),
+        (dict(corruptions=True, corruption_images=0), "--corruption-images must be at least 1"),
+    ):
+        with pytest.raises(UserError, match=message):
+            EvalOptions(**bad)
+    with pytest.raises(UserError, match="--tta must be 0, 1 or 2"):
+        TrainConfig(tta=3)
+
+
+def test_evaluation_writes_no_report_the_pipeline_renders_it_after(trained_run, tmp_path, cifar):
+    from cifar10_cnn.evaluate import evaluate_into_run
+    from cifar10_cnn.pipeline import evaluate_and_report
+
+    run = copy_run(trained_run, tmp_path / "run")
+    for name in ("report.md", "report.html"):
+        (run / name).unlink()
+    test = D.to_split(cifar.test_images[:200], cifar.test_labels[:200])
+    evaluate_into_run(run, test, echo=lambda *_: None)
+    assert json.loads((run / "eval" / "metrics.json").read_text())["test_size"] == 200
+    assert not (run / "report.md").exists() and not (run / "report.html").exists()
+    evaluate_and_report(run, test, echo=lambda *_: None)
+    assert "| Test accuracy |" in (run / "report.md").read_text() and (run / "report.html").is_file()

@@ -208,7 +208,7 @@ def test_bad_config_values_are_one_line(tmp_path, trained_run):
 
 def test_library_resume_checks_the_config_too(tmp_path, trained_run, cifar):
     from cifar10_cnn.errors import UserError
-    from cifar10_cnn.train import train
+    from cifar10_cnn.pipeline import train
 
     run = copy_run(trained_run, tmp_path / "run", checkpoints=True)
     before = listing(run)
@@ -262,6 +262,19 @@ def test_help_and_the_package_load_no_training_code():
         "    main(['--help'])\n"
         "heavy = [m for m in ('torch', 'matplotlib', 'cifar10_cnn.train') if m in sys.modules]\n"
         "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_training_loop_loads_no_evaluation_plots_or_report():
+    # train.py is the loop alone: the job around it (evaluation, plots, report) is pipeline.py's.
+    code = (
+        "import sys\n"
+        "import cifar10_cnn.train\n"
+        "downstream = ('matplotlib', 'PIL', 'cifar10_cnn.evaluate', 'cifar10_cnn.plots', 'cifar10_cnn.report',\n"
+        "              'cifar10_cnn.explain', 'cifar10_cnn.pipeline')\n"
+        "print([m for m in downstream if m in sys.modules])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -1,14 +1,14 @@
 """Test-set evaluation of a trained model: compute everything first (`evaluate_model`), then write it.
 
-    cifar10 evaluate runs/<run>                      # metrics, calibration, plots -> runs/<run>/eval/, report
+    cifar10 evaluate runs/<run>                      # metrics, calibration, plots -> runs/<run>/eval/
     cifar10 evaluate runs/<run> --corruptions        # adds the robustness suite
     cifar10 evaluate model.safetensors               # a weights file: results go to model-eval/ beside it
 
 The test set is only ever measured here; the temperature is fitted on the run's validation split. Evaluation
-writes only eval/, plots/, results.json and the report: never the weights (their temperature is fitted and
-stored at training time). With Captum (the `explain` extra) it also draws Grad-CAM maps of 12 test images
-(correct, confidently wrong, least confident) into eval/explanations.png; without it the report says how to
-get them.
+writes only eval/, plots/ and results.json: never the weights (their temperature is fitted and stored at
+training time), nor the report (pipeline.py renders it after the evaluation). With Captum (the `explain`
+extra) it also draws Grad-CAM maps of 12 test images (correct, confidently wrong, least confident) into
+eval/explanations.png; without it the report says how to get them.
 """
 
 from __future__ import annotations
@@ -28,13 +28,12 @@ from . import augment, plots
 from . import calibration as C
 from . import data as D
 from . import explain as X
-from .config import TrainConfig, check_tta_margin
+from .config import TrainConfig, check_tta
 from .corruptions import APPROXIMATION_NOTE, CORRUPTIONS, SEVERITIES, corrupt
 from .errors import UserError, first_line
 from .inference import evaluate_logits, selective_tta_logits
 from .metrics import classification_metrics, confident_errors
 from .models import count_params
-from .report import write_report
 from .runs import Run, read_json, write_atomic, write_json
 from .weights import ModelMeta, load_model, model_fingerprint, weights_path
 
@@ -53,6 +52,29 @@ EXPLAINED_GROUPS = {
 
 
 # --- computing (no files) ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How an evaluation measures, beyond the plain test accuracy; checked once, here (one line on bad values)."""
+
+    tta: int = 0  # test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel shifts (see inference.py)
+    tta_margin: float = 1.0  # TTA only where the plain view's top-two margin is below this (1: every image)
+    corruptions: bool = False  # the robustness suite: 10 corruptions x 5 severities
+    corruption_images: int | None = None  # the suite on the first n test images (None: all of them)
+    corruption_seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tta", int(self.tta))
+        object.__setattr__(self, "tta_margin", float(self.tta_margin))
+        check_tta(self.tta, self.tta_margin)
+        if self.corruption_images is not None and self.corruption_images < 1:
+            raise UserError("--corruption-images must be at least 1")
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> EvalOptions:
+        """The test evaluation a training config asks for."""
+        return cls(tta=cfg.tta, tta_margin=cfg.tta_margin)
 
 
 @dataclass(frozen=True)
@@ -160,35 +182,31 @@ def explain_examples(
 
 
 def _calibration(
-    model: nn.Module, val: D.Split | None, logits: np.ndarray, labels: np.ndarray, tta: int, tta_margin: float
+    model: nn.Module, val: D.Split | None, logits: np.ndarray, labels: np.ndarray, options: EvalOptions
 ) -> dict[str, Any]:
     """Temperature scaling fitted on the validation split at the evaluation's TTA (none without one)."""
     if val is None or len(val) == 0:
         return C.temperature_scaling(logits, labels)
-    val_logits = selective_tta_logits(model, val.images, tta=tta, tta_margin=tta_margin)[0].numpy()
+    tta, margin = options.tta, options.tta_margin
+    val_logits = selective_tta_logits(model, val.images, tta=tta, tta_margin=margin)[0].numpy()
     return C.temperature_scaling(logits, labels, val_logits, val.labels.cpu().numpy())
 
 
 def evaluate_model(
     model: nn.Module,
     test: D.Split,
+    options: EvalOptions | None = None,
     *,
     val: D.Split | None = None,
-    tta: int = 0,
-    tta_margin: float = 1.0,
-    corruptions: bool = False,
-    corruption_images: int | None = None,
-    corruption_seed: int = 0,
     echo: Callable[[str], None] = print,
 ) -> Evaluation:
     """Measure the model on the test set (and the temperature on val, the robustness suite if asked); no files.
 
     The test accuracy is printed as soon as it is known; calibration, robustness and explanations follow.
-    corruption_images: the first n test images for the robustness suite (None: all of them).
     """
     t0 = time.perf_counter()
-    tta, tta_margin = int(tta), float(tta_margin)
-    check_tta_margin(tta_margin)
+    o = options or EvalOptions()
+    tta, tta_margin = o.tta, o.tta_margin
     logits_t, unsure = selective_tta_logits(model, test.images, tta=tta, tta_margin=tta_margin)
     logits, test_seconds = logits_t.numpy(), time.perf_counter() - t0
     labels = test.labels.cpu().numpy()
@@ -197,11 +215,11 @@ def evaluate_model(
     images = test.images.cpu().permute(0, 2, 3, 1).numpy()
     fingerprint = model_fingerprint(model)
     robustness = None
-    if corruptions:
-        n = min(corruption_images or len(labels), len(labels))
+    if o.corruptions:
+        n = min(o.corruption_images or len(labels), len(labels))
         echo(f"robustness: 10 corruptions x 5 severities on {n:,} test images (accuracy per severity 1-5)")
         robustness = {
-            **evaluate_corruptions(model, images[:n], labels[:n], seed=corruption_seed, echo=echo),
+            **evaluate_corruptions(model, images[:n], labels[:n], seed=o.corruption_seed, echo=echo),
             "model_fingerprint": fingerprint,
         }
     errors = confident_errors(C.softmax(logits), labels, N_CONFIDENT_ERRORS)
@@ -210,7 +228,7 @@ def evaluate_model(
         labels=labels,
         images=images,
         metrics=classification_metrics(logits, labels),
-        calibration=_calibration(model, val, logits, labels, tta, tta_margin),
+        calibration=_calibration(model, val, logits, labels, o),
         errors=errors,
         fingerprint=fingerprint,
         tta=tta,
@@ -317,7 +335,7 @@ def summary_line(results: dict[str, Any], where: Path) -> str:
     )
 
 
-# --- writing: eval/, plots/, results.json, the report ------------------------------------------------------
+# --- writing: eval/, plots/, results.json ------------------------------------------------------------------
 
 
 def _valid_robustness(run: Run, ev: Evaluation) -> dict[str, Any] | None:
@@ -410,7 +428,7 @@ def _plot_explanations(run: Run, ev: Evaluation) -> None:
 def write_evaluation(
     run_dir: str | os.PathLike, ev: Evaluation, *, weights: Path, info: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Write an evaluation into a run directory: eval/, results.json (merged with info), plots/ and the report.
+    """Write an evaluation into a run directory: eval/, results.json (merged with info) and plots/.
 
     Never touches the weights. Returns the updated results.json.
     """
@@ -428,21 +446,16 @@ def write_evaluation(
     _plot_test_set(run, ev, results)
     _plot_evaluation(run, ev, robustness)
     _plot_explanations(run, ev)
-    write_report(run.path)
     return results
 
 
 def evaluate_into_run(
     run_dir: str | os.PathLike,
     test: D.Split,
+    options: EvalOptions | None = None,
     *,
-    tta: int = 0,
-    tta_margin: float = 1.0,
     model: nn.Module | None = None,
     val: D.Split | None = None,
-    corruptions: bool = False,
-    corruption_images: int | None = None,
-    corruption_seed: int = 0,
     weights: str | os.PathLike | None = None,
     info: dict[str, Any] | None = None,
     echo: Callable[[str], None] = print,
@@ -456,17 +469,7 @@ def evaluate_into_run(
     weights = Path(weights) if weights is not None else Run(run_dir).file("weights")
     if model is None:
         model, _ = load_model(weights_path(weights))
-    ev = evaluate_model(
-        model,
-        test,
-        val=val,
-        tta=tta,
-        tta_margin=tta_margin,
-        corruptions=corruptions,
-        corruption_images=corruption_images,
-        corruption_seed=corruption_seed,
-        echo=echo,
-    )
+    ev = evaluate_model(model, test, options, val=val, echo=echo)
     results = write_evaluation(run_dir, ev, weights=weights, info=info)
     echo(summary_line(results, run_dir))
     return results
@@ -489,7 +492,6 @@ def _check_request(
     weights: Path,
     metadata: ModelMeta,
     out: str | os.PathLike | None,
-    corruption_images: int | None,
 ) -> None:
     """Refuse, before anything is read or written, what cannot be evaluated as asked."""
     classes = list(metadata.classes)
@@ -500,8 +502,6 @@ def _check_request(
         )
     if path.is_dir() and out is not None:
         raise UserError("--out is for a weights file; a run directory is evaluated into itself")
-    if corruption_images is not None and corruption_images < 1:
-        raise UserError("--corruption-images must be at least 1")
 
 
 def _validation_split(cfg: TrainConfig | None, data: D.CIFAR10) -> D.Split | None:
@@ -527,14 +527,11 @@ def _weights_file_info(
 
 def evaluate_saved(
     path: str | os.PathLike,
+    options: EvalOptions | None = None,
     *,
     data: D.CIFAR10 | None = None,
     data_dir: str | os.PathLike | None = None,
     allow_unverified: bool = False,
-    tta: int = 0,
-    tta_margin: float = 1.0,
-    corruptions: bool = False,
-    corruption_images: int | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
@@ -546,10 +543,9 @@ def evaluate_saved(
     verification) is checked before anything is written. Returns the directory written.
     """
     path = Path(path)
-    check_tta_margin(tta_margin)
     weights = weights_path(path)
     model, metadata = load_model(weights)
-    _check_request(path, weights, metadata, out, corruption_images)
+    _check_request(path, weights, metadata, out)
     cfg = run_config(path, metadata)
     if data is None:
         data = D.load_cifar10(data_dir, allow_unverified=allow_unverified, progress=progress)
@@ -564,12 +560,9 @@ def evaluate_saved(
     evaluate_into_run(
         run_dir,
         D.to_split(data.test_images, data.test_labels),
-        tta=tta,
-        tta_margin=tta_margin,
+        options,
         model=model,
         val=val,
-        corruptions=corruptions,
-        corruption_images=corruption_images,
         weights=weights,
         info=info,
         echo=echo,

@@ -25,6 +25,7 @@ from PIL import Image
 from ..errors import UserError
 from ..images import DecodeBudget, ImageError, decode, decode_cost, open_image
 from ..predict import Predictor, TorchPredictor
+from ..weights import probe_images
 from .errors import ApiError, clip
 from .observe import Metrics
 
@@ -36,7 +37,7 @@ MAX_EXPLAIN_IMAGES = (
 )
 EXPLAIN_BACKLOG = 8  # requests with explanations queued or running; beyond that a 503
 EXPLAIN_OVERLAY = 128  # pixels of the overlay's side: the 32x32 input enlarged, the map coloured on top
-PROBE = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)  # the readiness probe
+PROBE = probe_images()  # the readiness probe: the batch every loaded model passed at load
 # An ImageError's status says why an image was refused: the `reason` label of the refusal counter.
 IMAGE_REFUSALS = {400: "empty", 413: "too_many_pixels", 415: "not_an_image", 422: "corrupt"}
 
