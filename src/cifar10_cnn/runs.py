@@ -211,26 +211,35 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.recipe}"
 
 
-def _check_writable_dir(path: Path) -> None:
+def check_writable_dir(
+    path: str | os.PathLike, flag: str = "--out", shown: str | os.PathLike | None = None
+) -> None:
+    """Refuse (one line) a folder path that cannot be made or written: it, or a folder above it, is a file (or
+    a device, FIFO ...), or the nearest existing one is read-only. shown: the path the message names."""
+    path = Path(path)
+    shown = path if shown is None else shown
     for parent in (path, *path.parents):
         if parent.exists():
             if not parent.is_dir():
-                raise UserError(f"--out {path}: {parent} is a file, not a folder; choose another --out")
+                what = "a file" if parent.is_file() else "a device, FIFO or socket"
+                raise UserError(f"{flag} {shown}: {parent} is {what}, not a folder; choose another {flag}")
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise UserError(f"--out {path}: cannot write in {parent} (read-only); choose another --out")
+                raise UserError(
+                    f"{flag} {shown}: cannot write in {parent} (read-only); choose another {flag}"
+                )
             return
 
 
 def create_run(path: str | os.PathLike, cfg: TrainConfig, *, force: bool) -> Run:
     """A new run directory holding the marker and config.json.
 
-    A folder that holds a run of ours with a finished epoch is refused unless force, which then clears only
-    what that run wrote. A folder that is not ours is refused if it holds anything a run would write.
+    A folder is ours only if we made it: a new folder, or an existing empty one, gets the marker (an empty
+    folder holds nothing --force could ever remove). A folder that holds the marker and a finished epoch is
+    refused unless force, which then clears only what that run wrote. Any other folder with something in it
+    (a symlink to one included) is refused, and left as it was.
     """
     run = Run(Path(path))
-    _check_writable_dir(run.path)
-    if run.path.exists() and not run.path.is_dir():
-        raise UserError(f"--out {run.path} is a file, not a folder; choose another --out")
+    check_writable_dir(run.path)
     if run.is_ours:
         if run.started and not force:
             raise UserError(
@@ -239,12 +248,7 @@ def create_run(path: str | os.PathLike, cfg: TrainConfig, *, force: bool) -> Run
             )
         run.clear()
     elif run.path.is_dir():
-        taken = [rel for rel in (*RUN_FILES.values(), *RUN_DIRS) if (run.path / rel).exists()]
-        if taken:
-            raise UserError(
-                f"{run.path} holds files that no run of ours wrote ({', '.join(taken[:3])}); "
-                "nothing was changed: move them away or choose another --out"
-            )
+        _refuse_foreign(run)
     try:
         run.path.mkdir(parents=True, exist_ok=True)
         write_atomic(run.path / MARKER, "cifar10-cnn run directory\n")
@@ -254,6 +258,28 @@ def create_run(path: str | os.PathLike, cfg: TrainConfig, *, force: bool) -> Run
             raise
         raise UserError(f"cannot create the run directory {run.path} ({first_line(e)})") from None
     return run
+
+
+def _refuse_foreign(run: Run) -> None:
+    """Refuse an existing folder without our marker unless it is empty: it is not ours to write into."""
+    taken = [rel for rel in (*RUN_FILES.values(), *RUN_DIRS) if (run.path / rel).exists()]
+    if taken:
+        raise UserError(
+            f"{run.path} holds files that no run of ours wrote ({', '.join(taken[:3])}); "
+            "nothing was changed: move them away or choose another --out"
+        )
+    try:
+        entries = sorted(p.name for p in run.path.iterdir())
+    except OSError as e:
+        raise UserError(
+            f"--out {run.path} cannot be listed ({first_line(e)}); choose another --out"
+        ) from None
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UserError(
+            f"--out {run.path} is a folder that is not empty ({shown}) and holds no run of ours (no {MARKER}); "
+            "nothing was changed: give a new or empty folder"
+        )
 
 
 def open_run(path: str | os.PathLike) -> Run:
