@@ -443,3 +443,64 @@ def test_evaluate_errors_are_one_line_and_write_nothing(trained_run, tmp_path, c
     line = error_line(run_cli("evaluate", str(run), "--tta", "2", "--tta-margin", "1.5", check=False))
     assert "--tta-margin must be between 0 and 1" in line
     assert listing(run) == before
+
+
+# --- one temperature, and the calibration of what is served ----------------------------------------------------
+
+
+def test_served_figures_are_those_of_what_predict_returns(trained_run, cifar):
+    """The stored temperature is the only one; `served` measures predict's own probabilities (one view)."""
+    from cifar10_cnn.predict import load_predictor
+    from cifar10_cnn.weights import read_temperature
+
+    predictor = load_predictor(trained_run)
+    t = predictor.meta.temperature
+    results = json.loads((trained_run / "results.json").read_text())
+    served = results["served"]
+    assert served["temperature"] == t == results["temperature"] and served["temperature_stored"]
+    labels = cifar.test_labels
+    logits = predictor.logits(cifar.test_images)  # Predictor.probabilities is softmax(these / t): see below
+    for key, temperature in (("ece_calibrated", t), ("ece_raw", 1.0)):
+        ece = C.calibration_errors(C.softmax(logits, temperature), labels)[0]
+        assert served[key] == pytest.approx(ece, abs=1e-6), key
+    assert served["accuracy"] == results["test_accuracy"]  # this run has no TTA: the evaluation is served
+
+    # With TTA the evaluation's logits are not what is served; the temperature stays the stored one.
+    model, _ = load_model(trained_run)
+    test = D.to_split(cifar.test_images[:300], labels[:300])
+    stored = read_temperature(trained_run / "model.safetensors")
+    ev = evaluate_model(model, test, temperature=stored, tta=2, echo=lambda _: None)
+    np.testing.assert_allclose(ev.served_probs, predictor.probabilities(cifar.test_images[:300]), atol=1e-6)
+    assert not np.allclose(ev.probs, C.softmax(ev.served_logits), atol=1e-4)
+    assert ev.calibration["temperature"] == ev.served["temperature"] == stored == t
+    assert ev.calibration["calibrated"] == C.calibration_metrics(ev.logits, labels[:300], t)
+
+
+def test_bad_config_in_a_weights_files_metadata_is_one_line_and_writes_nothing(trained_run, tmp_path, capsys):
+    from cifar10_cnn import cli
+
+    raw = {
+        k: v if isinstance(v, str) else json.dumps(v)
+        for k, v in read_metadata(trained_run / "model.safetensors").items()
+    }
+    tensors = load_file(str(trained_run / "model.safetensors"))
+    cases = {"epochs": "ten", "lr": [0.1, 0.2], "split_seed": -1}
+    for key, value in cases.items():
+        bad = tmp_path / f"bad-{key}.safetensors"
+        config = {**json.loads(raw["config"]), key: value}
+        save_file(tensors, str(bad), metadata={**raw, "config": json.dumps(config)})
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    before = listing(tmp_path)
+    for key, value in cases.items():
+        bad = tmp_path / f"bad-{key}.safetensors"
+        assert cli.main(["evaluate", str(bad), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.startswith(f"error: {bad}: metadata 'config' is not a valid training config (")
+            and err.count("\n") == 1
+        ), err
+        assert key.replace("_", "-") in err or repr(value) in err, err
+    assert cli.main(["evaluate", str(trained_run / "model.safetensors"), "--out", str(afile / "x")]) == 2
+    assert f"{afile} is a file, not a folder" in capsys.readouterr().err
+    assert listing(tmp_path) == before

@@ -25,13 +25,12 @@ from torch import nn
 
 from . import distributed
 from .augment import alternating_flips, augment_batch, normalize
-from .calibration import fit_temperature
 from .checkpoint import TrainState, load_checkpoint
 from .config import TrainConfig
 from .data import CIFAR10, Split, Splits, batch_indices, load_cifar10, make_splits
 from .device import autocast_dtype, precision_name, select_device
 from .errors import CheckpointError, TrainingDiverged, UserError
-from .evaluate import augmentation_preview, evaluate_into_run
+from .evaluate import augmentation_preview, evaluate_into_run, fit_served_temperature
 from .inference import evaluate_logits, loss_and_accuracy
 from .logs import EpochLog, SilentLog
 from .models import count_params, create_model
@@ -441,10 +440,8 @@ def finish_run(
 
 
 def stored_temperature(model: nn.Module, val: Split) -> float | None:
-    """The softmax temperature predict and serve use (one view per image, so no TTA); None without validation."""
-    if len(val) == 0:
-        return None
-    return fit_temperature(evaluate_logits(model, val).numpy(), val.labels.cpu().numpy())
+    """The softmax temperature predict and serve use (evaluate.py owns how it is fitted); None without validation."""
+    return fit_served_temperature(model, val)
 
 
 def training_results(
