@@ -504,3 +504,18 @@ def test_bad_config_in_a_weights_files_metadata_is_one_line_and_writes_nothing(t
     assert cli.main(["evaluate", str(trained_run / "model.safetensors"), "--out", str(afile / "x")]) == 2
     assert f"{afile} is a file, not a folder" in capsys.readouterr().err
     assert listing(tmp_path) == before
+
+
+def test_weights_without_a_temperature_are_served_at_one_and_none_is_fitted_at_tta(trained_run, cifar):
+    model, _ = load_model(trained_run)
+    test = D.to_split(cifar.test_images[:200], cifar.test_labels[:200])
+    val = D.to_split(cifar.train_images[:200], cifar.train_labels[:200])
+    quiet = lambda _: None  # noqa: E731
+    ev = evaluate_model(model, test, val=val, temperature=None, echo=quiet)
+    assert ev.calibration["temperature"] is None and "weights hold no temperature" in ev.calibration["note"]
+    assert ev.served_temperature == 1.0 and ev.served["calibrated"] is None
+    np.testing.assert_array_equal(ev.served_probs, C.softmax(ev.logits))  # no TTA: the same view
+    # A model not saved yet: the temperature is fitted as training fits it, on single views, whatever the TTA.
+    ev = evaluate_model(model, test, val=val, tta=1, echo=quiet)
+    single = C.fit_temperature(evaluate_logits(model, val).numpy(), val.labels.numpy())
+    assert ev.calibration["temperature"] == ev.served["temperature"] == single

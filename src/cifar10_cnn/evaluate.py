@@ -189,13 +189,12 @@ def _calibration(
     logits: np.ndarray, labels: np.ndarray, temperature: float | None, val_size: int, tta: int
 ) -> dict[str, Any]:
     """The evaluation's logits before and after the one temperature, and where that temperature came from."""
-    if temperature is None:
-        note = C.NO_VALIDATION if not val_size else (
-            "The weights hold no temperature, so none is applied (predict and serve use 1): the test set is "
-            "never used for fitting. Probabilities are the model's own."
-        )  # fmt: skip
+    held = f" ({val_size:,} images held out of the training set)" if val_size else ""
+    if temperature is None and not val_size:
+        note = C.NO_VALIDATION
+    elif temperature is None:
+        note = NO_STORED_TEMPERATURE
     else:
-        held = f" ({val_size:,} images held out of the training set)" if val_size else ""
         note = (
             f"Temperature fitted on the validation split{held} on single views (no TTA) by minimising its NLL, "
             "and stored with the weights: it is the one predict and serve apply. The test set was not used "
@@ -204,6 +203,12 @@ def _calibration(
         if tta:
             note += " Here it divides this evaluation's TTA logits; 'served' has the single-view figures."
     return {**C.calibration_at(logits, labels, temperature), "val_size": val_size, "note": note}
+
+
+NO_STORED_TEMPERATURE = (
+    "The weights hold no temperature, so none is applied (predict and serve use 1); the test set is never "
+    "used for fitting. Probabilities are the model's own."
+)
 
 
 def evaluate_model(
@@ -335,7 +340,12 @@ def evaluation_record(ev: Evaluation, weights: Path) -> dict[str, Any]:
         "class_names": list(D.CLASSES),
         **{k.removeprefix("test_"): v for k, v in ev.metrics.items()},
         "calibration": ev.calibration,
-        "served": {**ev.served, "temperature": ev.served_temperature, "note": SERVED_NOTE},
+        "served": {
+            **ev.served,
+            "temperature": ev.served_temperature,
+            "temperature_stored": ev.served["temperature"] is not None,
+            "note": SERVED_NOTE,
+        },
         "confident_errors": [
             {
                 "index": int(i),
