@@ -519,3 +519,23 @@ def test_weights_without_a_temperature_are_served_at_one_and_none_is_fitted_at_t
     ev = evaluate_model(model, test, val=val, tta=1, echo=quiet)
     single = C.fit_temperature(evaluate_logits(model, val).numpy(), val.labels.numpy())
     assert ev.calibration["temperature"] == ev.served["temperature"] == single
+
+
+def test_evaluate_out_is_a_new_or_empty_folder_or_one_of_ours(trained_run, tmp_path, capsys):
+    from cifar10_cnn import cli
+    from cifar10_cnn.runs import MARKER, claim_dir
+
+    mine = tmp_path / "mine"  # a user's folder: an evaluation must not add results.json, eval/, plots/ there
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    before = listing(tmp_path)
+    assert cli.main(["evaluate", str(trained_run / "model.safetensors"), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {mine} is a folder that is not empty (notes.txt)" in err and err.count("\n") == 1, err
+    assert listing(tmp_path) == before
+    # An empty folder, or one an evaluation made (marked), is ours to write into again.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert claim_dir(empty).is_ours and [p.name for p in empty.iterdir()] == [MARKER]
+    (empty / "results.json").write_text("{}")
+    assert claim_dir(empty).is_ours

@@ -37,7 +37,7 @@ from .inference import evaluate_logits, predict_logits, selective_tta_logits
 from .metrics import classification_metrics, confident_errors
 from .models import count_params
 from .report import write_report
-from .runs import Run, check_writable_dir, read_json, write_atomic, write_json
+from .runs import Run, check_claimable, claim_dir, read_json, write_atomic, write_json
 from .weights import ModelMeta, load_model, model_fingerprint, read_temperature, weights_path
 
 N_CONFIDENT_ERRORS = 24
@@ -589,8 +589,8 @@ def _check_request(
         )
     if path.is_dir() and out is not None:
         raise UserError("--out is for a weights file; a run directory is evaluated into itself")
-    if not path.is_dir():
-        check_writable_dir(out if out is not None else default_eval_dir(weights))
+    if not path.is_dir():  # a new or empty folder, or one an evaluation of ours made: nothing else
+        check_claimable(out if out is not None else default_eval_dir(weights))
     if corruption_images is not None and corruption_images < 1:
         raise UserError("--corruption-images must be at least 1")
 
@@ -636,7 +636,8 @@ def evaluate_saved(
     echo: Callable[[str], None] = print,
 ) -> Path:
     """Evaluate a saved model: a run directory (into itself) or a weights file (into out, default
-    <name>-eval/ beside it). The CLI's `evaluate`.
+    <name>-eval/ beside it: a new or empty folder, or one an earlier evaluation marked as ours). The CLI's
+    `evaluate`.
 
     Everything that can be wrong (no finished model, unknown architecture, other classes, data failing
     verification) is checked before anything is written. Returns the directory written.
@@ -654,8 +655,7 @@ def evaluate_saved(
     if path.is_dir():
         run_dir = path
     else:
-        run_dir = Path(out) if out is not None else default_eval_dir(weights)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = claim_dir(out if out is not None else default_eval_dir(weights)).path
         info |= _weights_file_info(weights, model, metadata, cfg, val)
     evaluate_into_run(
         run_dir,

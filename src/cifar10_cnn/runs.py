@@ -7,9 +7,10 @@
       checkpoints/          last.pt, best.pt           tb/            TensorBoard events
       plots/, eval/         figures and evaluation     report.md, report.html
 
-`--force` deletes only the files in RUN_FILES (and our temporary and TensorBoard files), and only in a folder
-that holds the marker; anything else a user put there stays. `Run.update_results` is the one place where
-results.json is merged.
+A folder is ours only if we made it, or found it empty (`create_run`, `claim_dir`): any other folder with
+something in it is refused, left as it was. `--force` deletes only the files in RUN_FILES (and our temporary
+and TensorBoard files), and only in a folder that holds the marker; anything else a user put there stays.
+`Run.update_results` is the one place where results.json is merged.
 """
 
 from __future__ import annotations
@@ -280,6 +281,26 @@ def _refuse_foreign(run: Run) -> None:
             f"--out {run.path} is a folder that is not empty ({shown}) and holds no run of ours (no {MARKER}); "
             "nothing was changed: give a new or empty folder"
         )
+
+
+def check_claimable(path: str | os.PathLike) -> None:
+    """Refuse (one line, nothing changed) a folder that is not ours to write a run's files into: one under a
+    file, read-only, or existing with something in it and no marker."""
+    run = Run(Path(path))
+    check_writable_dir(run.path)
+    if run.path.is_dir() and not run.is_ours:
+        _refuse_foreign(run)
+
+
+def claim_dir(path: str | os.PathLike) -> Run:
+    """A folder for a run's files (e.g. the evaluation of a weights file), checked as check_claimable does,
+    made and marked as ours (so a later --force may clear what we wrote there)."""
+    run = Run(Path(path))
+    check_claimable(run.path)
+    run.path.mkdir(parents=True, exist_ok=True)
+    if not run.is_ours:
+        write_atomic(run.path / MARKER, "cifar10-cnn run directory\n")
+    return run
 
 
 def open_run(path: str | os.PathLike) -> Run:
