@@ -493,3 +493,99 @@ def test_evaluation_writes_no_report_the_pipeline_renders_it_after(trained_run, 
     assert not (run / "report.md").exists() and not (run / "report.html").exists()
     evaluate_and_report(run, test, echo=lambda *_: None)
     assert "| Test accuracy |" in (run / "report.md").read_text() and (run / "report.html").is_file()
+
+
+# --- one temperature, and the calibration of what is served ----------------------------------------------------
+
+
+def test_served_figures_are_those_of_what_predict_returns(trained_run, cifar):
+    """The stored temperature is the only one; `served` measures predict's own probabilities (one view)."""
+    from cifar10_cnn.predict import load_predictor
+    from cifar10_cnn.weights import read_temperature
+
+    predictor = load_predictor(trained_run)
+    t = predictor.meta.temperature
+    results = json.loads((trained_run / "results.json").read_text())
+    served = results["served"]
+    assert served["temperature"] == t == results["temperature"] and served["temperature_stored"]
+    labels = cifar.test_labels
+    logits = predictor.logits(cifar.test_images)  # Predictor.probabilities is softmax(these / t): see below
+    for key, temperature in (("ece_calibrated", t), ("ece_raw", 1.0)):
+        ece = C.calibration_errors(C.softmax(logits, temperature), labels)[0]
+        assert served[key] == pytest.approx(ece, abs=1e-6), key
+    assert served["accuracy"] == results["test_accuracy"]  # this run has no TTA: the evaluation is served
+
+    # With TTA the evaluation's logits are not what is served; the temperature stays the stored one.
+    model, _ = load_model(trained_run)
+    test = D.to_split(cifar.test_images[:300], labels[:300])
+    stored = read_temperature(trained_run / "model.safetensors")
+    ev = evaluate_model(model, test, EvalOptions(tta=2), temperature=stored, echo=lambda _: None)
+    np.testing.assert_allclose(ev.served_probs, predictor.probabilities(cifar.test_images[:300]), atol=1e-6)
+    assert not np.allclose(ev.probs, C.softmax(ev.served_logits), atol=1e-4)
+    assert ev.calibration["temperature"] == ev.served["temperature"] == stored == t
+    assert ev.calibration["calibrated"] == C.calibration_metrics(ev.logits, labels[:300], t)
+
+
+def test_bad_config_in_a_weights_files_metadata_is_one_line_and_writes_nothing(trained_run, tmp_path, capsys):
+    from cifar10_cnn import cli
+
+    raw = {
+        k: v if isinstance(v, str) else json.dumps(v)
+        for k, v in read_metadata(trained_run / "model.safetensors").items()
+    }
+    tensors = load_file(str(trained_run / "model.safetensors"))
+    cases = {"epochs": "ten", "lr": [0.1, 0.2], "split_seed": -1}
+    for key, value in cases.items():
+        bad = tmp_path / f"bad-{key}.safetensors"
+        config = {**json.loads(raw["config"]), key: value}
+        save_file(tensors, str(bad), metadata={**raw, "config": json.dumps(config)})
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    before = listing(tmp_path)
+    for key, value in cases.items():
+        bad = tmp_path / f"bad-{key}.safetensors"
+        assert cli.main(["evaluate", str(bad), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.startswith(f"error: {bad}: metadata 'config' is not a valid training config (")
+            and err.count("\n") == 1
+        ), err
+        assert key.replace("_", "-") in err or repr(value) in err, err
+    assert cli.main(["evaluate", str(trained_run / "model.safetensors"), "--out", str(afile / "x")]) == 2
+    assert f"{afile} is a file, not a folder" in capsys.readouterr().err
+    assert listing(tmp_path) == before
+
+
+def test_weights_without_a_temperature_are_served_at_one_and_none_is_fitted_at_tta(trained_run, cifar):
+    model, _ = load_model(trained_run)
+    test = D.to_split(cifar.test_images[:200], cifar.test_labels[:200])
+    val = D.to_split(cifar.train_images[:200], cifar.train_labels[:200])
+    quiet = lambda _: None  # noqa: E731
+    ev = evaluate_model(model, test, val=val, temperature=None, echo=quiet)
+    assert ev.calibration["temperature"] is None and "weights hold no temperature" in ev.calibration["note"]
+    assert ev.served_temperature == 1.0 and ev.served["calibrated"] is None
+    np.testing.assert_array_equal(ev.served_probs, C.softmax(ev.logits))  # no TTA: the same view
+    # A model not saved yet: the temperature is fitted as training fits it, on single views, whatever the TTA.
+    ev = evaluate_model(model, test, EvalOptions(tta=1), val=val, echo=quiet)
+    single = C.fit_temperature(evaluate_logits(model, val).numpy(), val.labels.numpy())
+    assert ev.calibration["temperature"] == ev.served["temperature"] == single
+
+
+def test_evaluate_out_is_a_new_or_empty_folder_or_one_of_ours(trained_run, tmp_path, capsys):
+    from cifar10_cnn import cli
+    from cifar10_cnn.runs import MARKER, claim_dir
+
+    mine = tmp_path / "mine"  # a user's folder: an evaluation must not add results.json, eval/, plots/ there
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    before = listing(tmp_path)
+    assert cli.main(["evaluate", str(trained_run / "model.safetensors"), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {mine} is a folder that is not empty (notes.txt)" in err and err.count("\n") == 1, err
+    assert listing(tmp_path) == before
+    # An empty folder, or one an evaluation made (marked), is ours to write into again.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert claim_dir(empty).is_ours and [p.name for p in empty.iterdir()] == [MARKER]
+    (empty / "results.json").write_text("{}")
+    assert claim_dir(empty).is_ours

@@ -278,3 +278,27 @@ def test_the_training_loop_loads_no_evaluation_plots_or_report():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# --- train --out: a folder is ours only if we made it (or it was empty) ------------------------------------
+
+
+def test_train_refuses_a_non_empty_folder_that_is_not_ours_and_a_link_to_one(tmp_path):
+    from cifar10_cnn.runs import MARKER, create_run
+
+    system = tmp_path / "system"  # stands for a system folder: files whose names no run of ours writes
+    (system / "lib").mkdir(parents=True)
+    (system / "passwd").write_text("root:x:0:0\n")
+    (system / "lib" / "libc.so").write_bytes(b"\x7fELF")
+    (tmp_path / "link").symlink_to(system, target_is_directory=True)
+    before = listing(tmp_path)
+    for out, force in ((system, ()), (tmp_path / "link", ("--force",))):
+        line = error_line(in_process("train", *TINY, "--out", str(out), *force))
+        assert f"--out {out} is a folder that is not empty (lib, passwd)" in line, line
+        assert "holds no run of ours" in line and "nothing was changed" in line
+        assert listing(tmp_path) == before
+    # An empty folder held nothing of anyone's: it becomes a run of ours, marker first.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = create_run(empty, recipe_config("seed", epochs=1, subset=100, val_size=10), force=False)
+    assert run.is_ours and sorted(p.name for p in empty.iterdir()) == [MARKER, "config.json"]

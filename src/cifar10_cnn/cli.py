@@ -327,10 +327,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain_command
 
-    explain_command(
+    return explain_command(
         args.model, args.inputs, method=args.method, target=args.target, top=args.top, out=args.out
     )
-    return 0
 
 
 COMMANDS = {

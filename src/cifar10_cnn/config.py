@@ -121,6 +121,8 @@ class TrainConfig:
             raise UserError("--subset must be between 10 and 50000")
         if self.val_size is not None and self.val_size < 0:
             raise UserError("--val-size must be 0 or more")
+        if self.split_seed < 0:  # numpy's generators take no negative seed
+            raise UserError("--split-seed must be 0 or more")
         if self.folds == 1 or self.folds < 0 or not 0 <= self.fold < max(self.folds, 1):
             raise UserError("--cv needs at least 2 folds (and fold must be one of them)")
         if self.patience is not None and self.patience < 1:

@@ -33,7 +33,7 @@ from torch import nn
 from .augment import CIFAR10_NORM, Norm, normalize
 from .errors import DataError, UserError, first_line
 from .inference import predict_logits
-from .runs import write_atomic
+from .runs import check_writable_dir, write_atomic
 from .version import __version__
 from .weights import ModelMeta, default_name, load_model, save_weights, weights_path
 
@@ -235,6 +235,23 @@ def default_out(source: Path, fmt: str) -> Path:
     return Path(default_name(source) + FORMATS[fmt])
 
 
+def _check_out(out: Path, weights: Path, fmt: str, force: bool) -> None:
+    """Refuse (one line) an --out that is not a new or replaceable regular file in an existing folder."""
+    if out.is_dir():
+        raise UserError(
+            f"--out {out} is a directory; give a file name such as {out / ('model' + FORMATS[fmt])}"
+        )
+    if out.exists() and not out.is_file():  # replacing it would replace the device node itself
+        raise UserError(f"--out {out} is not a regular file (a device, FIFO or socket); give a file name")
+    if out.exists() and out.resolve() == weights.resolve():
+        raise UserError(f"--out {out} is the model being exported; choose another file")
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    check_writable_dir(out.parent, shown=out)  # a folder above --out that is a file, or read-only
+    if not out.parent.is_dir():
+        raise UserError(f"the folder {out.parent} does not exist")
+
+
 def export_model(
     source: str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -254,16 +271,7 @@ def export_model(
     weights = weights_path(source)
     model, meta = load_model(source)
     out = Path(out) if out is not None else default_out(source, fmt)
-    if out.is_dir():
-        raise UserError(
-            f"--out {out} is a directory; give a file name such as {out / ('model' + FORMATS[fmt])}"
-        )
-    if out.exists() and out.resolve() == weights.resolve():
-        raise UserError(f"--out {out} is the model being exported; choose another file")
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it")
-    if not out.parent.is_dir():
-        raise UserError(f"the folder {out.parent} does not exist")
+    _check_out(out, weights, fmt, force)
     what = "given images"
     if images is None:
         images, what = verification_images(data_dir)

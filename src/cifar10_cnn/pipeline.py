@@ -19,16 +19,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from . import distributed
-from .calibration import fit_temperature
 from .config import TrainConfig
 from .data import CIFAR10, Split, Splits, load_cifar10, make_splits
 from .device import precision_name, select_device
 from .errors import UserError
-from .evaluate import EvalOptions, augmentation_preview, evaluate_into_run, evaluate_saved
-from .inference import evaluate_logits
+from .evaluate import (
+    EvalOptions,
+    augmentation_preview,
+    evaluate_into_run,
+    evaluate_saved,
+    fit_served_temperature,
+)
 from .metrics import summarize
 from .models import check_model_name, count_params
 from .report import write_report
@@ -189,15 +191,8 @@ def save_final_weights(run: Run, cfg: TrainConfig, result: FitResult, val: Split
         run.file("weights"),
         architecture=cfg.model,
         config=cfg.to_dict(),
-        temperature=stored_temperature(result.model, val),
+        temperature=fit_served_temperature(result.model, val),
     )
-
-
-def stored_temperature(model: nn.Module, val: Split) -> float | None:
-    """The softmax temperature predict and serve use (one view per image, so no TTA); None without validation."""
-    if len(val) == 0:
-        return None
-    return fit_temperature(evaluate_logits(model, val).numpy(), val.labels.cpu().numpy())
 
 
 def evaluate_test_set(

@@ -211,6 +211,15 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return decode_metadata(raw)
 
 
+def read_temperature(path: str | os.PathLike) -> float | None:
+    """The temperature stored with a weights file (validated as load_model does), or None if it holds none."""
+    path = Path(path)
+    raw = read_metadata(path)
+    if raw.get("temperature") is None:
+        return None
+    return ModelMeta.from_metadata({"architecture": "x", "temperature": raw["temperature"]}, path).temperature
+
+
 def weights_path(path: str | os.PathLike) -> Path:
     """A run directory's model.safetensors, or the given .safetensors file."""
     path = Path(path)
@@ -221,6 +230,10 @@ def weights_path(path: str | os.PathLike) -> Path:
                 f"run {path} has no finished model (model.safetensors); finish it with: cifar10 train --resume {path}"
             )
         return weights
+    if path.exists() and not path.is_file():
+        raise UserError(
+            f"{path} is not a regular file (a device, FIFO or socket); give a run directory or a .safetensors file"
+        )
     if not path.is_file():
         raise UserError(f"{path} does not exist; give a run directory or a .safetensors file")
     return path
