@@ -79,10 +79,12 @@ def value(v: Any) -> str:
 
 def ci(results: dict[str, Any]) -> tuple[float, float] | None:
     """The stored 95% Wilson interval of the test accuracy, else the same computed from accuracy and size."""
+    p, n = number(results.get("test_accuracy")), number(results.get("test_size"))
     stored = results.get("test_accuracy_ci95")
     if isinstance(stored, list) and len(stored) == 2 and all(number(v) is not None for v in stored):
-        return float(stored[0]), float(stored[1])
-    p, n = number(results.get("test_accuracy")), number(results.get("test_size"))
+        lo, hi = float(stored[0]), float(stored[1])
+        if 0.0 <= lo <= hi <= 1.0 and (p is None or lo <= p <= hi):  # else it is not this accuracy's interval
+            return lo, hi
     if p is None or n is None or n < 1 or not 0.0 <= p <= 1.0:
         return None
     return accuracy_interval(round(p * n), round(n))

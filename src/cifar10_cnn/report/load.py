@@ -108,15 +108,8 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _cell(text: str | None) -> float | None:
-    try:
-        return float(text) if text not in ("", None) else None
-    except ValueError:
-        return None
-
-
 def read_metrics(path: Path, unreadable: list[str]) -> list[dict[str, float | None]]:
-    """metrics.csv's known columns as numbers (non-numbers read None), at most MAX_EPOCH_ROWS rows."""
+    """metrics.csv's known columns as numbers (NaN, infinite and non-numbers read None), at most MAX_EPOCH_ROWS rows."""
     data = read_bounded(path, MAX_CSV_BYTES)
     if data is None:
         return []
@@ -126,7 +119,7 @@ def read_metrics(path: Path, unreadable: list[str]) -> list[dict[str, float | No
             if len(rows) == MAX_EPOCH_ROWS:
                 unreadable.append(f"{path.name}: rows after the first {MAX_EPOCH_ROWS:,} (not shown)")
                 break
-            rows.append({k: _cell(row.get(k)) for k in METRIC_FIELDS if k in row})
+            rows.append({k: number(row.get(k)) for k in METRIC_FIELDS if k in row})
     except (UnicodeDecodeError, csv.Error) as e:
         raise ReportError(f"{path} is not a readable metrics file ({first_line(e)})") from None
     return rows
