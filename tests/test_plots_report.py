@@ -394,3 +394,17 @@ def test_a_cut_off_figure_write_leaves_the_old_png_whole(
         assert proc.returncode == 1 and "File too large" in proc.stderr, proc.stderr
         assert others == [], "the failed write's temporary file was left behind"
     assert out.read_bytes() == before, "the figure is partial"
+
+
+def test_one_runs_report_loads_no_matplotlib(run_dir: Path) -> None:
+    # Only a comparison draws figures; rebuilding one run's report embeds the PNGs already on disk.
+    code = (
+        "import sys\n"
+        "from cifar10_cnn.report import write_report\n"
+        f"write_report({str(run_dir)!r})\n"
+        "print([m for m in ('matplotlib', 'cifar10_cnn.plots') if m in sys.modules])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    assert (run_dir / "report.html").is_file()
