@@ -170,3 +170,16 @@ def test_a_comparison_ignores_a_stored_interval_that_is_not_its_accuracys(traine
     run_cli("report", str(a), str(b))  # drew its figures (an interval below its dot could not be drawn)
     lo, hi = results["test_accuracy_ci95"]  # the Wilson interval, computed again from accuracy and size
     assert f"({lo * 100:.2f}% to {hi * 100:.2f}%)" in (tmp_path / "report.md").read_text().split("| a |")[1]
+
+
+def test_too_large_and_too_many_figures_are_named_not_embedded(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path / "run")
+    small = (run / "plots" / "per_class.png").read_bytes()
+    (run / "plots" / "curves.png").write_bytes(small + bytes(17 * 2**20))  # a 17 MB "figure"
+    for i in range(30):
+        (run / "plots" / f"extra_{i:02d}.png").write_bytes(small)
+    md = report_md(run)
+    assert "plots/curves.png: larger than 16 MB (not shown)" in md and "](plots/curves.png)" not in md
+    assert "plots/: the 6 PNGs after the first 24 (not shown)" in md
+    assert md.count("](plots/extra_") == 24 and "](plots/extra_23.png)" in md
+    assert (run / "report.html").stat().st_size < 30 * 2**20

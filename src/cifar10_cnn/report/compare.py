@@ -1,4 +1,4 @@
-"""What the comparison of several runs says: the runs, each recipe's mean ± std over seeds, per-class accuracy."""
+"""What a comparison of several runs says: the runs, each recipe's mean ± std over seeds, per-class accuracy."""
 
 from __future__ import annotations
 
@@ -35,7 +35,10 @@ def _accuracy_problem(run: RunData) -> str | None:
         return None
     unreadable = [u for u in run.unreadable if u.startswith("results.json: test_accuracy ")]
     if unreadable:
-        return f"run {run.path} has no readable test accuracy ({unreadable[0]}); evaluate it again: cifar10 evaluate {run.path}"
+        return (
+            f"run {run.path} has no readable test accuracy ({unreadable[0]}); "
+            f"evaluate it again: cifar10 evaluate {run.path}"
+        )
     return f"run {run.path} has no test results yet; evaluate it first: cifar10 evaluate {run.path}"
 
 
@@ -107,7 +110,8 @@ def comparison_figures(runs: list[RunData], names: list[str], fig_dir: Path) -> 
 
 
 def _comparable_robustness(runs: list[RunData], names: list[str]) -> dict[str, dict[str, Any]]:
-    """The runs' robustness records that can share one plot: a clean accuracy, as many severities as the first."""
+    """The runs' robustness records that can share one plot: with a clean accuracy, as many severities as the
+    first."""
     robust = {
         n: r.robustness
         for n, r in zip(names, runs, strict=True)

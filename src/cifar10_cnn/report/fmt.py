@@ -1,4 +1,4 @@
-"""Numbers and values as the report's text: every formatter takes anything and gives "n/a" for what it cannot read."""
+"""Values as the report's text: each formatter takes anything, and gives "n/a" for what it cannot read."""
 
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ class RunData:
 def read_bounded(path: Path, limit: int) -> bytes | None:
     """The bytes of a regular file (None if it does not exist); more than limit bytes is a UserError.
 
-    Reads at most limit + 1 bytes whatever the file claims to be, so a FIFO or /dev/zero cannot exhaust memory.
+    Reads at most limit + 1 bytes whatever the file claims to be: no FIFO or /dev/zero can exhaust memory.
     """
     try:
         if not path.is_file():
@@ -109,7 +109,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 
 def read_metrics(path: Path, unreadable: list[str]) -> list[dict[str, float | None]]:
-    """metrics.csv's known columns as numbers (NaN, infinite and non-numbers read None), at most MAX_EPOCH_ROWS rows."""
+    """metrics.csv's known columns as numbers (NaN, infinite and non-numbers read None), MAX_EPOCH_ROWS at most."""
     data = read_bounded(path, MAX_CSV_BYTES)
     if data is None:
         return []
@@ -231,7 +231,7 @@ FIGURE_KEYS = [key for key in RUN_FILES if key.endswith("_png")]
 
 
 def _robustness(rob: dict[str, Any], where: str, unreadable: list[str]) -> dict[str, Any]:
-    """The robustness record if its table is whole: one list of accuracies per corruption, all of one length."""
+    """The robustness record if its table is whole: a list of accuracies per corruption, all of one length."""
     rob = checked(rob, ROBUSTNESS, where, unreadable)
     if not rob:
         return {}
@@ -246,26 +246,24 @@ def _robustness(rob: dict[str, Any], where: str, unreadable: list[str]) -> dict[
 
 def _figures(run: Run, unreadable: list[str]) -> tuple[dict[str, Path], list[tuple[Path, str]]]:
     """The known figures on disk (FIGURE_KEYS -> file), and the other PNGs in plots/ with captions."""
-    figures = {}
-    for key in FIGURE_KEYS:
-        path = run.file(key)
-        if path.is_file():
-            if path.stat().st_size <= MAX_PNG_BYTES:
-                figures[key] = path
-            else:
-                unreadable.append(f"{RUN_FILES[key]}: larger than {MAX_PNG_BYTES // 2**20} MB (not shown)")
+
+    def fits(path: Path) -> bool:
+        if path.stat().st_size <= MAX_PNG_BYTES:
+            return True
+        unreadable.append(
+            f"{path.relative_to(run.path)}: larger than {MAX_PNG_BYTES // 2**20} MB (not shown)"
+        )
+        return False
+
+    figures = {key: run.file(key) for key in FIGURE_KEYS if run.file(key).is_file() and fits(run.file(key))}
     plots_dir, known = run.dir("plots"), {run.file(key) for key in FIGURE_KEYS}
     found = sorted(p for p in plots_dir.glob("*.png") if p not in known) if plots_dir.is_dir() else []
     if len(found) > MAX_EXTRA_PLOTS:
         unreadable.append(
-            f"plots/: {len(found) - MAX_EXTRA_PLOTS:,} more PNGs than the first {MAX_EXTRA_PLOTS}"
+            f"plots/: the {len(found) - MAX_EXTRA_PLOTS:,} PNGs after the first {MAX_EXTRA_PLOTS} (not shown)"
         )
-    extra = [
-        (p, p.stem.replace("_", " ").capitalize() + ".")
-        for p in found[:MAX_EXTRA_PLOTS]
-        if p.is_file() and p.stat().st_size <= MAX_PNG_BYTES
-    ]
-    return figures, extra
+    extra = [(p, p.stem.replace("_", " ").capitalize() + ".") for p in found[:MAX_EXTRA_PLOTS]]
+    return figures, [(p, caption) for p, caption in extra if p.is_file() and fits(p)]
 
 
 def explained(evaluation: dict[str, Any]) -> list[dict[str, Any]]:

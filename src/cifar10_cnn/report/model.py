@@ -1,4 +1,4 @@
-"""What a report page says, as plain data: the renderers (markdown_page.py, html_page.py) decide how it looks."""
+"""What a report page says, as plain data; the renderers (markdown_page.py, html_page.py) decide its look."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class Headline:
 
 @dataclass
 class Page:
-    """One report page. Markdown shows lead, summary and note; HTML shows the card (headlines, facts) and note."""
+    """One report page. Markdown shows lead, summary and notes; HTML the card (headlines, facts) and notes."""
 
     title: str
     lead: tuple[str, str]  # Markdown's first line: (bold part, the rest)

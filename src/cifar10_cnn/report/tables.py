@@ -1,4 +1,4 @@
-"""The tables of one run's report, built from its checked files (load.RunData); None where the data is missing."""
+"""The tables of one run's report, from its checked files (load.RunData); None where the data is missing."""
 
 from __future__ import annotations
 
