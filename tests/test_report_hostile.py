@@ -183,3 +183,10 @@ def test_too_large_and_too_many_figures_are_named_not_embedded(trained_run, tmp_
     assert "plots/: the 6 PNGs after the first 24 (not shown)" in md
     assert md.count("](plots/extra_") == 24 and "](plots/extra_23.png)" in md
     assert (run / "report.html").stat().st_size < 30 * 2**20
+
+
+def test_class_names_that_would_break_the_error_line(trained_run, tmp_path):
+    a, b = copy_run(trained_run, tmp_path / "a"), copy_run(trained_run, tmp_path / "b")
+    edit_json(b / "results.json", class_names=["cat\nerror: forged", *(f"c{i}" for i in range(999))])
+    line = error_line(run_cli("report", str(a), str(b), check=False))  # one line: no newline got through
+    assert "different class lists" in line and "cat error: forged, c0," in line and "(1000 in all)" in line

@@ -42,6 +42,12 @@ def _accuracy_problem(run: RunData) -> str | None:
     return f"run {run.path} has no test results yet; evaluate it first: cifar10 evaluate {run.path}"
 
 
+def _listed(names: list[str], limit: int = 12) -> str:
+    """Class names for a one-line message: the first few, each on the line."""
+    shown = ", ".join(" ".join(n.split())[:40] for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
 def load_comparable(paths: Sequence[Path]) -> list[RunData]:
     """Every run loaded and checked before anything is written: results present, one class list."""
     runs = [load_run(p) for p in paths]
@@ -54,8 +60,8 @@ def load_comparable(paths: Sequence[Path]) -> list[RunData]:
         names = class_names(run.results)
         if names != first:
             raise ReportError(
-                f"runs {runs[0].path} and {run.path} have different class lists ({', '.join(first)} vs "
-                f"{', '.join(names)}); compare runs of the same classes only"
+                f"runs {runs[0].path} and {run.path} have different class lists ({_listed(first)} vs "
+                f"{_listed(names)}); compare runs of the same classes only"
             )
     return runs
 
