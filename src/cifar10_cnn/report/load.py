@@ -68,7 +68,7 @@ def read_bounded(path: Path, limit: int) -> bytes | None:
     try:
         if not path.is_file():
             if path.exists():
-                raise UserError(f"{path} is not a regular file")
+                raise ReportError(f"{path} is not a regular file")
             return None
         with open(path, "rb") as f:
             data = f.read(limit + 1)
