@@ -36,6 +36,18 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
+def pytest_configure(config) -> None:
+    """Under xdist, each worker (and every process it starts) gets its share of the cores: two workers of two
+    threads each on two cores would stall each other (OpenMP threads spin while they wait)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory) -> Path:
     """One data cache for the whole run, shared by the xdist workers (the cache's writes are atomic)."""

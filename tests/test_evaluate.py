@@ -31,7 +31,7 @@ from cifar10_cnn.metrics import (
 )
 from cifar10_cnn.weights import load_model, read_metadata
 
-from .conftest import DATA_DIR, copy_run, error_line, run_cli
+from .conftest import DATA_DIR, copy_run, error_line, on, run_cli
 
 OLD_KEYS = (
     "test_accuracy",
@@ -308,10 +308,12 @@ def test_training_stores_calibration_and_the_temperature(trained_run):
     assert (trained_run / "eval" / "explanations.png").stat().st_size > 10_000
 
 
-def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path, cache_dir):
+def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path, small_data):
+    """Every evaluation here reads the smaller copy of the data (the first 1,000 real test images)."""
     run = copy_run(trained_run, tmp_path / "run")
     weights_sha = hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()
-    proc = run_cli("evaluate", str(run), "--corruption-images", "300", "--no-progress")
+    data = on(small_data)
+    proc = run_cli("evaluate", str(run), "--corruption-images", "300", "--no-progress", *data)
     assert "gaussian_noise" in proc.stdout and "mean corruption accuracy" in proc.stdout
     rob = json.loads((run / "eval" / "robustness.json").read_text())
     assert rob["images"] == 300 and set(rob["accuracy"]) == set(K.CORRUPTIONS)
@@ -326,7 +328,7 @@ def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path,
     assert "](eval/corruptions.png)" in report and "| mean over corruptions |" in report.replace("**", "")
 
     # A plain re-evaluation keeps the robustness results of the same weights, and reproduces the figures.
-    run_cli("evaluate", str(run), "--no-progress")
+    run_cli("evaluate", str(run), "--no-progress", *data)
     again = json.loads((run / "results.json").read_text())
     assert again["mean_corruption_accuracy"] == rob["mean_corruption_accuracy"]
     assert again["test_accuracy"] == results["test_accuracy"]
@@ -336,14 +338,14 @@ def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path,
     weights = tmp_path / "weights" / "model.safetensors"
     weights.parent.mkdir()
     shutil.copy(run / "model.safetensors", weights)
-    run_cli("evaluate", str(weights), "--no-progress")
+    run_cli("evaluate", str(weights), "--no-progress", *data)
     # Selective TTA: the headline line comes first and says on how many images TTA ran (the mix: test_fast.py).
     proc = run_cli("evaluate", str(weights), "--no-progress", "--tta", "2", "--tta-margin", "0.5",
-                   "--out", str(tmp_path / "selective"))  # fmt: skip
+                   "--out", str(tmp_path / "selective"), *data)  # fmt: skip
     selective = json.loads((tmp_path / "selective" / "results.json").read_text())
     assert selective["tta"] == 2 and selective["tta_margin"] == 0.5 and 0 < selective["tta_share"] <= 1
     first = proc.stdout.splitlines()[0]
-    assert first.startswith(f"test accuracy {selective['test_accuracy']:.2%} on 10,000 images")
+    assert first.startswith(f"test accuracy {selective['test_accuracy']:.2%} on 1,000 images")
     assert f"TTA level 2 on {selective['tta_share']:.0%} of the images" in first
     # Evaluation writes under eval/, plots/, results.json and the report: the weights stay byte for byte.
     assert hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest() == weights_sha

@@ -28,14 +28,17 @@ def embedded_images(page: str) -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def seeds_dir(cifar, tmp_path_factory) -> Path:
-    """Two runs of one recipe (seeds 0 and 1) as `cifar10 train --seeds 2` writes them, with a summary."""
+def seeds_dir(small_data, tmp_path_factory) -> Path:
+    """Two runs of one recipe (seeds 0 and 1) as `cifar10 train --seeds 2` writes them, with a summary (trained
+    on 1,000 real images and tested on the 1,000 of the smaller copy of the data: the report compares them)."""
     from cifar10_cnn.config import recipe_config
+    from cifar10_cnn.data import load_cifar10
     from cifar10_cnn.pipeline import train_seeds
 
     cfg = recipe_config("seed", epochs=1, subset=1000, val_size=200)
     out = tmp_path_factory.mktemp("seeds") / "seed-2seeds"
-    return train_seeds(cfg, 2, out=out, data=cifar, progress=False, echo=lambda *_: None)
+    data = load_cifar10(small_data, allow_unverified=True, progress=False)
+    return train_seeds(cfg, 2, out=out, data=data, progress=False, echo=lambda *_: None)
 
 
 # --- one run -------------------------------------------------------------------------------------------------
