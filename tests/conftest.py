@@ -87,6 +87,22 @@ def copy_run(run: Path, dest: Path, *, checkpoints: bool = False) -> Path:
     return Path(shutil.copytree(run, dest, ignore=shutil.ignore_patterns(*skip)))
 
 
+def snapshot(root: Path, *, mtimes: bool = False) -> dict[str, str]:
+    """Every entry under root, links not followed: a file's sha256 (and its mtime, if asked), else its kind.
+    Compared before and after a command, it shows what the command wrote, and that a refused one wrote nothing."""
+    import hashlib
+
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink() or not p.is_file():
+            kind = "link" if p.is_symlink() else "dir" if p.is_dir() else "special"
+        else:
+            kind = hashlib.sha256(p.read_bytes()).hexdigest()
+            kind += f" {p.stat().st_mtime_ns}" if mtimes else ""
+        out[str(p.relative_to(root))] = kind
+    return out
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

@@ -30,7 +30,7 @@ from cifar10_cnn import augment
 from cifar10_cnn import data as D
 from cifar10_cnn.errors import DataError
 
-from .conftest import error_line, run_cli
+from .conftest import error_line, run_cli, snapshot
 
 # --- archives in the real format, built by the tests ---------------------------------------------------------
 
@@ -253,18 +253,6 @@ def test_corrupt_archive_is_refused(tmp_path, small_archive):
     with pytest.raises(DataError, match="not a readable CIFAR-10 archive"):
         D.load_cifar10(root, cache_dir="off", progress=False)
     assert leftovers(root) == [D.ARCHIVE]
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every entry under folder (not following links) with the sha256 of each file: to compare before/after."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        rel = str(p.relative_to(folder))
-        if p.is_symlink() or not p.is_file():
-            out[rel] = "link" if p.is_symlink() else "dir" if p.is_dir() else "special"
-        else:
-            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def tiny_batch(n: int = 2) -> bytes:
@@ -764,8 +752,17 @@ def test_cutout_zeroes_one_square(cifar):
     x[x == 0] = 1  # so that zeros can only come from cutout
     out = augment.cutout(x, 8, torch.Generator().manual_seed(2))
     zeros = (out == 0).all(1)  # (B, H, W)
-    counts = zeros.flatten(1).sum(1)
-    assert bool((counts > 0).all()) and bool((counts <= 64).all())
+    assert torch.equal(out == 0, zeros[:, None].expand_as(out))  # every channel of a pixel, or none
+    whole = 0
+    for mask in zeros:
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        top, bottom, left, right = int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())
+        height, width = bottom - top + 1, right - left + 1
+        assert int(mask.sum()) == height * width  # one filled rectangle: a single region, no holes
+        inside = top > 0 and bottom < 31 and left > 0 and right < 31
+        assert (height, width) == (8, 8) if inside else (height <= 8 and width <= 8)  # a square, clipped
+        whole += inside
+    assert whole > 0  # some squares lie wholly inside the image
 
 
 def test_normalize_uses_true_statistics(cifar):

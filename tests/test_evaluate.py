@@ -31,7 +31,7 @@ from cifar10_cnn.metrics import (
 )
 from cifar10_cnn.weights import load_model, read_metadata
 
-from .conftest import DATA_DIR, copy_run, error_line, on, run_cli
+from .conftest import DATA_DIR, copy_run, error_line, on, run_cli, snapshot
 
 OLD_KEYS = (
     "test_accuracy",
@@ -41,11 +41,6 @@ OLD_KEYS = (
     "epochs_run",
     "train_seconds",
 )
-
-
-def listing(path: Path) -> dict[str, int]:
-    """Every file under path with its modification time: to show that a failed command wrote nothing."""
-    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
 
 
 # --- classification metrics, by hand ----------------------------------------------------------------------
@@ -242,7 +237,7 @@ def test_corruptions_are_pure_numpy_without_torch():
 
 def test_evaluate_model_computes_without_writing(trained_run, cifar, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    before = listing(trained_run)
+    before = snapshot(trained_run, mtimes=True)
     model, _ = load_model(trained_run)
     test = D.to_split(cifar.test_images[:300], cifar.test_labels[:300])
     val = D.to_split(cifar.train_images[:200], cifar.train_labels[:200])
@@ -250,7 +245,9 @@ def test_evaluate_model_computes_without_writing(trained_run, cifar, tmp_path, m
     ev = evaluate_model(
         model, test, EvalOptions(corruptions=True, corruption_images=40), val=val, echo=lines.append
     )
-    assert listing(trained_run) == before and not list(tmp_path.iterdir()), "evaluate_model wrote a file"
+    assert snapshot(trained_run, mtimes=True) == before and not list(tmp_path.iterdir()), (
+        "evaluate_model wrote a file"
+    )
     logits = evaluate_logits(model, test).numpy()
     assert np.array_equal(ev.logits, logits) and ev.labels.tolist() == cifar.test_labels[:300].tolist()
     assert ev.metrics == classification_metrics(logits, ev.labels)
@@ -413,9 +410,10 @@ def test_evaluate_errors_are_one_line_and_write_nothing(trained_run, tmp_path, c
     empty = tmp_path / "unfinished"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
+    before = snapshot(empty, mtimes=True)
     line = error_line(run_cli("evaluate", str(empty), check=False))
     assert "no finished model" in line and "--resume" in line
-    assert listing(empty) == {"config.json": (empty / "config.json").stat().st_mtime_ns}
+    assert snapshot(empty, mtimes=True) == before and list(before) == ["config.json"]
 
     # A weights file for an architecture this version does not know.
     tensors = load_file(str(trained_run / "model.safetensors"))
@@ -431,7 +429,7 @@ def test_evaluate_errors_are_one_line_and_write_nothing(trained_run, tmp_path, c
 
     # Data that fails verification (a doctored copy): refused before anything is written.
     run = copy_run(trained_run, tmp_path / "run")
-    before = listing(run)
+    before = snapshot(run, mtimes=True)
     bad = tmp_path / "bad-data"
     bad.mkdir()
     images, labels = np.zeros((20, 32, 32, 3), np.uint8), np.arange(20) % 10
@@ -439,14 +437,14 @@ def test_evaluate_errors_are_one_line_and_write_nothing(trained_run, tmp_path, c
     np.savez(bad / "test.npz", images=images, labels=labels)
     line = error_line(run_cli("evaluate", str(run), "--data-dir", str(bad), check=False))
     assert "not the real CIFAR-10" in line and "--allow-unverified" in line
-    assert listing(run) == before
+    assert snapshot(run, mtimes=True) == before
 
     line = error_line(run_cli("evaluate", str(run), "--out", str(tmp_path / "x"), check=False))
     assert "--out is for a weights file" in line
-    assert listing(run) == before
+    assert snapshot(run, mtimes=True) == before
     line = error_line(run_cli("evaluate", str(run), "--tta", "2", "--tta-margin", "1.5", check=False))
     assert "--tta-margin must be between 0 and 1" in line
-    assert listing(run) == before
+    assert snapshot(run, mtimes=True) == before
 
 
 def test_evaluate_takes_trains_tta_options_declared_once_and_checked_once():
@@ -543,7 +541,7 @@ def test_bad_config_in_a_weights_files_metadata_is_one_line_and_writes_nothing(t
         save_file(tensors, str(bad), metadata={**raw, "config": json.dumps(config)})
     afile = tmp_path / "afile"
     afile.write_text("keep me")
-    before = listing(tmp_path)
+    before = snapshot(tmp_path, mtimes=True)
     for key, value in cases.items():
         bad = tmp_path / f"bad-{key}.safetensors"
         assert cli.main(["evaluate", str(bad), "--no-progress"]) == 2
@@ -555,7 +553,7 @@ def test_bad_config_in_a_weights_files_metadata_is_one_line_and_writes_nothing(t
         assert key.replace("_", "-") in err or repr(value) in err, err
     assert cli.main(["evaluate", str(trained_run / "model.safetensors"), "--out", str(afile / "x")]) == 2
     assert f"{afile} is a file, not a folder" in capsys.readouterr().err
-    assert listing(tmp_path) == before
+    assert snapshot(tmp_path, mtimes=True) == before
 
 
 def test_weights_without_a_temperature_are_served_at_one_and_none_is_fitted_at_tta(trained_run, cifar):
@@ -580,11 +578,11 @@ def test_evaluate_out_is_a_new_or_empty_folder_or_one_of_ours(trained_run, tmp_p
     mine = tmp_path / "mine"  # a user's folder: an evaluation must not add results.json, eval/, plots/ there
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
-    before = listing(tmp_path)
+    before = snapshot(tmp_path, mtimes=True)
     assert cli.main(["evaluate", str(trained_run / "model.safetensors"), "--out", str(mine)]) == 2
     err = capsys.readouterr().err
     assert f"--out {mine} is a folder that is not empty (notes.txt)" in err and err.count("\n") == 1, err
-    assert listing(tmp_path) == before
+    assert snapshot(tmp_path, mtimes=True) == before
     # An empty folder, or one an evaluation made (marked), is ours to write into again.
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -13,7 +13,7 @@ import torch
 from cifar10_cnn import export as E
 from cifar10_cnn.models import create_model
 from cifar10_cnn.weights import load_model, read_metadata, save_weights
-from tests.conftest import error_line, run_cli
+from tests.conftest import error_line, run_cli, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -149,17 +149,6 @@ def test_export_cli_errors_are_one_line(trained_run, tmp_path):
     assert "is the model being exported" in error_line(proc)
 
 
-def listing(root: Path) -> dict[str, str]:
-    """Every file under root with its sha256: what a command changed, and nothing else, shows in a diff."""
-    import hashlib
-
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in root.rglob("*")
-        if p.is_file()
-    }
-
-
 def renamed_model(trained_run: Path, path: Path, name: str) -> Path:
     from safetensors.torch import load_file, save_file
 
@@ -182,10 +171,10 @@ def test_the_default_output_is_named_after_the_input_path_never_the_metadata(
     source = renamed_model(trained_run, tmp_path / "src" / "weights.safetensors", "../../escape")
     here = tmp_path / "work" / "deep"
     here.mkdir(parents=True)
-    before = listing(tmp_path)
+    before = snapshot(tmp_path)
     proc = run_cli("export", str(source), cwd=here)
     assert "to weights.safetensors" in proc.stdout
-    after = listing(tmp_path)
+    after = snapshot(tmp_path)
     assert set(after) - set(before) == {"work/deep/weights.safetensors"} and all(
         after[k] == v for k, v in before.items()
     )
@@ -211,9 +200,9 @@ def test_tampered_metadata_is_one_line_in_export(trained_run, tmp_path):
     }
     bad = tmp_path / "bad.safetensors"
     save_file(load_file(str(trained_run / "model.safetensors")), str(bad), metadata={**raw, "mean": "abc"})
-    before = listing(tmp_path)
+    before = snapshot(tmp_path)
     proc = run_cli("export", str(bad), "--out", str(tmp_path / "out.onnx"), "--format", "onnx", check=False)
-    assert "metadata 'mean'" in error_line(proc) and proc.returncode == 2 and listing(tmp_path) == before
+    assert "metadata 'mean'" in error_line(proc) and proc.returncode == 2 and snapshot(tmp_path) == before
 
 
 def test_export_out_under_a_file_or_onto_a_device_says_what_it_is(trained_run, tmp_path, capsys):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -23,20 +22,9 @@ from cifar10_cnn.config import recipe_config
 from cifar10_cnn.errors import CheckpointError
 from cifar10_cnn.train import fit
 
-from .conftest import DATA_DIR, copy_run, error_line, in_process, on, run_cli
+from .conftest import DATA_DIR, copy_run, error_line, in_process, on, run_cli, snapshot
 
 TINY = ["--subset", "100", "--val-size", "10", "--epochs", "1", "--no-progress"]
-
-
-def listing(root: Path) -> dict[str, str]:
-    """Every file under root with the sha256 of its bytes (links and folders by name)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = (
-            "link" if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-        )
-    return out
 
 
 def quiet(*_):
@@ -51,10 +39,10 @@ def test_force_refuses_a_folder_that_is_not_a_run_of_ours(tmp_path):
     (p / "plots").mkdir(parents=True)
     (p / "config.json").write_text("{}")
     (p / "plots" / "fig.png").write_text("x")
-    before = listing(tmp_path)
+    before = snapshot(tmp_path)
     line = error_line(in_process("train", *TINY, "--out", str(p), "--force"))
     assert "no run of ours wrote" in line and "nothing was changed" in line
-    assert listing(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_force_replaces_our_run_and_keeps_the_users_files(tmp_path, trained_run, small_data):
@@ -198,12 +186,12 @@ def test_bad_config_values_are_one_line(tmp_path, trained_run):
     run = copy_run(trained_run, tmp_path / "run", checkpoints=True)
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "epochs": "abc"}))
-    before = listing(run)
+    before = snapshot(run)
     line = error_line(run_cli("train", "--resume", str(run), check=False))
     assert "epochs='abc' must be int" in line
     line = error_line(in_process("train", "--config", str(run / "config.json"), "--out", str(tmp_path / "b")))
     assert "epochs='abc'" in line
-    assert listing(run) == before and not (tmp_path / "b").exists()
+    assert snapshot(run) == before and not (tmp_path / "b").exists()
 
 
 def test_library_resume_checks_the_config_too(tmp_path, trained_run, cifar):
@@ -211,7 +199,7 @@ def test_library_resume_checks_the_config_too(tmp_path, trained_run, cifar):
     from cifar10_cnn.pipeline import train
 
     run = copy_run(trained_run, tmp_path / "run", checkpoints=True)
-    before = listing(run)
+    before = snapshot(run)
     with pytest.raises(UserError, match=r"conflicts with --lr 0\.5"):
         train(
             recipe_config("seed", epochs=1, subset=1000, val_size=200, lr=0.5),
@@ -219,13 +207,13 @@ def test_library_resume_checks_the_config_too(tmp_path, trained_run, cifar):
             data=cifar,
             echo=quiet,
         )
-    assert listing(run) == before
+    assert snapshot(run) == before
 
 
 def test_bad_out_is_one_line_and_writes_nothing(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("keep me")
-    before = listing(tmp_path)
+    before = snapshot(tmp_path)
     for out in (afile, afile / "run"):
         line = error_line(in_process("train", *TINY, "--out", str(out)))
         assert "is a file, not a folder" in line
@@ -234,7 +222,7 @@ def test_bad_out_is_one_line_and_writes_nothing(tmp_path):
         ro.mkdir(mode=0o555)
         assert "read-only" in error_line(in_process("train", *TINY, "--out", str(ro / "run")))
         ro.chmod(0o755)
-    assert listing(tmp_path) == {**before, **({"ro": "dir"} if os.geteuid() != 0 else {})}
+    assert snapshot(tmp_path) == {**before, **({"ro": "dir"} if os.geteuid() != 0 else {})}
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only filesystem needs root")
@@ -291,12 +279,12 @@ def test_train_refuses_a_non_empty_folder_that_is_not_ours_and_a_link_to_one(tmp
     (system / "passwd").write_text("root:x:0:0\n")
     (system / "lib" / "libc.so").write_bytes(b"\x7fELF")
     (tmp_path / "link").symlink_to(system, target_is_directory=True)
-    before = listing(tmp_path)
+    before = snapshot(tmp_path)
     for out, force in ((system, ()), (tmp_path / "link", ("--force",))):
         line = error_line(in_process("train", *TINY, "--out", str(out), *force))
         assert f"--out {out} is a folder that is not empty (lib, passwd)" in line, line
         assert "holds no run of ours" in line and "nothing was changed" in line
-        assert listing(tmp_path) == before
+        assert snapshot(tmp_path) == before
     # An empty folder held nothing of anyone's: it becomes a run of ours, marker first.
     empty = tmp_path / "empty"
     empty.mkdir()

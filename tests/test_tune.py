@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ from cifar10_cnn import tune
 from cifar10_cnn.config import TrainConfig, recipe_config
 from cifar10_cnn.errors import UserError
 
-from .conftest import error_line, in_process, on, one_thread_env, run_cli
+from .conftest import error_line, in_process, on, one_thread_env, run_cli, snapshot
 
 TINY = ["--subset", "600", "--epochs", "1", "--no-prune"]
 
@@ -143,17 +142,6 @@ def test_tune_errors_are_one_line(tmp_path, monkeypatch, args, message):
     )  # not even tune.db: --report creates nothing
 
 
-def listing(folder: Path) -> dict[str, str]:
-    """Every path under folder with the hash of its content (or its kind): what 'unchanged' is checked on."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        kind = "dir" if p.is_dir() else "file" if p.is_file() else "other"
-        out[str(p.relative_to(folder))] = (
-            hashlib.sha256(p.read_bytes()).hexdigest() if kind == "file" else kind
-        )
-    return out
-
-
 def sqlite_file(path: Path, *sql: str) -> None:
     with contextlib.closing(sqlite3.connect(path)) as db:
         for statement in sql:
@@ -178,12 +166,12 @@ def test_a_database_of_another_application_is_one_line_and_left_as_it_was(tmp_pa
         "CREATE TABLE alembic_version (version_num VARCHAR(32))",
         "INSERT INTO alembic_version VALUES ('ab12')",
     )
-    before = listing(tmp_path)
+    before = snapshot(tmp_path)
     proc = run_cli(
         "tune", "--storage", f"sqlite:///{db}", "--study", "x", "--val-size", "10", check=False, cwd=tmp_path
     )
     assert "app.db is a database of another application (tables alembic_version)" in error_line(proc)
-    assert proc.returncode == 2 and listing(tmp_path) == before
+    assert proc.returncode == 2 and snapshot(tmp_path) == before
 
 
 def _not_sqlite(p: Path) -> None:
@@ -219,11 +207,11 @@ def test_a_storage_that_is_not_ours_is_refused_and_left_as_it_was(tmp_path, monk
     db = tmp_path / "x.db"
     make(db)
     monkeypatch.chdir(tmp_path)  # the default --out, tune/<study>, must not appear either
-    before = listing(tmp_path)
+    before = snapshot(tmp_path)
     with pytest.raises(UserError) as e:
         search_or_report(mode, f"sqlite:///{db}")
     assert message in str(e.value) and "\n" not in str(e.value)
-    assert listing(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def search_or_report(mode: str, storage: str, study: str = "s") -> None:
@@ -239,7 +227,7 @@ def test_report_names_a_missing_study_and_changes_nothing(tmp_path, monkeypatch)
     optuna_db(tmp_path / "t.db")
     (tmp_path / "empty.db").touch()
     monkeypatch.chdir(tmp_path)
-    before = listing(tmp_path)
+    before = snapshot(tmp_path)
     for storage, study, message in (
         ("sqlite:///t.db", "nope", "no study 'nope' in this storage; studies there: s"),
         (
@@ -252,7 +240,7 @@ def test_report_names_a_missing_study_and_changes_nothing(tmp_path, monkeypatch)
         with pytest.raises(UserError) as e:
             search_or_report("report", storage, study)
         assert str(e.value) == message
-    assert listing(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a read-only filesystem needs a tmpfs mount (root)")
@@ -265,7 +253,7 @@ def test_a_read_only_database_is_reported_but_never_written(tmp_path, monkeypatc
         optuna_db(tmp_path / "t.db")  # made here and copied: this process keeps a connection open to it
         shutil.copy(tmp_path / "t.db", mnt / "t.db")
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
-        before = listing(mnt)
+        before = snapshot(mnt)
         for storage, where in ((f"sqlite:///{mnt}/t.db", "t.db"), (f"sqlite:///{mnt}/new.db", "ro")):
             with pytest.raises(UserError, match=f"{where} is read-only; give --storage a writable file"):
                 search_or_report("search", storage)
@@ -274,7 +262,7 @@ def test_a_read_only_database_is_reported_but_never_written(tmp_path, monkeypatc
         assert TrainConfig.load(tmp_path / "tune-best.json").lr == pytest.approx(
             trials_of(tmp_path / "t.db", "s")[1].params["lr"]
         )
-        assert listing(mnt) == before
+        assert snapshot(mnt) == before
     finally:
         subprocess.run(["umount", "--lazy", str(mnt)])  # lazy: Optuna's pool may still hold the file open
 
