@@ -1,4 +1,4 @@
-"""Bounded reading of the small files we read back (a run's JSON and CSV, a --config): the one owner.
+"""Bounded reading of files we did not just write: the one owner (run files, a --config, datasets, images).
 
 Anyone may have put anything at such a path. A file is opened without blocking (a FIFO never waits for a
 writer), read only if it is a regular file (never a device), and at most limit + 1 bytes whatever it claims
@@ -8,11 +8,12 @@ parser's stack, and deeper than ours overflows the stack of whatever formats it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import FileError, first_line
 
@@ -21,27 +22,70 @@ MAX_JSON_BYTES = 2 * 2**20
 MAX_DEPTH = 32
 
 
+class NotRegularFile(OSError):
+    """What is at a path is not a regular file; kind says what it is ("a FIFO", "a folder" ...)."""
+
+    def __init__(self, kind: str):
+        super().__init__(f"not a regular file ({kind})")
+        self.kind = kind
+
+
+class FileTooLarge(OSError):
+    """A regular file larger than the reader's limit (read no further than the limit)."""
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """path opened for reading if it is a regular file: it never blocks on a FIFO, never reads a device.
+
+    The check is on what was opened (fstat), so a path swapped for a FIFO after a stat cannot make it wait.
+    Raises FileNotFoundError, NotRegularFile, or the OSError of the open.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # a socket cannot be opened
+            raise NotRegularFile("a socket") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegularFile(_KINDS.get(stat.S_IFMT(mode), "a special file"))
+    return os.fdopen(fd, "rb")
+
+
+_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a device",
+    stat.S_IFBLK: "a device",
+}
+
+
+def read_regular(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of a regular file of at most limit bytes (at most limit + 1 are read, whatever it claims).
+
+    Raises what open_regular raises, FileTooLarge, or the OSError of the read; each caller words them.
+    """
+    with open_regular(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise FileTooLarge(f"larger than {limit:,} bytes")
+    return data
+
+
 def read_bounded(path: str | os.PathLike, limit: int) -> bytes | None:
     """The bytes of a regular file (None if nothing is there); more than limit bytes is a FileError."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        return read_regular(path, limit)
     except FileNotFoundError:
         return None
-    except OSError as e:  # a socket (ENXIO), no permission ...
-        if path.exists() and not path.is_file():
-            raise FileError(f"{path} is not a regular file") from None
+    except NotRegularFile:
+        raise FileError(f"{path} is not a regular file") from None
+    except FileTooLarge:
+        raise FileError(f"{path} is larger than {limit // 2**20} MB; it is not a file of ours") from None
+    except OSError as e:
         raise FileError(f"{path} is not readable ({first_line(e)})") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # of what was opened: no race with a swap
-            raise FileError(f"{path} is not a regular file")
-        try:
-            data = f.read(limit + 1)
-        except OSError as e:
-            raise FileError(f"{path} is not readable ({first_line(e)})") from None
-    if len(data) > limit:
-        raise FileError(f"{path} is larger than {limit // 2**20} MB; it is not a file of ours")
-    return data
 
 
 def too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
