@@ -339,3 +339,25 @@ def test_deeply_nested_run_files_are_one_line(tmp_path, trained_run):
         line = error_line(in_process(*verb))
         assert line == f"error: {run / 'config.json'} nests deeper than 32 levels; it is not a file of ours"
     assert not (tmp_path / "b").exists()
+
+
+def test_the_bounded_reader_refuses_what_is_not_a_regular_file_without_waiting(tmp_path):
+    import socket
+
+    from cifar10_cnn.errors import FileError
+    from cifar10_cnn.files import read_bounded, read_json_object
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "socket"))
+        for name in ("fifo", "folder", "zero", "socket"):
+            with pytest.raises(FileError, match=f"^{tmp_path / name} is not a regular file$"):
+                read_bounded(tmp_path / name, 10)
+    (tmp_path / "big.json").write_text('{"x": "' + "a" * 2**21 + '"}')
+    with pytest.raises(FileError, match="is larger than 2 MB; it is not a file of ours"):
+        read_json_object(tmp_path / "big.json")
+    assert read_bounded(tmp_path / "missing", 10) is None and read_json_object(tmp_path / "missing") == {}
+    with pytest.raises(FileError, match="missing does not exist"):
+        read_json_object(tmp_path / "missing", required=True)
