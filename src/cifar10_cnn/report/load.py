@@ -1,9 +1,10 @@
 """Reading a run directory for the report: bounded in bytes, checked in shape, never trusted.
 
 A file that cannot be read at all (not a regular file, too large, not JSON or CSV, not an object, nested too
-deep) is a one-line `FileError` naming it: files.py and runs.read_metrics_csv read every run file, bounded. A value of the wrong kind inside a file (NaN or 1e999 where a number goes, a string, a
-list where an object goes) is dropped and named in `RunData.unreadable`: the report says what it could not
-read, and a comparison, which needs each run's test accuracy, refuses a run whose accuracy is unreadable.
+deep) is a one-line `FileError` naming it: files.py and runs.read_metrics_csv read every run file, bounded.
+A value of the wrong kind inside a file (NaN or 1e999 where a number goes, a string, a list where an object
+goes) is dropped and named in `RunData.unreadable`: the report says what it could not read, and a comparison,
+which needs each run's test accuracy, refuses a run whose accuracy is unreadable.
 """
 
 from __future__ import annotations
