@@ -250,6 +250,20 @@ def test_explain_verb_errors_are_one_line_and_write_nothing(weights, image_folde
     assert [p.name for p in keep.iterdir()] == ["notes.txt"]
 
 
+def test_a_target_that_isdigit_but_int_cannot_read_is_one_line(weights, image_folder, tmp_path, capsys):
+    """'²' is a digit to str.isdigit and not to int(): it was a traceback. The serve path uses resolve_class too."""
+    classes = ["airplane", "cat"]
+    for value in ("²", "①", "9" * 5000, "-1", "2", "1.0"):
+        with pytest.raises(UserError, match="unknown class"):
+            resolve_class(value, classes)
+    assert resolve_class("01", classes) == 1 and resolve_class("\u0661", classes) == 1  # Arabic-Indic one
+    out = tmp_path / "never"
+    assert cli.main(["explain", str(weights), str(image_folder), "--target", "²", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown class '²'; use one of: airplane") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
 # --- hostile inputs: a partial last row, unreadable files among good ones, a device as the model -----------
 
 

@@ -290,3 +290,62 @@ def test_train_refuses_a_non_empty_folder_that_is_not_ours_and_a_link_to_one(tmp
     empty.mkdir()
     run = create_run(empty, recipe_config("seed", epochs=1, subset=100, val_size=10), force=False)
     assert run.is_ours and sorted(p.name for p in empty.iterdir()) == [MARKER, "config.json"]
+
+
+@pytest.mark.parametrize("name", ["results.json", "config.json"])
+def test_a_fifo_or_device_as_a_run_file_is_one_line_for_every_verb(tmp_path, trained_run, name):
+    """A FIFO blocked a reader forever (the size check passed: 0 bytes), a link to /dev/zero read without end."""
+    run = copy_run(trained_run, tmp_path / "run", checkpoints=True)
+    (run / name).unlink()
+    os.mkfifo(run / name)
+    before = listing(run)
+    verbs = (["report", str(run)], ["evaluate", str(run), "--no-progress"], ["train", "--resume", str(run)])
+    for verb in verbs:
+        line = error_line(run_cli(*verb, check=False, timeout=60))  # the timeout: a hang fails the test
+        assert line == f"error: {run / name} is not a regular file", (verb, line)
+    (run / name).unlink()
+    (run / name).symlink_to("/dev/zero")
+    line = error_line(run_cli("evaluate", str(run), "--no-progress", check=False, timeout=60))
+    assert line == f"error: {run / name} is not a regular file"
+    assert listing(run).keys() == before.keys()
+
+
+def test_deeply_nested_run_files_are_one_line(tmp_path, trained_run):
+    """100 levels parse, and then overflowed the stack of what read them; 100,000 overflow the parser's."""
+    run = copy_run(trained_run, tmp_path / "run", checkpoints=True)
+    config = json.loads((run / "config.json").read_text())
+    verbs = (["evaluate", str(run), "--no-progress"], ["train", "--resume", str(run), "--no-progress"])
+    for depth, words in ((100, "nests deeper than 32 levels"), (100_000, "is not readable JSON")):
+        (run / "results.json").write_text('{"x": ' + "[" * depth + "]" * depth + "}")
+        for verb in verbs:
+            line = error_line(in_process(*verb))
+            assert line.startswith(f"error: {run / 'results.json'} ") and words in line, (verb, line)
+    (run / "results.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({**config, "x": json.loads("[" * 100 + "]" * 100)}))
+    given = ["train", "--config", str(run / "config.json"), "--out", str(tmp_path / "b")]
+    for verb in (*verbs, given):
+        line = error_line(in_process(*verb))
+        assert line == f"error: {run / 'config.json'} nests deeper than 32 levels; it is not a file of ours"
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_bounded_reader_refuses_what_is_not_a_regular_file_without_waiting(tmp_path):
+    import socket
+
+    from cifar10_cnn.errors import FileError
+    from cifar10_cnn.files import read_bounded, read_json_object
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "socket"))
+        for name in ("fifo", "folder", "zero", "socket"):
+            with pytest.raises(FileError, match=f"^{tmp_path / name} is not a regular file$"):
+                read_bounded(tmp_path / name, 10)
+    (tmp_path / "big.json").write_text('{"x": "' + "a" * 2**21 + '"}')
+    with pytest.raises(FileError, match="is larger than 2 MB; it is not a file of ours"):
+        read_json_object(tmp_path / "big.json")
+    assert read_bounded(tmp_path / "missing", 10) is None and read_json_object(tmp_path / "missing") == {}
+    with pytest.raises(FileError, match="missing does not exist"):
+        read_json_object(tmp_path / "missing", required=True)

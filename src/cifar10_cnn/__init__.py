@@ -6,9 +6,7 @@ module on first use, so `cifar10 --help` and `cifar10 predict` never load the tr
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from .lazy import lazy_exports
 from .version import __version__ as __version__
 
 # Public name -> the module that defines it.
@@ -37,13 +35,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import typing
 from dataclasses import asdict, dataclass, field
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .files import read_json_object
 
 SCHEDULES = ("none", "step", "cosine", "onecycle", "linear")
 OPTIMIZERS = ("sgd", "muon")
@@ -178,15 +178,8 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise UserError(f"config file {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"config file {path} is not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {path} must hold a JSON object")
-        return cls.from_dict(data)
+        """A config file (a run's config.json, a --config): bounded, a regular file, a JSON object."""
+        return cls.from_dict(read_json_object(path, required=True))
 
 
 def check_tta(level: int, margin: float) -> None:

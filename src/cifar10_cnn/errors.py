@@ -13,6 +13,11 @@ class CheckpointError(UserError):
     """A checkpoint or weights file cannot be read."""
 
 
+class FileError(UserError, ValueError):
+    """A file we read but did not just write (a run's JSON or CSV, a --config) that is not a regular file, is
+    too large, or does not hold what it should."""
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 

@@ -33,10 +33,11 @@ from . import explain as X
 from .config import TrainConfig, check_tta
 from .corruptions import APPROXIMATION_NOTE, CORRUPTIONS, SEVERITIES, corrupt
 from .errors import CheckpointError, UserError, first_line
+from .files import read_json_object
 from .inference import evaluate_logits, predict_logits, selective_tta_logits
 from .metrics import classification_metrics, confident_errors
 from .models import count_params
-from .runs import Run, check_claimable, claim_dir, read_json, write_atomic, write_json
+from .runs import Run, check_claimable, claim_dir, write_atomic, write_json
 from .weights import ModelMeta, load_model, model_fingerprint, read_temperature, weights_path
 
 N_CONFIDENT_ERRORS = 24
@@ -423,7 +424,7 @@ def _valid_robustness(run: Run, ev: Evaluation) -> dict[str, Any] | None:
     """This evaluation's robustness suite, else one run earlier on the same weights (still valid), else None."""
     if ev.robustness is not None:
         return ev.robustness
-    previous = read_json(run.file("robustness"))
+    previous = read_json_object(run.file("robustness"))
     return previous if previous.get("model_fingerprint") == ev.fingerprint else None
 
 
@@ -571,7 +572,7 @@ def run_config(path: Path, metadata: ModelMeta) -> TrainConfig | None:
     """The training config of a run directory (config.json) or of a weights file (its metadata), if any."""
     if path.is_dir():
         config = Run(path).file("config")
-        return TrainConfig.load(config) if config.is_file() else None
+        return TrainConfig.load(config) if config.exists() else None  # a FIFO there: one line
     saved = metadata.config
     if not saved:
         return None
@@ -596,6 +597,8 @@ def _check_request(
         )
     if path.is_dir() and out is not None:
         raise UserError("--out is for a weights file; a run directory is evaluated into itself")
+    if path.is_dir():
+        Run(path).read_results()  # refused now, not after the evaluation (a FIFO, a huge or broken file)
     if not path.is_dir():  # a new or empty folder, or one an evaluation of ours made: nothing else
         check_claimable(out if out is not None else default_eval_dir(weights))
 

@@ -321,7 +321,8 @@ def resolve_class(value: str | int, classes: Sequence[str]) -> int:
     names = [c.lower() for c in classes]
     if text.lower() in names:
         return names.index(text.lower())
-    if text.isdigit() and int(text) < len(classes):
+    # isdecimal, not isdigit: '²' is a digit that int() cannot read; the length keeps int() from refusing 5,000 digits
+    if text.isdecimal() and len(text) <= 9 and int(text) < len(classes):
         return int(text)
     raise UserError(f"unknown class {text!r}; use one of: {', '.join(classes)} (or 0..{len(classes) - 1})")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
@@ -29,6 +28,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError, first_line
+from .files import FileTooLarge, NotRegularFile, read_regular
 
 IMAGE_SIZE = 32
 MAX_PIXELS = 60_000_000  # above a 50-megapixel photo; a decoded RGBA image this size is 240 MB
@@ -198,28 +198,18 @@ def decode(img: Image.Image, budget: DecodeBudget | None = None) -> np.ndarray:
 
 def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """The bytes of a regular file of at most max_bytes; ImageError for anything else (FIFOs, devices, ...)."""
-    path = Path(path)
     try:
-        mode = path.stat().st_mode
-        if stat.S_ISDIR(mode):
-            raise ImageError("is a directory", 400)
-        if not stat.S_ISREG(mode):
-            raise ImageError("not a regular file (a FIFO, device or socket); skipped", 400)
-        # O_NONBLOCK: if the path was swapped for a FIFO since the stat, opening it must not wait for a writer.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ImageError("not a regular file (a FIFO, device or socket); skipped", 400)
-            data = f.read(max_bytes + 1)
+        return read_regular(path, max_bytes)
     except FileNotFoundError:
         raise ImageError("no such file", 404) from None
-    except IsADirectoryError:
-        raise ImageError("is a directory", 400) from None
+    except NotRegularFile as e:
+        if e.kind == "a folder":
+            raise ImageError("is a directory", 400) from None
+        raise ImageError("not a regular file (a FIFO, device or socket); skipped", 400) from None
+    except FileTooLarge:
+        raise ImageError(f"the file is over {max_bytes // 2**20} MB; too large for an image", 413) from None
     except OSError as e:
         raise ImageError(f"cannot read the file ({e.strerror or first_line(e)})", 400) from None
-    if len(data) > max_bytes:
-        raise ImageError(f"the file is over {max_bytes // 2**20} MB; too large for an image", 413)
-    return data
 
 
 def read_image_file(path: str | os.PathLike, budget: DecodeBudget | None = None) -> np.ndarray:

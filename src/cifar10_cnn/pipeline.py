@@ -162,7 +162,9 @@ def start_run(
     cfg: TrainConfig, out: str | os.PathLike | None, resume: str | os.PathLike | None, force: bool
 ) -> str:
     if resume is not None:
-        return str(open_run(resume).path)
+        run = open_run(resume)
+        run.read_results()  # refused now, not after the training (a FIFO, a huge or broken file)
+        return str(run.path)
     return str(create_run(Path(out) if out else default_run_dir(cfg), cfg, force=force).path)
 
 

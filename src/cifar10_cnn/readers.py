@@ -9,9 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import lzma
-import os
 import pickle
-import stat
 import zipfile
 import zlib
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from . import files
 from .constants import CLASSES
 from .errors import DataError, first_line
 
@@ -47,28 +46,15 @@ IMAGE_SHAPE = (32, 32, 3)
 
 
 def open_regular(path: Path, what: str) -> BinaryIO:
-    """path opened for reading if it is a regular file (never blocks on a FIFO, never reads a device)."""
+    """path opened for reading if it is a regular file (files.open_regular); what: the hint of each message."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        return files.open_regular(path)
     except FileNotFoundError:
         raise DataError(f"{path} is missing; {what}") from None
+    except files.NotRegularFile as e:
+        raise DataError(f"{path} is not a regular file ({e.kind}); {what}") from None
     except OSError as e:
         raise DataError(f"cannot read {path} ({first_line(e)}); {what}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise DataError(f"{path} is not a regular file ({_file_kind(mode)}); {what}")
-    return os.fdopen(fd, "rb")
-
-
-def _file_kind(mode: int) -> str:
-    kinds = {
-        stat.S_ISDIR: "a folder",
-        stat.S_ISFIFO: "a FIFO",
-        stat.S_ISCHR: "a device",
-        stat.S_ISBLK: "a device",
-    }
-    return next((name for test, name in kinds.items() if test(mode)), "a special file")
 
 
 def read_capped(path: Path, limit: int, what: str) -> bytes:

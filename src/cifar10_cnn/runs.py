@@ -10,7 +10,8 @@
 A folder is ours only if we made it, or found it empty (`create_run`, `claim_dir`): any other folder with
 something in it is refused, left as it was. `--force` deletes only the files in RUN_FILES (and our temporary
 and TensorBoard files), and only in a folder that holds the marker; anything else a user put there stays.
-`Run.update_results` is the one place where results.json is merged.
+`Run.update_results` is the one place where results.json is merged. Every run file is read back bounded
+(files.py; `read_metrics_csv` here): a FIFO, a device, a huge or deeply nested file is one line.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import csv
 import errno
 import io
 import json
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -29,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
-from .errors import UserError, first_line
+from .errors import FileError, UserError, first_line
+from .files import read_bounded, read_json_object
 
 MARKER = ".cifar10-run"
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
@@ -61,6 +64,10 @@ RUN_DIRS = ("checkpoints", "eval", "plots", "tb")
 SEEDS_SUMMARY, CV_SUMMARY = "summary.json", "cv.json"
 TMP_PATTERN = re.compile(r"^\..+\.tmp-\d+$")  # write_atomic's temporary files
 TB_PATTERN = re.compile(r"^events\.out\.tfevents\.")
+# Far above what a run of ours writes (a 10,000-epoch metrics.csv is ~800 KB); they bound a reader's memory.
+MAX_CSV_BYTES = 2 * 2**20
+MAX_EPOCH_ROWS = 10_000
+MAX_MAGNITUDE = 1e15  # beyond every figure of ours; keeps each formatted cell short
 
 
 # --- the one atomic writer ------------------------------------------------------------------------------------
@@ -86,22 +93,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def read_json(path: str | os.PathLike, *, max_bytes: int = 64 * 2**20) -> dict[str, Any]:
-    """A JSON object from a file ({} if the file does not exist); anything else is a one-line error."""
-    path = Path(path)
-    try:
-        if path.stat().st_size > max_bytes:
-            raise UserError(f"{path} is larger than {max_bytes // 2**20} MB; it is not a file of ours")
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not readable JSON ({first_line(e)})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a JSON object")
-    return data
-
-
 def metrics_csv(history: Iterable[dict[str, Any]]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=METRIC_FIELDS, lineterminator="\n")
@@ -111,22 +102,40 @@ def metrics_csv(history: Iterable[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-def read_metrics_csv(path: str | os.PathLike) -> list[dict[str, float | None]]:
-    """The per-epoch rows of a metrics.csv ([] if there is none); values that are not numbers read as None."""
-
-    def number(v: str | None) -> float | None:
-        try:
-            return float(v) if v not in ("", None) else None
-        except ValueError:
-            return None
-
+def number(value: Any) -> float | None:
+    """A finite float of plausible size, or None for missing, null, NaN, infinite, huge and non-numbers."""
+    if value is None or isinstance(value, bool):
+        return None
     try:
-        with open(path, newline="") as f:
-            return [{k: number(v) for k, v in row.items() if k} for row in csv.DictReader(f)]
-    except FileNotFoundError:
+        x = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return x if math.isfinite(x) and abs(x) <= MAX_MAGNITUDE else None
+
+
+def read_metrics_csv(
+    path: str | os.PathLike, unreadable: list[str] | None = None
+) -> list[dict[str, float | None]]:
+    """metrics.csv's known columns as numbers ([] without the file), bounded in bytes and rows.
+
+    Values that are not numbers (NaN, infinite, huge, text) read None; the rows after MAX_EPOCH_ROWS are left
+    out, and said in unreadable when given.
+    """
+    path = Path(path)
+    data = read_bounded(path, MAX_CSV_BYTES)
+    if data is None:
         return []
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{path} is not a readable metrics file ({first_line(e)})") from None
+    rows: list[dict[str, float | None]] = []
+    try:
+        for row in csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")):
+            if len(rows) == MAX_EPOCH_ROWS:
+                if unreadable is not None:
+                    unreadable.append(f"{path.name}: rows after the first {MAX_EPOCH_ROWS:,} (not shown)")
+                break
+            rows.append({k: number(row.get(k)) for k in METRIC_FIELDS if k in row})
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise FileError(f"{path} is not a readable metrics file ({first_line(e)})") from None
+    return rows
 
 
 # --- a run directory ---------------------------------------------------------------------------------------
@@ -161,7 +170,7 @@ class Run:
         write_json(self.file("config"), cfg.to_dict())
 
     def read_results(self) -> dict[str, Any]:
-        return read_json(self.file("results"))
+        return read_json_object(self.file("results"))
 
     def update_results(self, fields: dict[str, Any]) -> dict[str, Any]:
         """results.json merged with fields (the only place it is written); returns the new whole."""
@@ -306,6 +315,6 @@ def claim_dir(path: str | os.PathLike) -> Run:
 def open_run(path: str | os.PathLike) -> Run:
     """An existing run directory (for --resume, evaluate, report)."""
     run = Run(Path(path))
-    if not run.file("config").is_file():
+    if not run.file("config").exists():  # one that is there but unreadable is read_config's one line
         raise UserError(f"{run.path} is not a run directory (no {RUN_FILES['config']})")
     return run

@@ -16,7 +16,8 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
-from .load import MAX_PNG_BYTES, ReportError, read_bounded
+from ..files import read_bounded
+from .load import MAX_PNG_BYTES, ReportError
 from .model import Figure, Page, Table
 
 STATIC = resources.files("cifar10_cnn") / "static" / "report"

@@ -1,16 +1,14 @@
 """Reading a run directory for the report: bounded in bytes, checked in shape, never trusted.
 
-A file that cannot be read at all (too large, not JSON or CSV, not an object, nested too deep) is a one-line
-`UserError` naming it. A value of the wrong kind inside a file (NaN or 1e999 where a number goes, a string, a
-list where an object goes) is dropped and named in `RunData.unreadable`: the report says what it could not
-read, and a comparison, which needs each run's test accuracy, refuses a run whose accuracy is unreadable.
+A file that cannot be read at all (not a regular file, too large, not JSON or CSV, not an object, nested too
+deep) is a one-line `FileError` naming it: files.py and runs.read_metrics_csv read every run file, bounded.
+A value of the wrong kind inside a file (NaN or 1e999 where a number goes, a string, a list where an object
+goes) is dropped and named in `RunData.unreadable`: the report says what it could not read, and a comparison,
+which needs each run's test accuracy, refuses a run whose accuracy is unreadable.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -18,19 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from ..constants import CLASSES
-from ..errors import UserError, first_line
-from ..runs import METRIC_FIELDS, RUN_FILES, SEEDS_SUMMARY, Run
+from ..errors import UserError
+from ..files import read_json_object
+from ..runs import RUN_FILES, SEEDS_SUMMARY, Run, number, read_metrics_csv
 
-# Far above what a run of ours writes (results.json ~4 KB, eval/metrics.json ~14 KB, a 10,000-epoch
-# metrics.csv ~800 KB, a figure under 1 MB); they bound the memory one report takes.
-MAX_JSON_BYTES = 2 * 2**20
-MAX_CSV_BYTES = 2 * 2**20
+# A figure of ours is under 1 MB; with the bounds of files.py and runs.py, they bound one report's memory.
 MAX_PNG_BYTES = 16 * 2**20
-MAX_EPOCH_ROWS = 10_000
 MAX_EXTRA_PLOTS = 24
 MAX_CLASSES = 1000
-MAX_DEPTH = 32  # JSON nesting; deeper would overflow the stack when formatted
-MAX_MAGNITUDE = 1e15  # beyond every figure of ours; keeps each formatted cell short
 
 
 class RunNotFound(UserError, FileNotFoundError):
@@ -57,89 +50,10 @@ class RunData:
     unreadable: list[str] = field(default_factory=list)  # "results.json: test_accuracy is NaN, not a number"
 
 
-# ----------------------------------------------------------------------------- bounded files
-
-
-def read_bounded(path: Path, limit: int) -> bytes | None:
-    """The bytes of a regular file (None if it does not exist); more than limit bytes is a UserError.
-
-    Reads at most limit + 1 bytes whatever the file claims to be: no FIFO or /dev/zero can exhaust memory.
-    """
-    try:
-        if not path.is_file():
-            if path.exists():
-                raise ReportError(f"{path} is not a regular file")
-            return None
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as e:
-        raise ReportError(f"{path} is not readable ({first_line(e)})") from None
-    if len(data) > limit:
-        raise ReportError(f"{path} is larger than {limit // 2**20} MB; it is not a file of ours")
-    return data
-
-
-def _too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
-    stack = [(obj, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        if isinstance(item, dict):
-            stack += [(v, depth + 1) for v in item.values()]
-        elif isinstance(item, list):
-            stack += [(v, depth + 1) for v in item]
-    return False
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON object from a file ({} if it does not exist), bounded in size and depth."""
-    data = read_bounded(path, MAX_JSON_BYTES)
-    if data is None:
-        return {}
-    try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError) as e:  # RecursionError: '[[[[...' nested past the stack
-        raise ReportError(f"{path} is not readable JSON ({first_line(e)})") from None
-    if not isinstance(obj, dict):
-        raise ReportError(f"{path} must hold a JSON object")
-    if _too_deep(obj):
-        raise ReportError(f"{path} nests deeper than {MAX_DEPTH} levels; it is not a file of ours")
-    return obj
-
-
-def read_metrics(path: Path, unreadable: list[str]) -> list[dict[str, float | None]]:
-    """metrics.csv's known columns as numbers (NaN, infinite and non-numbers read None), MAX_EPOCH_ROWS at most."""
-    data = read_bounded(path, MAX_CSV_BYTES)
-    if data is None:
-        return []
-    rows: list[dict[str, float | None]] = []
-    try:
-        for row in csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")):
-            if len(rows) == MAX_EPOCH_ROWS:
-                unreadable.append(f"{path.name}: rows after the first {MAX_EPOCH_ROWS:,} (not shown)")
-                break
-            rows.append({k: number(row.get(k)) for k in METRIC_FIELDS if k in row})
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise ReportError(f"{path} is not a readable metrics file ({first_line(e)})") from None
-    return rows
-
-
 # ----------------------------------------------------------------------------- kinds of values
 
 NUM, STR, BOOL, LIST, OBJ = "a number", "a string", "true or false", "a list", "an object"
 NUMS, NAMES = "a list of numbers", f"a list of at most {MAX_CLASSES} class names"
-
-
-def number(value: Any) -> float | None:
-    """A finite float of plausible size, or None for missing, null, NaN, infinite, huge and non-numbers."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        x = float(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return x if math.isfinite(x) and abs(x) <= MAX_MAGNITUDE else None
 
 
 def _found(value: Any) -> str:
@@ -294,7 +208,7 @@ def load_run(run_dir: Path) -> RunData:
     robustness = _robustness(read_json_object(run.file("robustness")), RUN_FILES["robustness"], unreadable)
     if robustness.get("model_fingerprint") != evaluation.get("model_fingerprint"):
         robustness = {}  # measured on other weights than the ones evaluated
-    metrics = read_metrics(run.file("metrics"), unreadable)
+    metrics = read_metrics_csv(run.file("metrics"), unreadable)
     figures, extra = _figures(run, unreadable)
     if not robustness:
         figures.pop("corruptions_png", None)

@@ -35,7 +35,6 @@ signals before the heavy imports (torch, FastAPI) start; the other names load th
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 import signal
 import socket
@@ -46,6 +45,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import UserError
+from ..lazy import lazy_exports
 from .limits import (
     BODY_TIMEOUT,
     GRACEFUL_TIMEOUT,
@@ -82,16 +82,7 @@ _EXPORTS = {
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 class WarmUpStopped(BaseException):
