@@ -298,7 +298,7 @@ def test_a_fifo_or_device_as_a_run_file_is_one_line_for_every_verb(tmp_path, tra
     run = copy_run(trained_run, tmp_path / "run", checkpoints=True)
     (run / name).unlink()
     os.mkfifo(run / name)
-    before = listing(run)
+    before = snapshot(run)
     verbs = (["report", str(run)], ["evaluate", str(run), "--no-progress"], ["train", "--resume", str(run)])
     for verb in verbs:
         line = error_line(run_cli(*verb, check=False, timeout=60))  # the timeout: a hang fails the test
@@ -307,7 +307,7 @@ def test_a_fifo_or_device_as_a_run_file_is_one_line_for_every_verb(tmp_path, tra
     (run / name).symlink_to("/dev/zero")
     line = error_line(run_cli("evaluate", str(run), "--no-progress", check=False, timeout=60))
     assert line == f"error: {run / name} is not a regular file"
-    assert listing(run).keys() == before.keys()
+    assert snapshot(run).keys() == before.keys()
 
 
 def test_deeply_nested_run_files_are_one_line(tmp_path, trained_run):
