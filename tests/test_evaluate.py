@@ -31,7 +31,7 @@ from cifar10_cnn.metrics import (
 )
 from cifar10_cnn.weights import load_model, read_metadata
 
-from .conftest import DATA_DIR, copy_run, error_line, on, run_cli, snapshot
+from .conftest import DATA_DIR, copy_run, error_line, in_process, on, run_cli, snapshot
 
 OLD_KEYS = (
     "test_accuracy",
@@ -423,7 +423,7 @@ def test_evaluate_errors_are_one_line_and_write_nothing(trained_run, tmp_path, c
         str(alien),
         metadata={"architecture": "transformer9000", "classes": json.dumps(list(D.CLASSES))},
     )
-    line = error_line(run_cli("evaluate", str(alien), check=False))
+    line = error_line(in_process("evaluate", str(alien)))
     assert "transformer9000" in line and "seed_cnn" in line
     assert not (tmp_path / "alien-eval").exists()
 
@@ -435,14 +435,14 @@ def test_evaluate_errors_are_one_line_and_write_nothing(trained_run, tmp_path, c
     images, labels = np.zeros((20, 32, 32, 3), np.uint8), np.arange(20) % 10
     np.savez(bad / "train.npz", images=images, labels=labels)
     np.savez(bad / "test.npz", images=images, labels=labels)
-    line = error_line(run_cli("evaluate", str(run), "--data-dir", str(bad), check=False))
+    line = error_line(in_process("evaluate", str(run), "--data-dir", str(bad)))
     assert "not the real CIFAR-10" in line and "--allow-unverified" in line
     assert snapshot(run, mtimes=True) == before
 
-    line = error_line(run_cli("evaluate", str(run), "--out", str(tmp_path / "x"), check=False))
+    line = error_line(in_process("evaluate", str(run), "--out", str(tmp_path / "x")))
     assert "--out is for a weights file" in line
     assert snapshot(run, mtimes=True) == before
-    line = error_line(run_cli("evaluate", str(run), "--tta", "2", "--tta-margin", "1.5", check=False))
+    line = error_line(in_process("evaluate", str(run), "--tta", "2", "--tta-margin", "1.5"))
     assert "--tta-margin must be between 0 and 1" in line
     assert snapshot(run, mtimes=True) == before
 

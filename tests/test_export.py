@@ -13,7 +13,7 @@ import torch
 from cifar10_cnn import export as E
 from cifar10_cnn.models import create_model
 from cifar10_cnn.weights import load_model, read_metadata, save_weights
-from tests.conftest import error_line, run_cli, snapshot
+from tests.conftest import error_line, in_process, run_cli, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -135,17 +135,15 @@ def test_export_cli_errors_are_one_line(trained_run, tmp_path):
     assert "--force" in error_line(
         run_cli("export", str(trained_run), "--format", "onnx", "--out", str(out), check=False)
     )
-    assert "does not exist" in error_line(run_cli("export", str(tmp_path / "nope"), check=False))
-    assert "already exported" in error_line(run_cli("export", str(out), check=False))
+    assert "does not exist" in error_line(in_process("export", str(tmp_path / "nope")))
+    assert "already exported" in error_line(in_process("export", str(out)))
     empty = tmp_path / "no-data"
     empty.mkdir()
-    proc = run_cli("export", str(trained_run), "--out", str(tmp_path / "x.onnx"), "--format", "onnx",
-                   "--data-dir", str(empty), check=False)  # fmt: skip
+    proc = in_process("export", str(trained_run), "--out", str(tmp_path / "x.onnx"), "--format", "onnx",
+                      "--data-dir", str(empty))  # fmt: skip
     assert "real CIFAR-10 test images" in error_line(proc)
     assert not (tmp_path / "x.onnx").exists()
-    proc = run_cli(
-        "export", str(trained_run), "--out", str(trained_run / "model.safetensors"), "--force", check=False
-    )
+    proc = in_process("export", str(trained_run), "--out", str(trained_run / "model.safetensors"), "--force")
     assert "is the model being exported" in error_line(proc)
 
 

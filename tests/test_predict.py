@@ -19,7 +19,7 @@ from PIL import Image
 from cifar10_cnn.calibration import softmax
 from cifar10_cnn.images import ImageError, find_images, load_image, preprocess, read_image_file
 from cifar10_cnn.predict import load_predictor
-from tests.conftest import error_line, run_cli
+from tests.conftest import error_line, in_process, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -321,16 +321,12 @@ def test_cli_predict_errors_are_one_line(trained_run, tmp_path, image_tree):
     assert "does not exist" in error_line(
         run_cli("predict", str(tmp_path / "nope"), str(image_tree), check=False)
     )
-    assert "--top-k 0" in error_line(
-        run_cli("predict", str(trained_run), str(image_tree), "--top-k", "0", check=False)
-    )
+    assert "--top-k 0" in error_line(in_process("predict", str(trained_run), str(image_tree), "--top-k", "0"))
     (tmp_path / "empty").mkdir()
-    assert "no image files" in error_line(
-        run_cli("predict", str(trained_run), str(tmp_path / "empty"), check=False)
-    )
+    assert "no image files" in error_line(in_process("predict", str(trained_run), str(tmp_path / "empty")))
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not onnx")
-    assert "not a usable ONNX model" in error_line(run_cli("predict", str(bad), str(image_tree), check=False))
+    assert "not a usable ONNX model" in error_line(in_process("predict", str(bad), str(image_tree)))
 
 
 # --- hardening: untrusted metadata, broken models, special files, decode memory -------------------------------
