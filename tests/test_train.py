@@ -171,7 +171,7 @@ def test_config_file_reproduces_a_run_and_seeds_are_deterministic(cli_run, small
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(small_data, tmp_path):
     """A 3-epoch run killed mid-way (SIGKILL) and resumed ends with the same weights as one never stopped."""
-    args = ["train", "--epochs", "3", "--subset", "2500", "--val-size", "250", "--no-progress", "--seed", "1"]
+    args = ["train", "--epochs", "3", "--subset", "1500", "--val-size", "200", "--no-progress", "--seed", "1"]
     args += on(small_data)
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     env = {**os.environ, "CIFAR10_DATA": str(DATA_DIR)}
