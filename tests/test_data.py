@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -773,3 +774,100 @@ def test_normalize_uses_true_statistics(cifar):
     assert z.dtype == torch.float32
     assert torch.allclose(z.mean((0, 2, 3)), torch.zeros(3), atol=0.05)
     assert torch.allclose(z.std((0, 2, 3)), torch.ones(3), atol=0.05)
+
+
+# --- the seam for new sources, and the constants without torch ----------------------------------------------
+
+
+def test_load_dataset_by_name_by_folder_and_through_a_registered_source(small_npz, tmp_path):
+    options = {"allow_unverified": True, "cache_dir": "off", "progress": False}
+    by_name = D.load_dataset("cifar10", data_dir=small_npz, **options)
+    by_folder = D.load_dataset(small_npz, **options)
+    assert by_name.source == by_folder.source == f"npz:{small_npz / 'train.npz'}"
+    assert np.array_equal(by_name.train_images, by_folder.train_images) and by_name.classes == D.CLASSES
+    # A folder that no source holds goes to CIFAR-10, which says what is missing (no download asked).
+    with pytest.raises(DataError, match="no CIFAR-10 found in"):
+        D.load_dataset(tmp_path / "empty", download=False, **options)
+    # A new kind of dataset: registered once, found by its folder and by its name.
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "two.npy").write_bytes(npy_bytes(np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3)))
+
+    def load_two(data_dir, **_) -> D.Dataset:
+        images = np.load(Path(data_dir) / "two.npy", allow_pickle=False)
+        labels = np.array([0, 1])
+        return D.Dataset(
+            images, labels, images, labels, source=f"two:{data_dir}", verified=False, classes=("a", "b")
+        )
+
+    D.register_source(D.Source("two", load_two, lambda root: (root / "two.npy").is_file()))
+    try:
+        found = D.load_dataset(own, **options)
+        assert found.source == f"two:{own}" and found.classes == ("a", "b") and len(found.train_images) == 2
+        assert D.load_dataset("two", data_dir=own).source == f"two:{own}"
+        assert D.load_dataset(small_npz, **options).source == by_name.source  # CIFAR-10 still comes first
+    finally:
+        D.SOURCES.pop("two")
+
+
+def test_class_names_and_statistics_load_without_numpy_or_torch():
+    code = (
+        "import sys\n"
+        "from cifar10_cnn.constants import CLASSES, MEAN, STD\n"
+        "assert len(CLASSES) == 10 and len(MEAN) == len(STD) == 3\n"
+        "print(sorted(m for m in ('numpy', 'torch') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+# --- the download is bounded by the archive's known size ----------------------------------------------------
+
+
+class Endless(http.server.BaseHTTPRequestHandler):
+    """Sends zeros without a Content-Length (the end is when the server closes), up to 8 MiB."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        with contextlib.suppress(OSError):  # the client hanging up is the point
+            for _ in range(128):
+                self.wfile.write(bytes(2**16))
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def endless_server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    httpd.daemon_threads, httpd.block_on_close = True, False
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_download_larger_than_the_archive_is_cut_off_and_nothing_kept(endless_server, tmp_path):
+    assert D.ARCHIVE_SIZE == 170_498_071  # the real cifar-10-python.tar.gz
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match=r"sent more than 1,048,576 bytes, the size of the CIFAR-10") as err:
+        D.load_cifar10(root, url=f"{endless_server}/x.tar.gz", size=2**20, cache_dir="off", progress=False)
+    assert "\n" not in str(err.value) and "nothing was kept" in str(err.value)
+    assert leftovers(root) == []
+
+
+def test_a_download_of_one_byte_more_than_the_size_is_refused_of_exactly_the_size_kept(
+    server, small_archive, tmp_path
+):
+    www, url = server
+    os.link(small_archive, www / D.ARCHIVE)
+    size = small_archive.stat().st_size
+    options = {"url": f"{url}/{D.ARCHIVE}", "md5": md5(small_archive), "cache_dir": "off", "progress": False}
+    with pytest.raises(DataError, match=f"sent more than {size - 1:,} bytes"):
+        D.load_cifar10(tmp_path / "short", size=size - 1, allow_unverified=True, **options)
+    assert leftovers(tmp_path / "short") == []
+    data = D.load_cifar10(tmp_path / "exact", size=size, allow_unverified=True, **options)
+    assert len(data.train_images) == 1000 and leftovers(tmp_path / "exact") == [D.ARCHIVE]

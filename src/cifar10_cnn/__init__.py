@@ -13,8 +13,9 @@ from .version import __version__ as __version__
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    "CLASSES": "data",
-    "load_cifar10": "data",
+    "CLASSES": "constants",
+    "load_cifar10": "sources",
+    "load_dataset": "sources",
     "make_splits": "data",
     "RECIPES": "config",
     "TrainConfig": "config",

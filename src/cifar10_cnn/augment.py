@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import MEAN, STD
+from .constants import MEAN, STD
 
 
 def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .calibration import nll
-from .data import CLASSES
+from .constants import CLASSES
 
 
 def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int = 10) -> np.ndarray:

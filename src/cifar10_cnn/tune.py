@@ -33,9 +33,9 @@ from typing import Any
 from urllib.parse import quote
 
 from .config import TrainConfig
-from .data import load_cifar10
 from .errors import UserError, first_line
 from .runs import Run, write_atomic
+from .sources import load_cifar10
 
 BEST_CONFIG = Path("tune-best.json")
 

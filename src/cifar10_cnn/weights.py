@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
-from .data import CLASSES, MEAN, STD
+from .constants import CLASSES, MEAN, STD
 from .errors import CheckpointError, UserError, first_line
 from .inference import predict_logits
 from .models import count_params, create_model, list_models
