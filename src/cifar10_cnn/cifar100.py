@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data as D
+from . import archive as A
+from . import readers as R
 from .errors import DataError, first_line
+from .sources import Dataset, resolve_data_dir
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -35,11 +37,12 @@ IGNORED = ("file.txt~",)  # in the real archive; a small text file, skipped
 UNPACKED_LIMIT = sum(MEMBER_LIMITS.values()) + 2**20
 SIZES = {"train": 50_000, "test": 10_000}
 LABELS = ("fine", "coarse")
+ARCHIVE_LIMIT = 180 * 2**20  # bytes a download may take: above the real archive's 161 MiB
 NUM_CLASSES = {"fine": 100, "coarse": 20}
 
 
 @dataclass
-class CIFAR100(D.CIFAR10):
+class CIFAR100(Dataset):
     """CIFAR-100's arrays (as data.CIFAR10 holds them) with fine or coarse labels; verified: the archive's md5."""
 
     labels: str = "fine"
@@ -68,7 +71,7 @@ def load_cifar100(
         raise DataError(
             f"--labels {labels!r}: CIFAR-100 has fine (100 classes) or coarse (20 classes) labels"
         )
-    root = D.resolve_data_dir(data_dir)
+    root = resolve_data_dir(data_dir)
     archive, folder = root / ARCHIVE, root / FOLDER
     if archive.is_file():
         members, verified, source = read_archive(archive), _md5(archive) == md5, f"archive:{archive}"
@@ -98,7 +101,7 @@ def _dataset(members: dict[str, bytes], labels: str, source: str, verified: bool
         **arrays,
         source=source,
         verified=verified,
-        sha256=D.content_sha256(arrays),
+        sha256=R.content_sha256(arrays),
         classes=names,
         labels=labels,
     )
@@ -106,7 +109,7 @@ def _dataset(members: dict[str, bytes], labels: str, source: str, verified: bool
 
 def _md5(path: Path) -> str:
     h = hashlib.md5()
-    with D._open_regular(path, "the CIFAR-100 archive is needed") as f:
+    with R.open_regular(path, "the CIFAR-100 archive is needed") as f:
         while chunk := f.read(2**20):
             h.update(chunk)
     return h.hexdigest()
@@ -115,14 +118,25 @@ def _md5(path: Path) -> str:
 # --- reading: the archive's three members (or the extracted folder's files), each within its cap ------------
 
 
+class _Capped(A._Capped):
+    """CIFAR-10's capped stream, worded for this archive."""
+
+    def readinto(self, b) -> int:
+        n = self._f.readinto(b)
+        self._left -= n
+        if self._left < 0:
+            raise DataError(f"{self._archive} unpacks to more than {UNPACKED_LIMIT:,} bytes; refusing it")
+        return n
+
+
 def read_archive(archive: Path) -> dict[str, bytes]:
     """The bytes of train, test and meta from the archive; anything unexpected in it is refused."""
     members: dict[str, bytes] = {}
     try:
         with (
-            D._open_regular(archive, "the CIFAR-100 python archive is needed") as raw,
+            R.open_regular(archive, "the CIFAR-100 python archive is needed") as raw,
             gzip.GzipFile(fileobj=raw) as gz,
-            tarfile.open(fileobj=D._Capped(gz, UNPACKED_LIMIT, archive), mode="r|") as tar,
+            tarfile.open(fileobj=_Capped(gz, UNPACKED_LIMIT, archive), mode="r|") as tar,
         ):
             for member in tar:
                 name = _member_name(member, archive)
@@ -158,7 +172,7 @@ def _member_name(member: tarfile.TarInfo, archive: Path) -> str | None:
         )
     if not member.isfile():
         raise DataError(
-            f"archive member {member.name!r} of {archive} is {D._member_kind(member)}; the CIFAR-100 archive "
+            f"archive member {member.name!r} of {archive} is {A._member_kind(member)}; the CIFAR-100 archive "
             "holds only regular files; refusing it"
         )
     if name in IGNORED:
@@ -174,13 +188,13 @@ def _member_name(member: tarfile.TarInfo, archive: Path) -> str | None:
 def read_folder(folder: Path) -> dict[str, bytes]:
     """train, test and meta of an extracted cifar-100-python/ folder (regular files within their caps)."""
     what = "the extracted CIFAR-100 folder is incomplete"
-    return {name: D._read_capped(folder / name, limit, what) for name, limit in MEMBER_LIMITS.items()}
+    return {name: R.read_capped(folder / name, limit, what) for name, limit in MEMBER_LIMITS.items()}
 
 
 def _unpickle(payload: bytes, where: str) -> dict:
     try:
-        obj = D._SafeUnpickler(io.BytesIO(payload), encoding="bytes").load()
-    except D._UNPICKLE_ERRORS as e:
+        obj = R._SafeUnpickler(io.BytesIO(payload), encoding="bytes").load()
+    except R._UNPICKLE_ERRORS as e:
         raise DataError(f"{where} is not a CIFAR-100 file ({first_line(e)})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where} is not a CIFAR-100 file (no dict)")
@@ -235,8 +249,8 @@ def fetch(root: Path, *, url: str = URL, md5: str = MD5, progress: bool = True) 
             f"download of {url} failed its md5 check ({first_line(e)}); nothing was kept"
         ) from None
     except (requests.RequestException, OSError) as e:
-        cause = D._root_cause(e)
-        if isinstance(cause, OSError) and cause.errno in D._WRITE_ERRNOS:
+        cause = A._root_cause(e)
+        if isinstance(cause, OSError) and cause.errno in A._WRITE_ERRNOS:
             raise DataError(
                 f"cannot download into {root} ({first_line(cause)}); the archive needs 169 MB there: free some "
                 "space or pass --data-dir to a writable folder"

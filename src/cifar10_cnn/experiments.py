@@ -14,7 +14,8 @@ from typing import Any
 
 from . import distributed
 from .config import TrainConfig
-from .data import CIFAR10, load_cifar10
+from .data import CIFAR10
+from .datasets import load_data
 from .errors import UserError
 from .metrics import summarize
 from .runs import CV_SUMMARY, SEEDS_SUMMARY, Run, default_run_dir, write_json
@@ -47,7 +48,13 @@ def _train_group(
     world = distributed.current()
     if data is None:
         with world.main_first():
-            data = load_cifar10(data_dir, allow_unverified=allow_unverified, progress=progress and world.main)
+            first = next(iter(cfgs.values()))  # the runs of a group differ in seed or fold, not in data
+            data = load_data(
+                data_dir,
+                **first.data_args(),
+                allow_unverified=allow_unverified,
+                progress=progress and world.main,
+            )
     runs = []
     for k, (name, cfg) in enumerate(cfgs.items()):
         echo(f"--- {name} ({k + 1}/{len(cfgs)})")

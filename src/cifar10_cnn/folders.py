@@ -32,6 +32,8 @@ import numpy as np
 
 from . import images as I
 from .errors import DataError, first_line
+from .readers import open_regular, read_capped, read_npy
+from .sources import CACHE_ENV, Dataset
 
 DEFAULT_MAX_CLASSES = 1000
 MAX_CLASS_NAME = 200  # characters, as weights.MAX_TEXT
@@ -56,27 +58,25 @@ class Scan:
 
 
 @dataclass
-class FolderData:
-    """The arrays of a folder (as data.CIFAR10 holds them), its classes, and what was skipped."""
+class FolderData(Dataset):
+    """The arrays of a folder (as every Dataset holds them), which files are test files, and what was skipped.
 
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    classes: tuple[str, ...]
-    source: str
-    sha256: dict[str, str]
-    test_files: list[str]
-    skipped: list[tuple[str, str]]
-    duplicates: int  # test images equal (decoded) to a training image
+    verified: there is nothing to check a folder against; the arrays are those of its files (or of a cache
+    that matched them).
+    """
+
+    root: str = ""
+    test_files: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    duplicates: int = 0  # test images equal (decoded) to a training image
     seconds: float = 0.0
     cached: bool = False
-    verified: bool = True  # the arrays match the record of their own source files (nothing to check against)
 
     def provenance(self) -> dict:
         return {
             "source": self.source,
             "kind": "folder",
+            "root": self.root,
             "verified": self.verified,
             "sha256": self.sha256,
             "classes": list(self.classes),
@@ -393,6 +393,8 @@ def _split(s: Scan, d: _Decoded, test_files: Sequence[str] | None) -> FolderData
         **arrays,
         classes=s.classes,
         source=f"folder:{s.root}",
+        verified=True,
+        root=str(s.root.resolve()),
         sha256={"files": d.files_sha256, **{k: _sha(v) for k, v in arrays.items()}},
         test_files=[r for r, t in zip(d.rels, test, strict=True) if t],
         skipped=d.skipped,
@@ -459,8 +461,6 @@ def _cache_key(s: Scan, size: int) -> str:
 
 
 def _cache_path(key: str, cache_dir: str | os.PathLike | None) -> Path | None:
-    from .data import CACHE_ENV
-
     base = cache_dir or os.environ.get(CACHE_ENV)
     if base == "off":
         return None
@@ -472,16 +472,14 @@ def _cache_path(key: str, cache_dir: str | os.PathLike | None) -> Path | None:
 
 def _read_cache(path: Path, key: str, size: int) -> _Decoded | None:
     """The cached decode if it is whole and intact (its sha256 as recorded), else None."""
-    from .data import _open_regular, _read_capped, read_npy
-
     try:
-        meta = json.loads(_read_capped(path / "meta.json", MAX_META_JSON, "cache"))
+        meta = json.loads(read_capped(path / "meta.json", MAX_META_JSON, "cache"))
         if not isinstance(meta, dict) or meta.get("key") != key:
             return None
         n = len(meta["rels"])
-        with _open_regular(path / "images.npy", "cache") as f:
+        with open_regular(path / "images.npy", "cache") as f:
             images = read_npy(f, "cache", n, (size, size, 3), np.uint8)
-        with _open_regular(path / "labels.npy", "cache") as f:
+        with open_regular(path / "labels.npy", "cache") as f:
             labels = read_npy(f, "cache", n, (), np.int64)
         if len(images) != n or len(labels) != n or _sha(images) + _sha(labels) != meta["sha256"]:
             return None

@@ -28,7 +28,8 @@ from .augment import alternating_flips, augment_batch, normalize
 from .calibration import fit_temperature
 from .checkpoint import TrainState, load_checkpoint
 from .config import TrainConfig
-from .data import CIFAR10, Split, Splits, batch_indices, load_cifar10, make_splits
+from .data import CIFAR10, Split, Splits, batch_indices, make_splits
+from .datasets import load_data, notes, record_test_files
 from .device import autocast_dtype, precision_name, select_device
 from .errors import CheckpointError, TrainingDiverged, UserError
 from .evaluate import augmentation_preview, evaluate_into_run
@@ -66,14 +67,14 @@ class Trainer:
     steps_per_epoch: int
 
 
-def setup(cfg: TrainConfig, train: Split, device: torch.device) -> Trainer:
+def setup(cfg: TrainConfig, train: Split, device: torch.device, num_classes: int = 10) -> Trainer:
     """The model (seeded by cfg.seed, whitened from the training images), optimizer, schedule and loss."""
     world = distributed.current()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model).to(device, memory_format=memory_format)
+    model = create_model(cfg.model, num_classes=num_classes).to(device, memory_format=memory_format)
     if world.size > 1 and cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
@@ -339,15 +340,24 @@ def train(
         echo, progress = (lambda *_: None), False
     if data is None:
         with world.main_first():  # rank 0 downloads and verifies; the others then read its cache
-            data = load_cifar10(data_dir, allow_unverified=allow_unverified, progress=progress)
+            data = load_data(
+                data_dir, **cfg.data_args(), allow_unverified=allow_unverified, progress=progress
+            )
+    cfg = cfg.sized_for(len(data.train_labels)) if resume is None else cfg
     device = distributed.local_device(select_device(cfg.device))
     splits = make_splits(data, **cfg.split_args(), device=device)
     # The run directory is made only now, once the data loaded: a failed start leaves nothing to block a rerun.
     run = Run(Path(world.from_main(lambda: start_run(cfg, out, resume, force))))
     if resume is None and world.main:
-        augmentation_preview(splits.train, run.mkdir("plots") / "augmentations.png", cfg)
-    t = setup(cfg, splits.train, device)
+        augmentation_preview(
+            splits.train, run.mkdir("plots") / "augmentations.png", cfg, classes=data.classes
+        )
+    if world.main:
+        record_test_files(run, data)
+    t = setup(cfg, splits.train, device, num_classes=len(data.classes))
     echo(run_header(cfg, t, data, splits))
+    for line in notes(data):
+        echo(line)
     result = fit(cfg, splits, run.path, resume=resume is not None, progress=progress, echo=echo,
                  on_epoch_end=on_epoch_end, trainer=t)  # fmt: skip
     if world.main:
@@ -432,11 +442,12 @@ def finish_run(
         architecture=cfg.model,
         config=cfg.to_dict(),
         temperature=temperature,
+        classes=data.classes,
     )
     run.update_results(training_results(cfg, t, data, splits, result))
     evaluating = time.perf_counter()
     results = evaluate_into_run(run.path, splits.test, tta=cfg.tta, tta_margin=cfg.tta_margin,
-                                model=result.model, val=splits.val, echo=echo)  # fmt: skip
+                                model=result.model, val=splits.val, echo=echo, classes=data.classes)  # fmt: skip
     run.update_results({"headline_seconds": evaluating - started + results["test_seconds"]})
 
 

@@ -33,9 +33,9 @@ from typing import Any
 from urllib.parse import quote
 
 from .config import TrainConfig
+from .datasets import load_data
 from .errors import UserError, first_line
 from .runs import Run, write_atomic
-from .sources import load_cifar10
 
 BEST_CONFIG = Path("tune-best.json")
 
@@ -517,7 +517,7 @@ def tune(
                 f"see: cifar10 tune --study {study_name} --report"
             )
             return study
-        data = load_cifar10(data_dir, allow_unverified=allow_unverified, progress=False)
+        data = load_data(data_dir, **base.data_args(), allow_unverified=allow_unverified, progress=False)
         echo(
             f"study {study_name!r} in {storage}: {sampler} over {', '.join(searched)}; "
             f"{remaining} more trials to reach {trials}; runs in {out}/"
