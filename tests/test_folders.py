@@ -7,6 +7,7 @@ in the folder changes.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import struct
@@ -316,3 +317,87 @@ def test_unreadable_files_are_skipped_and_an_unreadable_class_folder_is_one_line
         and "(Permission denied); check its permissions" in proc.stdout
     )
     (root / "automobile").chmod(0o755)
+
+
+# --- end to end through the command line ---------------------------------------------------------------------
+
+
+def serve_model(run: Path, tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    """`cifar10 serve RUN` on a free port of 127.0.0.1, once /health answers."""
+    import time
+
+    import httpx
+
+    from .conftest import free_port
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 (closed with the process)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifar10_cnn", "serve", str(run), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError((tmp_path / "serve.log").read_text())
+
+
+def test_train_evaluate_predict_export_and_serve_a_folder_through_the_cli(cifar, cache_dir, tmp_path):
+    import httpx
+
+    from cifar10_cnn.weights import load_model
+
+    from .conftest import run_cli
+
+    root = make_folder(tmp_path / "my images", cifar, classes=(2, 3, 8), per_class=40)
+    (root / "cat" / "notes.txt").write_text("not an image")
+    run = tmp_path / "run"
+    proc = run_cli("train", "--data-dir", str(root), "--epochs", "1", "--out", str(run), "--no-progress")
+    assert f"data folder:{root} (verified) | train 87 / val 9 / test 24" in proc.stdout
+    assert (
+        "skipped 1 files that are not readable images (first: cat/notes.txt: not an image file)"
+        in proc.stdout
+    )
+    _, meta = load_model(run / "model.safetensors")
+    assert meta.classes == ("bird", "cat", "ship")
+    report = (run / "report.md").read_text()
+    assert all(f"| {name} |" in report for name in meta.classes) and "| airplane |" not in report
+    recorded = json.loads((run / "test_files.json").read_text())
+    assert recorded["root"] == str(root) and len(recorded["test_files"]) == 24
+    # The folder grows; evaluate still uses the run's 24 test files.
+    write_images(root / "bird", cifar.test_images[:6], start=70000)
+    run_cli("evaluate", str(run), "--no-progress")
+    results = json.loads((run / "results.json").read_text())
+    assert results["test_size"] == 24 and results["class_names"] == ["bird", "cat", "ship"]
+    out = run_cli("predict", str(run), str(root / "ship")).stdout
+    assert "ship/" in out and not any(c in out for c in ("airplane", "truck", "automobile"))
+    exported = run_cli(
+        "export", str(run), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")
+    )
+    assert "verified on 24 test images of the run" in exported.stdout
+    server, url = serve_model(run, tmp_path)
+    try:
+        model = httpx.get(f"{url}/model", timeout=10).json()
+        assert model["classes"] == ["bird", "cat", "ship"]
+        png = (root / "cat" / sorted(os.listdir(root / "cat"))[0]).read_bytes()
+        answer = httpx.post(f"{url}/predict", files={"file": ("c.png", png, "image/png")}, timeout=30).json()
+        (result,) = answer["results"]
+        assert sorted(p["class"] for p in result["predictions"]) == ["bird", "cat", "ship"], answer
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_bad_folders_through_the_cli_are_one_line_exit_2(tmp_path, cache_dir):
+    from .conftest import error_line, run_cli
+
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("train", "--dataset", "folder", "--data-dir", str(tmp_path / "empty"), check=False)
+    assert proc.returncode == 2 and "has no class folders" in error_line(proc)
+    proc = run_cli("train", "--dataset", "cifar10", "--labels", "coarse", check=False)
+    assert proc.returncode == 2 and "--labels coarse is for --dataset cifar100" in error_line(proc)

@@ -155,6 +155,9 @@ def plot_curves(rows: list[dict], out: Path) -> Path:
         return _save(fig, out)
 
 
+MATRIX_NUMBERS = 20  # classes up to which every cell of the confusion heatmap is annotated
+
+
 def plot_confusion(cm: np.ndarray, class_names: list[str], out: Path, normalize: bool = True) -> Path:
     """Confusion-matrix heatmap (rows true, columns predicted), annotated with row-% or counts."""
     cm = np.asarray(cm, dtype=float)
@@ -174,12 +177,16 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], out: Path, normalize:
         title += f"\naccuracy {100.0 * np.trace(cm) / total:.2f}% on {int(total):,} images"
     fontsize = 8 if n <= 10 else max(4, 80 // n)
     side = max(5.0, 0.62 * n + 2.2)
+    numbers = n <= MATRIX_NUMBERS
+    if not numbers:  # e.g. CIFAR-100: a heatmap whose every class has a (small) label, and no numbers
+        side, fontsize = 0.13 * n + 4.0, 6.0  # a cell 0.13 in (9 pt) high: room for a 6-pt label
+        title += f"\n{n} classes: cell numbers left out (the report lists the most frequent confusions)"
 
     with matplotlib.rc_context(_STYLE):
         fig = _figure((side + 1.0, side))
         ax = fig.subplots()
         image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest")
-        for i in range(n):
+        for i in range(n if numbers else 0):
             for j in range(n):
                 v = values[i, j]
                 if v == 0:
@@ -188,8 +195,11 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], out: Path, normalize:
                     text = f"{v:.1f}%" if normalize else f"{round(v):d}"
                     color = "white" if v > 0.55 * vmax else "#1a1a1a"
                 ax.text(j, i, text, ha="center", va="center", fontsize=fontsize, color=color)
-        ax.set_xticks(range(n), labels=class_names, rotation=40, ha="right", rotation_mode="anchor")
+        rotation = 40 if numbers else 90
+        ax.set_xticks(range(n), labels=class_names, rotation=rotation, ha="right", rotation_mode="anchor")
         ax.set_yticks(range(n), labels=class_names)
+        if not numbers:
+            ax.tick_params(labelsize=fontsize)
         ax.set_xlabel("Predicted class")
         ax.set_ylabel("True class")
         ax.tick_params(length=0)

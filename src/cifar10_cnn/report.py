@@ -227,6 +227,11 @@ def _value(value: Any) -> str:
 # ----------------------------------------------------------------------------- content of one run
 
 
+# Above this many classes the report lists the most frequent confusions instead of the whole count matrix.
+MATRIX_CLASSES = 20
+CONFUSED_PAIRS = 20
+
+
 def _class_names(results: dict[str, Any]) -> list[str]:
     names = results.get("class_names")
     if isinstance(names, list) and names:
@@ -373,8 +378,21 @@ def _confusion_table(run: _Run) -> _Table | None:
     cm = run.results.get("confusion_matrix")
     if not _valid_cm(cm, len(names)):
         return None
+    if (
+        len(names) > MATRIX_CLASSES
+    ):  # a 100 x 100 table reads as noise: the largest off-diagonal cells instead
+        return _confused_pairs(names, [[_number(v) or 0.0 for v in row] for row in cm])
     rows = [[f"true {name}"] + [_int(v) for v in row] for name, row in zip(names, cm, strict=True)]
     return _Table(["counts", *names], rows, set(range(1, len(names) + 1)))
+
+
+def _confused_pairs(names: list[str], cm: list[list[float]]) -> _Table:
+    cells = sorted(
+        ((-v, i, j) for i, row in enumerate(cm) for j, v in enumerate(row) if i != j and v > 0),
+        key=lambda c: c[:3],
+    )[:CONFUSED_PAIRS]
+    rows = [[names[i], names[j], _int(-v), _pct(-v / sum(cm[i])) if sum(cm[i]) else NA] for v, i, j in cells]
+    return _Table(["true class", "predicted as", "images", "% of the true class"], rows, {2, 3})
 
 
 def _calibration_table(run: _Run) -> _Table | None:
@@ -500,7 +518,12 @@ def _sections(run: _Run) -> list[_Section]:
     classes = _Section("Per-class results", [_per_class_table(run) or no_results])
     classes.blocks += _figures(run, "classes")
     cm = _confusion_table(run)
-    if cm:
+    if cm and len(_class_names(run.results)) > MATRIX_CLASSES:
+        classes.blocks += [
+            f"The {CONFUSED_PAIRS} most frequent confusions (the full matrix is in results.json):",
+            cm,
+        ]
+    elif cm:
         classes.blocks += ["Confusion matrix, counts (rows true class, columns predicted class):", cm]
 
     errors = _Section("Errors", _figures(run, "errors") or ["No prediction plots found."])
