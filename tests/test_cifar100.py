@@ -10,6 +10,7 @@ import functools
 import hashlib
 import http.server
 import io
+import json
 import os
 import pickle
 import struct
@@ -232,3 +233,30 @@ def test_labels_outside_the_classes_are_one_clear_error(cifar, tmp_path):
         add_bytes(tar, "cifar-100-python/meta", py2_pickle(meta))
     with pytest.raises(DataError, match=r"integers in 0\.\.99"):
         C.load_cifar100(root, download=False, allow_unverified=True)
+
+
+def test_train_and_evaluate_cifar100_through_the_cli(archive, cache_dir, tmp_path):
+    """100 classes from the data to the weights, the report (most frequent confusions) and predict."""
+    from cifar10_cnn.weights import load_model
+
+    from .conftest import run_cli
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / C.ARCHIVE).write_bytes(archive.read_bytes())
+    run = tmp_path / "run"
+    args = ("--dataset", "cifar100", "--data-dir", str(root), "--allow-unverified", "--epochs", "1")
+    proc = run_cli("train", *args, "--model", "airbench_small", "--out", str(run), "--no-progress")
+    assert "train 540 / val 60 / test 200" in proc.stdout
+    _, meta = load_model(run / "model.safetensors")
+    assert meta.classes == FINE
+    report = (run / "report.md").read_text()
+    assert "The 20 most frequent confusions" in report and "| fine_99 |" in report
+    results = json.loads((run / "results.json").read_text())
+    assert len(results["confusion_matrix"]) == 100 and results["data"]["labels"] == "fine"
+    run_cli("evaluate", str(run), "--data-dir", str(root), "--allow-unverified", "--no-progress")
+    coarse = run_cli("train", *args, "--labels", "coarse", "--subset", "100", "--out", str(tmp_path / "c"))
+    assert coarse.returncode == 0
+    _, meta = load_model(tmp_path / "c" / "model.safetensors")
+    assert meta.classes == COARSE
+    assert "Confusion matrix, counts" in (tmp_path / "c" / "report.md").read_text()  # 20 classes: the matrix

@@ -13,6 +13,7 @@ get them.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -340,8 +341,12 @@ def _plot_test_set(run: Run, ev: Evaluation, results: dict[str, Any]) -> None:
         plots.plot_curves(rows, run.file("curves_png"))
     plots.plot_confusion(np.array(results["confusion_matrix"]), classes, run.file("confusion_png"))
     per_class = results["per_class"]
+    # A class without test images (a test/ folder that lacks it, a small subset) has no accuracy to draw.
+    tested = {
+        c: a for c, a in results["per_class_accuracy"].items() if isinstance(a, float) and math.isfinite(a)
+    }
     plots.plot_per_class(
-        results["per_class_accuracy"],
+        tested,
         run.file("per_class_png"),
         precision={c: v["precision"] for c, v in per_class.items()},
         f1={c: v["f1"] for c, v in per_class.items()},

@@ -223,6 +223,11 @@ def plot_per_class(
     if not acc:
         raise ValueError("plot_per_class: no per-class accuracies given")
     names = list(acc)
+    many = (
+        len(names) > MATRIX_NUMBERS
+    )  # e.g. CIFAR-100: recall only, in thin bars (precision and F1 in the report)
+    if many:
+        precision = f1 = None
     series = [("recall (accuracy)" if precision or f1 else None, acc, BAR_COLOR)]
     if precision:
         series.insert(0, ("precision", precision, PRECISION_COLOR))
@@ -237,9 +242,8 @@ def plot_per_class(
     height = 0.65 / len(series)
 
     with matplotlib.rc_context(_STYLE):
-        fig = _figure(
-            (7.5 if len(series) == 1 else 8.5, (0.42 if len(series) == 1 else 0.62) * len(names) + 1.8)
-        )
+        per_bar = 0.17 if many else 0.42 if len(series) == 1 else 0.62
+        fig = _figure((7.5 if len(series) == 1 else 8.5, per_bar * len(names) + 1.8))
         ax = fig.subplots()
         for k, (label, values, color) in enumerate(series):
             v = np.array([float(values[n]) for n in names]) * 100.0
@@ -250,12 +254,14 @@ def plot_per_class(
                 bars,
                 labels=[f"{x:.1f}%" for x in v],
                 padding=3,
-                fontsize=9 if len(series) == 1 else 7.5,
+                fontsize=6 if many else 9 if len(series) == 1 else 7.5,
                 zorder=4,
                 bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5},
             )
         ax.axvline(mean, color=MEAN_COLOR, ls="--", lw=1.5, zorder=3, label=f"mean accuracy {mean:.2f}%")
         ax.set_yticks(y, labels=names)
+        if many:
+            ax.tick_params(axis="y", labelsize=6)
         ax.invert_yaxis()  # first class at the top, same order as the confusion matrix
         ax.set_xlim(0, 112)  # room for the value labels of bars near 100%
         ax.set_xticks(range(0, 101, 20))
