@@ -401,3 +401,15 @@ def test_bad_folders_through_the_cli_are_one_line_exit_2(tmp_path, cache_dir):
     assert proc.returncode == 2 and "has no class folders" in error_line(proc)
     proc = run_cli("train", "--dataset", "cifar10", "--labels", "coarse", check=False)
     assert proc.returncode == 2 and "--labels coarse is for --dataset cifar100" in error_line(proc)
+
+
+def test_worker_processes_decode_the_same_pixels_and_count_the_same_failures(cifar, tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "imgs", cifar, classes=(0, 1), per_class=12)
+    (root / "airplane" / "fake.png").write_text("not a png")
+    here = F.load_folder(root, cache_dir="off", progress=False)
+    monkeypatch.setattr(F, "PROCESS_MIN", 10)  # a real pool of 2 spawned processes, chunks of 5 files
+    monkeypatch.setattr(F, "CHUNK", 5)
+    monkeypatch.setattr(F, "DECODE_WORKERS", 2)
+    pooled = F.load_folder(root, cache_dir="off", progress=False)
+    assert np.array_equal(pooled.train_images, here.train_images) and pooled.sha256 == here.sha256
+    assert pooled.skipped == here.skipped == [("airplane/fake.png", "not an image in a supported format")]

@@ -24,7 +24,6 @@ import sys
 import time
 import unicodedata
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +43,9 @@ TEST_FRACTION = 0.2  # of each class, when there is no test/ folder
 SPLIT_SEED = 0  # fixed: the same folder always gives the same test files
 SHOWN = 3  # skipped files named in a message
 MAX_META_JSON = 256 * 2**20
+DECODE_WORKERS: int | None = None  # processes that read and decode files (None: the CPUs, at most 8)
+PROCESS_MIN = 2000  # fewer files are decoded in this process (starting workers costs about a second)
+CHUNK = 1000  # files per task of a worker
 
 
 @dataclass
@@ -236,10 +238,11 @@ def _class_files(
     base = root / split if split else root
     for name in only if only is not None else classes:
         label = classes.index(name)
-        stack = [base / name]
+        stack = [(base / name, f"{split}/{name}/" if split else f"{name}/")]
         while stack:
-            for e in _entries(stack.pop(), budget):
-                rel = os.path.relpath(e.path, root)
+            folder, prefix = stack.pop()
+            for e in _entries(folder, budget):
+                rel = prefix + e.name
                 if e.is_symlink():
                     if not _inside(e.path, real_root):
                         skipped.append((rel, "a symbolic link leading outside the folder; not followed"))
@@ -248,7 +251,7 @@ def _class_files(
                         skipped.append((rel, "a symbolic link to a folder; not followed"))
                         continue
                 if e.is_dir(follow_symlinks=False):
-                    stack.append(Path(e.path))
+                    stack.append((Path(e.path), rel + "/"))
                 elif Path(e.name).suffix.lower() in exts or not e.is_file():
                     files.append((rel, label, split))  # special files are refused (and counted) when read
                 else:
@@ -270,27 +273,57 @@ def decode_files(
     root: Path, rels: Sequence[str], size: int = I.IMAGE_SIZE, workers: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str | None], str]:
     """uint8 (N, size, size, 3) of the files, a mask of those decoded, the reason for each failure, and the
-    sha256 of all the files' names and bytes (in order)."""
+    sha256 of all the files' names and bytes (in order).
+
+    Decoding a small image is mostly Python (Pillow's per-file overhead), so threads do not help: a large set
+    is decoded in chunks by worker processes (spawned: they load no torch), each with its share of the budget.
+    """
+    n = workers or DECODE_WORKERS or min(8, os.cpu_count() or 1)
+    if n > 1 and len(rels) >= PROCESS_MIN:
+        parts = _in_processes(str(root), list(rels), size, n)
+    else:
+        parts = [_decode_chunk(str(root), list(rels), size, I.DECODE_BUDGET)]
+    out = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, size, size, 3), np.uint8)
+    errors = [e for p in parts for e in p[1]]
+    total = hashlib.sha256()
+    for rel, d in zip(rels, (d for p in parts for d in p[2]), strict=True):
+        total.update(os.fsencode(rel) + b"\0" + d)
+    ok = np.array([e is None for e in errors], bool)
+    return out, ok, errors, total.hexdigest()
+
+
+def _decode_chunk(
+    root: str, rels: list[str], size: int, budget_bytes: int
+) -> tuple[np.ndarray, list[str | None], list[bytes]]:
+    """The pixels, errors and sha256 digests of some files, one after another (also a worker's job)."""
     out = np.zeros((len(rels), size, size, 3), np.uint8)
     errors: list[str | None] = [None] * len(rels)
-    digests: list[bytes] = [b""] * len(rels)
-    budget = I.DecodeBudget()
-
-    def one(i: int) -> None:
+    digests = [b""] * len(rels)
+    budget = I.DecodeBudget(budget_bytes)
+    for i, rel in enumerate(rels):
         try:
-            payload = I.read_file(root / rels[i])
+            payload = I.read_file(os.path.join(root, rel))
             digests[i] = hashlib.sha256(payload).digest()
             out[i] = I.load_image(payload, budget=budget, size=size)
         except I.ImageError as e:
             errors[i] = str(e).split(" (PNG, ")[0]  # the list of supported formats, once is enough
+    return out, errors, digests
 
-    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
-        list(pool.map(one, range(len(rels))))
-    total = hashlib.sha256()
-    for rel, d in zip(rels, digests, strict=True):
-        total.update(os.fsencode(rel) + b"\0" + d)
-    ok = np.array([e is None for e in errors], bool)
-    return out, ok, errors, total.hexdigest()
+
+def _in_processes(root: str, rels: list[str], size: int, n: int) -> list:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    chunks = [rels[i : i + CHUNK] for i in range(0, len(rels), CHUNK)]
+    k = len(chunks)
+    try:
+        with ProcessPoolExecutor(min(n, k), mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(_decode_chunk, [root] * k, chunks, [size] * k, [I.DECODE_BUDGET // n] * k))
+    except BrokenProcessPool:
+        raise DataError(
+            f"a process decoding the images of {shown(root)} died (out of memory?); retry with fewer at once"
+        ) from None
 
 
 # --- the whole source: scan -> cache or decode -> test split -----------------------------------------------
@@ -380,9 +413,7 @@ def _split(s: Scan, d: _Decoded, test_files: Sequence[str] | None) -> FolderData
     if not test.any():
         raise DataError(f"{shown(str(s.root))}: no readable test image{_skip_hint(d.skipped)}")
     train = ~test
-    hashes = [hashlib.blake2b(img.tobytes(), digest_size=16).digest() for img in d.images]
-    seen = {h for h, t in zip(hashes, train, strict=True) if t}
-    duplicates = sum(1 for h, t in zip(hashes, test, strict=True) if t and h in seen)
+    duplicates = _duplicates(d.images, train, test)
     arrays = {
         "train_images": d.images[train],
         "train_labels": d.labels[train],
@@ -399,6 +430,28 @@ def _split(s: Scan, d: _Decoded, test_files: Sequence[str] | None) -> FolderData
         test_files=[r for r, t in zip(d.rels, test, strict=True) if t],
         skipped=d.skipped,
         duplicates=duplicates,
+    )
+
+
+def _duplicates(images: np.ndarray, train: np.ndarray, test: np.ndarray) -> int:
+    """How many test images equal some training image, pixel for pixel.
+
+    A 64-bit fingerprint of each image (a random linear map, vectorised) finds the candidates; each candidate
+    is then compared exactly, so a fingerprint collision never counts.
+    """
+    flat = images.reshape(len(images), -1)
+    weights = np.random.default_rng(0).integers(1, 2**63, flat.shape[1], dtype=np.uint64) | np.uint64(1)
+    fp = np.zeros(len(flat), np.uint64)
+    for start in range(0, len(flat), 4096):  # in blocks: a (4096, 3072) uint64 product is 100 MB
+        block = flat[start : start + 4096].astype(np.uint64)
+        fp[start : start + 4096] = (block * weights).sum(axis=1, dtype=np.uint64)
+    by_fp: dict[int, list[int]] = {}
+    for i in np.flatnonzero(train):
+        by_fp.setdefault(int(fp[i]), []).append(int(i))
+    return sum(
+        1
+        for i in np.flatnonzero(test)
+        if any(np.array_equal(flat[i], flat[j]) for j in by_fp.get(int(fp[i]), ()))
     )
 
 
@@ -450,9 +503,10 @@ def _cache_key(s: Scan, size: int) -> str:
         f"folder-v1\0{s.root.resolve()}\0{s.layout}\0{size}\0".encode("utf-8", "surrogateescape")
     )
     h.update("\0".join(s.classes).encode() + b"\n")
+    base = os.path.join(s.root, "")
     for rel, label, split in s.files:
         try:
-            st = os.stat(s.root / rel)
+            st = os.stat(base + rel)
             stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_mode}"
         except OSError as e:
             stamp = f"error {e.errno}"
