@@ -99,7 +99,7 @@ def recorded(run_dir: Path) -> tuple[str | None, list[str] | None]:
 def load_run_data(
     run_dir: Path | None, cfg_args: dict[str, Any], data_dir: str | os.PathLike | None, **kw: Any
 ) -> Dataset:
-    """The data of a run, for evaluation: its recorded folder and test files when it has them."""
+    """The data of a run (to evaluate or resume it): its recorded folder and test files when it has them."""
     root, files = recorded(run_dir) if run_dir is not None else (None, None)
     if root is not None and data_dir is None:
         data_dir = root

@@ -38,7 +38,7 @@ from .metrics import classification_metrics, confident_errors
 from .models import count_params
 from .report import write_report
 from .runs import Run, read_json, write_atomic, write_json
-from .weights import ModelMeta, load_model, model_fingerprint, weights_path
+from .weights import ModelMeta, load_model, model_fingerprint, run_dir_of, weights_path
 
 N_CONFIDENT_ERRORS = 24
 N_SAMPLES = (
@@ -560,7 +560,7 @@ def evaluate_saved(
     cfg = run_config(path, metadata)
     if data is None:
         data = load_run_data(
-            path if path.is_dir() else None,
+            run_dir_of(path),
             cfg.data_args() if cfg else {},
             data_dir,
             allow_unverified=allow_unverified,

@@ -252,7 +252,7 @@ def _class_files(
                         continue
                 if e.is_dir(follow_symlinks=False):
                     stack.append((Path(e.path), rel + "/"))
-                elif Path(e.name).suffix.lower() in exts or not e.is_file():
+                elif os.path.splitext(e.name)[1].lower() in exts or not e.is_file():
                     files.append((rel, label, split))  # special files are refused (and counted) when read
                 else:
                     skipped.append((rel, "not an image file"))
@@ -360,7 +360,7 @@ def load_folder(
                 f"reading {len(s.files):,} images of {shown(str(s.root))} (cached for the next run)",
                 file=sys.stderr,
             )
-        decoded = _decode_scan(s, image_size)
+        decoded = _hashed(_decode_scan(s, image_size))
         if path:
             _write_cache(path, key, decoded)
     data = _split(s, decoded, test_files)
@@ -378,6 +378,7 @@ class _Decoded:
     images: np.ndarray
     skipped: list[tuple[str, str]]
     files_sha256: str
+    sha256: dict[str, str] = field(default_factory=dict)  # of the images and labels arrays
 
 
 def _decode_scan(s: Scan, size: int) -> _Decoded:
@@ -393,6 +394,11 @@ def _decode_scan(s: Scan, size: int) -> _Decoded:
         skipped=sorted(s.skipped + failed),
         files_sha256=files_sha,
     )
+
+
+def _hashed(d: _Decoded) -> _Decoded:
+    d.sha256 = {"images": _sha(d.images), "labels": _sha(d.labels)}
+    return d
 
 
 def _split(s: Scan, d: _Decoded, test_files: Sequence[str] | None) -> FolderData:
@@ -426,7 +432,7 @@ def _split(s: Scan, d: _Decoded, test_files: Sequence[str] | None) -> FolderData
         source=f"folder:{s.root}",
         verified=True,
         root=str(s.root.resolve()),
-        sha256={"files": d.files_sha256, **{k: _sha(v) for k, v in arrays.items()}},
+        sha256={"files": d.files_sha256, **d.sha256},  # the source bytes, and the decoded arrays
         test_files=[r for r, t in zip(d.rels, test, strict=True) if t],
         skipped=d.skipped,
         duplicates=duplicates,
@@ -439,12 +445,12 @@ def _duplicates(images: np.ndarray, train: np.ndarray, test: np.ndarray) -> int:
     A 64-bit fingerprint of each image (a random linear map, vectorised) finds the candidates; each candidate
     is then compared exactly, so a fingerprint collision never counts.
     """
-    flat = images.reshape(len(images), -1)
-    weights = np.random.default_rng(0).integers(1, 2**63, flat.shape[1], dtype=np.uint64) | np.uint64(1)
+    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+    words = flat.view(np.uint64) if flat.shape[1] % 8 == 0 else flat.astype(np.uint64)  # 8 pixels a word
+    weights = np.random.default_rng(0).integers(1, 2**63, words.shape[1], dtype=np.uint64) | np.uint64(1)
     fp = np.zeros(len(flat), np.uint64)
-    for start in range(0, len(flat), 4096):  # in blocks: a (4096, 3072) uint64 product is 100 MB
-        block = flat[start : start + 4096].astype(np.uint64)
-        fp[start : start + 4096] = (block * weights).sum(axis=1, dtype=np.uint64)
+    for start in range(0, len(flat), 4096):  # in blocks, to keep the product small
+        fp[start : start + 4096] = (words[start : start + 4096] * weights).sum(axis=1, dtype=np.uint64)
     by_fp: dict[int, list[int]] = {}
     for i in np.flatnonzero(train):
         by_fp.setdefault(int(fp[i]), []).append(int(i))
@@ -535,7 +541,8 @@ def _read_cache(path: Path, key: str, size: int) -> _Decoded | None:
             images = read_npy(f, "cache", n, (size, size, 3), np.uint8)
         with open_regular(path / "labels.npy", "cache") as f:
             labels = read_npy(f, "cache", n, (), np.int64)
-        if len(images) != n or len(labels) != n or _sha(images) + _sha(labels) != meta["sha256"]:
+        sha = {"images": _sha(images), "labels": _sha(labels)}
+        if len(images) != n or len(labels) != n or sha != meta["sha256"]:
             return None
         return _Decoded(
             rels=[str(r) for r in meta["rels"]],
@@ -544,6 +551,7 @@ def _read_cache(path: Path, key: str, size: int) -> _Decoded | None:
             images=images,
             skipped=[(str(a), str(b)) for a, b in meta["skipped"]],
             files_sha256=str(meta["files_sha256"]),
+            sha256=sha,
         )
     except (DataError, OSError, ValueError, KeyError, TypeError, UnicodeError):
         return None
@@ -562,7 +570,7 @@ def _write_cache(path: Path, key: str, d: _Decoded) -> None:
             write_atomic(path / f"{name}.npy", buffer.getbuffer())
         meta = {
             "key": key,
-            "sha256": _sha(d.images) + _sha(d.labels),
+            "sha256": d.sha256,
             "rels": d.rels,
             "splits": d.splits,
             "skipped": d.skipped,

@@ -29,7 +29,7 @@ from .calibration import fit_temperature
 from .checkpoint import TrainState, load_checkpoint
 from .config import TrainConfig
 from .data import CIFAR10, Split, Splits, batch_indices, make_splits
-from .datasets import load_data, notes, record_test_files
+from .datasets import load_run_data, notes, record_test_files
 from .device import autocast_dtype, precision_name, select_device
 from .errors import CheckpointError, TrainingDiverged, UserError
 from .evaluate import augmentation_preview, evaluate_into_run
@@ -340,8 +340,13 @@ def train(
         echo, progress = (lambda *_: None), False
     if data is None:
         with world.main_first():  # rank 0 downloads and verifies; the others then read its cache
-            data = load_data(
-                data_dir, **cfg.data_args(), allow_unverified=allow_unverified, progress=progress
+            # A resumed run on a folder keeps the test files it recorded, even if the folder changed since.
+            data = load_run_data(
+                Path(resume) if resume is not None else None,
+                cfg.data_args(),
+                data_dir,
+                allow_unverified=allow_unverified,
+                progress=progress,
             )
     cfg = cfg.sized_for(len(data.train_labels)) if resume is None else cfg
     device = distributed.local_device(select_device(cfg.device))
