@@ -47,7 +47,13 @@ def check_pixels(data: folders.FolderData, images: np.ndarray) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=50_000, help="how many training images (50000)")
-    p.add_argument("--workers", type=int, nargs="+", default=[0], help="decoding threads (0: the default)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="decoding threads (0: the default, one process below 4 CPUs)",
+    )
     p.add_argument("--data-dir", help="where CIFAR-10 is (default $CIFAR10_DATA, else ./data)")
     args = p.parse_args()
     data = load_cifar10(args.data_dir, download=False, progress=False, cache_dir="off")
