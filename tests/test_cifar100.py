@@ -260,3 +260,29 @@ def test_train_and_evaluate_cifar100_through_the_cli(archive, cache_dir, tmp_pat
     _, meta = load_model(tmp_path / "c" / "model.safetensors")
     assert meta.classes == COARSE
     assert "Confusion matrix, counts" in (tmp_path / "c" / "report.md").read_text()  # 20 classes: the matrix
+
+
+def test_the_second_load_comes_from_the_verified_cache_and_a_changed_archive_is_read_again(
+    archive, cifar, tmp_path
+):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / C.ARCHIVE).write_bytes(archive.read_bytes())
+    cache = tmp_path / "cache"
+    first = C.load_cifar100(root, download=False, allow_unverified=True, cache_dir=cache)
+    second = C.load_cifar100(root, download=False, allow_unverified=True, cache_dir=cache)
+    assert not first.cached and second.cached and second.classes == FINE
+    assert second.sha256 == first.sha256 and np.array_equal(second.train_images, first.train_images)
+    coarse = C.load_cifar100(root, labels="coarse", download=False, allow_unverified=True, cache_dir=cache)
+    assert not coarse.cached and coarse.classes == COARSE  # the other labels are another entry
+    (npy,) = [
+        p for p in cache.glob("cifar100/*/train_labels.npy") if C._read_cache(p.parent).labels == "fine"
+    ]
+    raw = bytearray(npy.read_bytes())
+    raw[-8] ^= 1  # a label changed in the cache: not used, the archive is read again
+    npy.write_bytes(bytes(raw))
+    again = C.load_cifar100(root, download=False, allow_unverified=True, cache_dir=cache)
+    assert not again.cached and np.array_equal(again.train_labels, first.train_labels)
+    write_archive(root / C.ARCHIVE, cifar, 300, 100)  # the archive replaced: read again
+    changed = C.load_cifar100(root, download=False, allow_unverified=True, cache_dir=cache)
+    assert not changed.cached and len(changed.train_images) == 300

@@ -14,8 +14,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import tarfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,8 @@ import numpy as np
 from . import archive as A
 from . import readers as R
 from .errors import DataError, first_line
-from .sources import Dataset, resolve_data_dir
+from .runs import write_atomic
+from .sources import CACHE_ENV, Dataset, resolve_data_dir
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -46,6 +49,7 @@ class CIFAR100(Dataset):
     """CIFAR-100's arrays (as data.CIFAR10 holds them) with fine or coarse labels; verified: the archive's md5."""
 
     labels: str = "fine"
+    cached: bool = False  # read from the cache, not from the archive
 
     def provenance(self) -> dict:
         return {
@@ -65,29 +69,40 @@ def load_cifar100(
     progress: bool = True,
     url: str = URL,
     md5: str = MD5,
+    cache_dir: str | os.PathLike | None = None,
 ) -> CIFAR100:
-    """CIFAR-100 from data_dir: the archive (downloaded there if missing), or an extracted cifar-100-python/."""
+    """CIFAR-100 from data_dir: the archive (downloaded there if missing), or an extracted cifar-100-python/.
+
+    The arrays are cached as CIFAR-10's are (keyed by the files' path, size, mtime and inode; re-hashed on
+    every read), so the archive is unpacked and its md5 computed once.
+    """
     if labels not in LABELS:
         raise DataError(
             f"--labels {labels!r}: CIFAR-100 has fine (100 classes) or coarse (20 classes) labels"
         )
     root = resolve_data_dir(data_dir)
     archive, folder = root / ARCHIVE, root / FOLDER
-    if archive.is_file():
-        members, verified, source = read_archive(archive), _md5(archive) == md5, f"archive:{archive}"
-    elif folder.is_dir():
-        members, verified, source = read_folder(folder), False, f"folder:{folder}"
-    elif download:
-        archive = fetch(root, url=url, md5=md5, progress=progress)
-        members, verified, source = read_archive(archive), True, f"archive:{archive}"
-    else:
-        raise DataError(f"no CIFAR-100 found in {root}; put {ARCHIVE} there or allow the download")
-    if not verified and not allow_unverified:
+    if not archive.is_file() and not folder.is_dir():
+        if not download:
+            raise DataError(f"no CIFAR-100 found in {root}; put {ARCHIVE} there or allow the download")
+        fetch(root, url=url, md5=md5, progress=progress)
+    paths = [archive] if archive.is_file() else [folder / name for name in MEMBER_LIMITS]
+    cache = _cache_path(paths, f"{labels}\0{md5}", cache_dir)
+    data = _read_cache(cache) if cache else None
+    if data is None:
+        if archive.is_file():
+            members, verified, source = read_archive(archive), _md5(archive) == md5, f"archive:{archive}"
+        else:
+            members, verified, source = read_folder(folder), False, f"folder:{folder}"
+        data = _dataset(members, labels, source, verified)
+        if cache:
+            _write_cache(cache, data)
+    if not data.verified and not allow_unverified:
         raise DataError(
-            f"{source.split(':', 1)[1]} is not the official CIFAR-100 archive (md5 {md5} expected); replace it, "
-            "or pass --allow-unverified to use it anyway"
+            f"{data.source.split(':', 1)[1]} is not the official CIFAR-100 archive (md5 {md5} expected); "
+            "replace it, or pass --allow-unverified to use it anyway"
         )
-    return _dataset(members, labels, source, verified)
+    return data
 
 
 def _dataset(members: dict[str, bytes], labels: str, source: str, verified: bool) -> CIFAR100:
@@ -259,3 +274,63 @@ def fetch(root: Path, *, url: str = URL, md5: str = MD5, progress: bool = True) 
             f"cannot download {url} ({first_line(cause)}); check the network, or put {ARCHIVE} in {root} "
             "(or pass --data-dir)"
         ) from None
+
+
+# --- the cache: as CIFAR-10's (sources.py), with the class names and the md5's verdict ------------------------
+
+
+def _cache_path(paths: list[Path], what: str, cache_dir: str | os.PathLike | None) -> Path | None:
+    base = cache_dir or os.environ.get(CACHE_ENV)
+    if base == "off":
+        return None
+    base = (
+        Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar10-cnn"
+    )
+    stamp = ["cifar100-v1", what]
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            return None  # a file is missing: reading the source says which
+        stamp.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
+    return (
+        base
+        / "cifar100"
+        / hashlib.sha256("\n".join(stamp).encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    )
+
+
+def _read_cache(path: Path) -> CIFAR100 | None:
+    """The cached dataset if it is whole and its arrays hash to the recorded sha256, else None."""
+    try:
+        meta = json.loads(R.read_capped(path / "meta.json", 2**20, "cache"))
+        arrays = {}
+        for name in R.ARRAY_NAMES:
+            split, part = name.split("_")
+            shape, dtype = ((32, 32, 3), np.uint8) if part == "images" else ((), np.int64)
+            with R.open_regular(path / f"{name}.npy", "cache") as f:
+                arrays[name] = R.read_npy(f, "cache", SIZES[split], shape, dtype)
+        classes = tuple(str(c) for c in meta["classes"])
+        if R.content_sha256(arrays) != meta["sha256"] or meta["labels"] not in LABELS:
+            return None
+        R.check_arrays(arrays, "cache", n_classes=len(classes))
+        return CIFAR100(**arrays, source=str(meta["source"]), verified=meta["verified"] is True,
+                        sha256=meta["sha256"], classes=classes, labels=meta["labels"], cached=True)  # fmt: skip
+    except (DataError, OSError, ValueError, KeyError, TypeError, UnicodeError):
+        return None
+
+
+def _write_cache(path: Path, data: CIFAR100) -> None:
+    """Best effort (a read-only or full disk only costs the speed-up); meta.json, written last, marks it whole."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "meta.json").unlink(missing_ok=True)
+        for name in R.ARRAY_NAMES:
+            buffer = io.BytesIO()
+            np.save(buffer, getattr(data, name))
+            write_atomic(path / f"{name}.npy", buffer.getbuffer())
+        meta = {"source": data.source, "verified": data.verified, "sha256": data.sha256,
+                "classes": list(data.classes), "labels": data.labels, "time": time.time()}  # fmt: skip
+        write_atomic(path / "meta.json", json.dumps(meta))
+    except OSError:
+        pass  # write_atomic removed its own temporary file
