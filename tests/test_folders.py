@@ -363,6 +363,7 @@ def test_train_evaluate_predict_export_and_serve_a_folder_through_the_cli(cifar,
         "skipped 1 files that are not readable images (first: cat/notes.txt: not an image file)"
         in proc.stdout
     )
+    assert "120 images of 3 classes read in" in proc.stdout
     _, meta = load_model(run / "model.safetensors")
     assert meta.classes == ("bird", "cat", "ship")
     report = (run / "report.md").read_text()

@@ -73,7 +73,7 @@ def load_data(
 
 def notes(data: Dataset) -> list[str]:
     """What a run should print about its data (skipped files, leakage); nothing for CIFAR."""
-    return data.notes() if isinstance(data, folders.FolderData) else []
+    return [data.summary(), *data.notes()] if isinstance(data, folders.FolderData) else []
 
 
 # --- the run's record of its test files ------------------------------------------------------------------------

@@ -87,6 +87,12 @@ class FolderData(Dataset):
             "train_test_duplicates": self.duplicates,
         }
 
+    def summary(self) -> str:
+        """One line: how many images of how many classes, and how long they took to read."""
+        n = len(self.train_labels) + len(self.test_labels)
+        how = "from the cache" if self.cached else "decoded, and cached for the next run"
+        return f"{n:,} images of {len(self.classes)} classes read in {self.seconds:.1f} s ({how})"
+
     def notes(self) -> list[str]:
         """The lines a run prints about this data: skipped files and leakage."""
         out = []
