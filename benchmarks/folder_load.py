@@ -52,7 +52,7 @@ def main() -> None:
         type=int,
         nargs="+",
         default=[0],
-        help="decoding threads (0: the default, one process below 4 CPUs)",
+        help="decoding threads (0: the default, one per CPU up to 8)",
     )
     p.add_argument("--data-dir", help="where CIFAR-10 is (default $CIFAR10_DATA, else ./data)")
     args = p.parse_args()

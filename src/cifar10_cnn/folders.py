@@ -43,7 +43,7 @@ TEST_FRACTION = 0.2  # of each class, when there is no test/ folder
 SPLIT_SEED = 0  # fixed: the same folder always gives the same test files
 SHOWN = 3  # skipped files named in a message
 MAX_META_JSON = 256 * 2**20
-DECODE_WORKERS: int | None = None  # processes that read and decode files (None: the CPUs up to 8, if 4+)
+DECODE_WORKERS: int | None = None  # processes that read and decode files (None: the CPUs, at most 8)
 PROCESS_MIN = 2000  # fewer files are decoded in this process (starting workers costs about a second)
 CHUNK = 1000  # files per task of a worker
 
@@ -284,10 +284,9 @@ def decode_files(
     Decoding a small image is mostly Python (Pillow's per-file overhead), so threads do not help: a large set
     is decoded in chunks by worker processes (spawned: they load no torch), each with its share of the budget.
     """
-    cpus = os.cpu_count() or 1
-    # On 2 CPUs, two workers measured slower than one (benchmarks/folder_load.py): their start and the
-    # transfer of the pixels cost more than the second core gives on a busy machine.
-    n = workers or DECODE_WORKERS or (min(8, cpus) if cpus >= 4 else 1)
+    # 50,000 PNGs on 2 CPUs (benchmarks/folder_load.py): 9.5 s in one process, 6.9 s in two (on a machine
+    # busy with other work, 19 s and 22 s: processes help when the second core is free).
+    n = workers or DECODE_WORKERS or min(8, os.cpu_count() or 1)
     if n > 1 and len(rels) >= PROCESS_MIN:
         parts = _in_processes(str(root), list(rels), size, n)
     else:
