@@ -254,7 +254,7 @@ def test_train_and_evaluate_cifar100_through_the_cli(archive, cache_dir, tmp_pat
     assert "The 20 most frequent confusions" in report and "| fine_99 |" in report
     results = json.loads((run / "results.json").read_text())
     assert len(results["confusion_matrix"]) == 100 and results["data"]["labels"] == "fine"
-    run_cli("evaluate", str(run), "--data-dir", str(root), "--allow-unverified", "--no-progress")
+    run_cli("evaluate", str(run), "--allow-unverified", "--no-progress")  # the data where the run found it
     coarse = run_cli("train", *args, "--labels", "coarse", "--subset", "100", "--out", str(tmp_path / "c"))
     assert coarse.returncode == 0
     _, meta = load_model(tmp_path / "c" / "model.safetensors")

@@ -101,6 +101,16 @@ def load_run_data(
 ) -> Dataset:
     """The data of a run (to evaluate or resume it): its recorded folder and test files when it has them."""
     root, files = recorded(run_dir) if run_dir is not None else (None, None)
-    if root is not None and data_dir is None:
-        data_dir = root
+    if data_dir is None:
+        data_dir = root or (_cifar100_dir(run_dir) if run_dir is not None else None)
     return load_data(data_dir, **cfg_args, test_files=files, **kw)
+
+
+def _cifar100_dir(run_dir: Path) -> str | None:
+    """Where a CIFAR-100 run's data was (results.json: data.source), if it is there still."""
+    data = Run(run_dir).read_results().get("data")
+    source = data.get("source") if isinstance(data, dict) and data.get("kind") == "cifar100" else None
+    if not isinstance(source, str) or ":" not in source:
+        return None
+    path = Path(source.split(":", 1)[1])
+    return str(path.parent) if path.exists() else None
