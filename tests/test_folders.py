@@ -347,6 +347,23 @@ def serve_model(run: Path, tmp_path: Path) -> tuple[subprocess.Popen, str]:
     raise AssertionError((tmp_path / "serve.log").read_text())
 
 
+def page_shows_the_classes(url: str) -> None:
+    """The service's page, in a real browser (Chromium), names the folder's classes in its title and text."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True,
+                                    args=["--no-sandbox", "--disable-gpu"])  # fmt: skip
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_function("document.querySelector('#classes').textContent.length > 0")
+            assert page.inner_text("#classes") == "The model knows 3 classes: bird, cat, ship."
+            assert page.inner_text("h1") == page.title() == "Image classifier (3 classes)"
+        finally:
+            browser.close()
+
+
 def test_train_evaluate_predict_export_and_serve_a_folder_through_the_cli(cifar, cache_dir, tmp_path):
     import httpx
 
@@ -389,6 +406,7 @@ def test_train_evaluate_predict_export_and_serve_a_folder_through_the_cli(cifar,
         answer = httpx.post(f"{url}/predict", files={"file": ("c.png", png, "image/png")}, timeout=30).json()
         (result,) = answer["results"]
         assert sorted(p["class"] for p in result["predictions"]) == ["bird", "cat", "ship"], answer
+        page_shows_the_classes(url)
     finally:
         server.terminate()
         server.wait(timeout=30)
