@@ -871,3 +871,108 @@ def test_a_download_of_one_byte_more_than_the_size_is_refused_of_exactly_the_siz
     assert leftovers(tmp_path / "short") == []
     data = D.load_cifar10(tmp_path / "exact", size=size, allow_unverified=True, **options)
     assert len(data.train_images) == 1000 and leftovers(tmp_path / "exact") == [D.ARCHIVE]
+
+
+# --- what a killed extraction leaves is cleaned on the next run, and only that -----------------------------
+
+KILL_DURING_EXTRACTION = """
+import os, signal, sys
+from pathlib import Path
+from cifar10_cnn import archive
+
+def kill_after_two_members(frame, event, arg):  # a real SIGKILL, with two members staged
+    if event == "return" and frame.f_code is archive._Stage.add.__code__ and len(frame.f_locals["self"].seen) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+sys.setprofile(kill_after_two_members)
+archive.extract_archive(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+def look_alike(root: Path, name: str, marker: str | None, extra: str | None = None) -> Path:
+    """A folder named like a stage that is not a stale one of ours: a user's, or one still being written."""
+    folder = root / name
+    (folder / D.BATCHES_DIR).mkdir(parents=True)
+    (folder / D.BATCHES_DIR / "data_batch_1").write_bytes(b"the user's")
+    if marker is not None:
+        (folder / ".cifar10-cnn-stage").write_text(marker)
+    if extra:
+        (folder / extra).write_text("the user's notes")
+    return folder
+
+
+def test_a_killed_extraction_is_cleaned_on_the_next_run_and_look_alikes_are_left(small_archive, tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    os.link(small_archive, root / D.ARCHIVE)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_EXTRACTION, str(root / D.ARCHIVE), str(root)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == -9, proc.stderr
+    (killed,) = root.glob(".extract-*")
+    assert sorted(p.name for p in (killed / D.BATCHES_DIR).iterdir()) == ["data_batch_1", "data_batch_2"]
+    ours = (killed / ".cifar10-cnn-stage").read_text()
+    host = ours.splitlines()[1]
+    alive = f"cifar10-cnn extraction stage\n{host}\npid {os.getpid()}\n"  # this process: still extracting
+    others = [
+        look_alike(root, ".extract-u5er0wns", None),  # no marker: a user's folder named alike
+        look_alike(root, ".extract-n0tes4me", ours, extra="notes.txt"),  # our marker, and a user's file
+        look_alike(root, ".extract-running_", alive),  # a running extraction's
+        look_alike(root, ".extract-otherhst", ours.replace(host, "host elsewhere")),  # another host's
+        look_alike(root, ".extract-named-by-user", ours),  # not a name mkdtemp gives
+    ]
+    linked = tmp_path / "user-folder"
+    shutil.copytree(killed, linked)
+    (root / ".extract-l1nk2usr").symlink_to(linked)  # a link to a folder that looks like our stage
+    before = {p.name: snapshot(p) for p in [*others, linked]}
+    data = D.load_cifar10(root, allow_unverified=True, cache_dir="off", progress=False)
+    assert len(data.train_images) == 1000
+    assert not killed.exists()
+    assert {p.name: snapshot(p) for p in [*others, linked]} == before
+    assert leftovers(root) == sorted([D.ARCHIVE, ".extract-l1nk2usr", *(p.name for p in others)])
+
+
+KILL_DURING_DOWNLOAD = """
+import os, signal, sys
+from pathlib import Path
+from cifar10_cnn import download
+
+def kill_after_two_writes(frame, event, arg):  # a real SIGKILL, with part of the archive written
+    global writes
+    if event == "return" and frame.f_code is download._CappedFile.write.__code__:
+        writes = globals().get("writes", 0) + 1
+        if writes == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+sys.setprofile(kill_after_two_writes)
+download.fetch_archive(Path(sys.argv[1]), url=sys.argv[2], md5=sys.argv[3], progress=False)
+"""
+
+
+def test_a_killed_download_is_cleaned_on_the_next_run_and_look_alikes_are_left(
+    server, small_archive, tmp_path
+):
+    www, url = server
+    os.link(small_archive, www / D.ARCHIVE)
+    root = tmp_path / "data"
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_DOWNLOAD, str(root), f"{url}/{D.ARCHIVE}", md5(small_archive)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == -9, proc.stderr
+    (killed,) = root.glob(".download-*")
+    (partial,) = (p for p in killed.iterdir() if p.name.startswith("tmp"))
+    assert 0 < partial.stat().st_size < small_archive.stat().st_size
+    user = root / ".download-u5er0wns"  # a user's folder named alike: no marker
+    user.mkdir()
+    (user / "tmpabcdefgh").write_text("the user's")
+    notes = root / ".download-n0tes4me"  # our marker, and a user's file beside it
+    shutil.copytree(killed, notes)
+    (notes / "notes.txt").write_text("the user's notes")
+    before = {p.name: snapshot(p) for p in (user, notes)}
+    data = D.load_cifar10(root, url=f"{url}/{D.ARCHIVE}", md5=md5(small_archive), allow_unverified=True,
+                          cache_dir="off", progress=False)  # fmt: skip
+    assert len(data.train_images) == 1000 and not killed.exists()
+    assert {p.name: snapshot(p) for p in (user, notes)} == before
+    assert leftovers(root) == sorted([D.ARCHIVE, user.name, notes.name])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -299,3 +300,12 @@ def test_cross_validation_runs_every_fold_and_summarises(tmp_path, cache_dir):
     assert "2-fold cross-validation accuracy" in proc.stdout
     configs = [TrainConfig.load(out / f"fold{k}" / "config.json") for k in range(2)]
     assert [(c.folds, c.fold) for c in configs] == [(2, 0), (2, 1)]  # each fold run is reproducible
+
+
+def test_grid_and_space_know_every_config_field_but_the_recipe():
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"recipe"}
+    for flag, parse in (("--grid", tune.parse_grid), ("--space", tune.parse_space)):
+        with pytest.raises(UserError, match=rf"^{flag}: unknown parameter 'recipe'; known: ") as err:
+            parse(["recipe=seed"])
+        assert set(str(err.value).split("known: ")[1].split(", ")) == known
+    assert tune.parse_grid(["lr=0.01,0.1", "batch_size=64"]) == {"lr": [0.01, 0.1], "batch_size": [64]}

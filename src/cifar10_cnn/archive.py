@@ -1,20 +1,20 @@
-"""The official CIFAR-10 python archive: its download (md5-checked) and its extraction into arrays.
+"""The official CIFAR-10 python archive, extracted into arrays.
 
 Extraction reads only the known members, each within its known size, and refuses links, devices, unknown
 names and duplicates; the unpacked total is capped too (a decompression bomb). The batches folder is kept
-next to the archive only when the arrays are the real CIFAR-10.
+next to the archive only when the arrays are the real CIFAR-10; the staging folder that a killed extraction
+leaves behind is removed by the next load (remove_stale_extractions), and nothing else of that name.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import gzip
 import io
 import os
 import shutil
+import stat
 import tarfile
-import tempfile
 import zlib
 from pathlib import Path
 from typing import BinaryIO
@@ -32,12 +32,7 @@ from .readers import (
     open_regular,
     parse_batch,
 )
-
-URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-MD5 = "c58f30108f718f92721af3b95e74349a"
-ARCHIVE = "cifar-10-python.tar.gz"
-ARCHIVE_SIZE = 170_498_071  # bytes: the download is cut off beyond it
-DATA_ENV = "CIFAR10_DATA"
+from .stages import MARKER, make_stage, only_files, remove_stale_stages
 
 # The members of the real cifar-10-python.tar.gz and their sizes in bytes: nothing else is extracted, and
 # nothing larger (a repacked archive may hold smaller batches, e.g. a subset).
@@ -53,89 +48,6 @@ MEMBER_SIZES = {
 }
 # All that a tar of those members may unpack to, headers and padding included.
 UNPACKED_LIMIT = sum(MEMBER_SIZES.values()) + 2**20
-
-
-# --- the download -------------------------------------------------------------------------------------------
-
-
-def fetch_archive(
-    root: Path, *, url: str = URL, md5: str = MD5, progress: bool = True, size: int = ARCHIVE_SIZE
-) -> Path:
-    """Download the archive into root, checking its md5; the file appears only when complete and right.
-
-    A server that sends more than size bytes (the archive's known size) is cut off, and nothing is kept.
-    """
-    import pooch  # imported here: only the download needs it
-    import requests
-
-    pooch.get_logger().setLevel("WARNING")  # the progress bar says it; errors are ours to word
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        path = pooch.retrieve(
-            url,
-            known_hash=f"md5:{md5}",
-            fname=ARCHIVE,
-            path=root,
-            downloader=_CappedDownloader(pooch.HTTPDownloader(progressbar=progress), size),
-        )
-    except ValueError as e:  # pooch's hash mismatch
-        raise DataError(
-            f"download of {url} failed its md5 check ({first_line(e)}); nothing was kept"
-        ) from None
-    except (requests.RequestException, OSError) as e:
-        cause = _root_cause(e)
-        if isinstance(cause, OSError) and cause.errno in _WRITE_ERRNOS:
-            raise DataError(
-                f"cannot download into {root} ({first_line(cause)}); the archive needs 163 MB there: "
-                f"free some space or pass --data-dir (or set {DATA_ENV}) to a writable folder"
-            ) from None
-        raise DataError(
-            f"cannot download {url} ({first_line(cause)}); check the network, or put the data in {root} "
-            f"(or pass --data-dir / set {DATA_ENV})"
-        ) from None
-    return Path(path)
-
-
-class _CappedDownloader:
-    """pooch's HTTP downloader writing through _CappedFile; pooch removes its temporary file when we raise."""
-
-    def __init__(self, http, size: int) -> None:
-        self._http, self._size = http, size
-
-    def __call__(self, url: str, output_file: str, pooch, check_only: bool = False):
-        if check_only:
-            return self._http(url, output_file, pooch, check_only=True)
-        with open(output_file, "w+b") as f:
-            return self._http(url, _CappedFile(f, self._size, url), pooch)
-
-
-class _CappedFile:
-    """A file that refuses to grow beyond limit bytes (a server sending more than the archive is)."""
-
-    def __init__(self, f: BinaryIO, limit: int, url: str) -> None:
-        self._f, self._left, self._limit, self._url = f, limit, limit, url
-
-    def write(self, chunk: bytes) -> int:
-        self._left -= len(chunk)
-        if self._left < 0:
-            raise DataError(
-                f"{self._url} sent more than {self._limit:,} bytes, the size of the CIFAR-10 python archive; "
-                "cut off, nothing was kept"
-            )
-        return self._f.write(chunk)
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
-
-
-def _root_cause(e: BaseException) -> BaseException:
-    """The innermost exception of a chain (a refused connection rather than the retry wrapper around it)."""
-    while e.__cause__ or e.__context__:
-        e = e.__cause__ or e.__context__
-    return e
 
 
 # --- extraction: only the known members, each within its known size; kept only when verified -------------
@@ -246,10 +158,10 @@ class _Stage:
     def __init__(self, target: Path) -> None:
         self.seen: set[str] = set()
         try:
-            self.root: Path | None = Path(tempfile.mkdtemp(prefix=".extract-", dir=target))
+            self.root: Path | None = make_stage(target, "extract")
             (self.root / BATCHES_DIR).mkdir()
         except OSError:  # read-only, full, or not a folder: the arrays are read in memory all the same
-            self.root = None
+            self.discard()
 
     def add(self, name: str, payload: bytes) -> None:
         self.seen.add(name)
@@ -269,6 +181,21 @@ class _Stage:
             os.rename(self.root / BATCHES_DIR, final)
 
     def discard(self) -> None:
-        if self.root is not None:
+        if getattr(self, "root", None) is not None:
             shutil.rmtree(self.root, ignore_errors=True)  # our own mkdtemp folder
-            self.root = None
+        self.root = None
+
+
+def remove_stale_extractions(target: Path) -> list[Path]:
+    """Remove what killed extractions left in target (only stages of ours; see stages.py)."""
+
+    def holds_only_ours(folder: Path) -> bool:
+        names = set(os.listdir(folder))
+        if not names <= {MARKER, BATCHES_DIR}:
+            return False
+        batches = folder / BATCHES_DIR
+        if BATCHES_DIR in names and not stat.S_ISDIR(batches.lstat().st_mode):
+            return False
+        return BATCHES_DIR not in names or only_files(batches, lambda name: name in MEMBER_SIZES)
+
+    return remove_stale_stages(target, "extract", holds_only_ours)

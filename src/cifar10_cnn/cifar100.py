@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import time
 import zlib
@@ -25,10 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from . import archive as A
+from . import download as DL
 from . import readers as R
 from .errors import DataError, first_line
 from .runs import write_atomic
 from .sources import CACHE_ENV, Dataset, resolve_data_dir
+from .stages import make_stage
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -249,23 +252,34 @@ def _parse(
 
 
 def fetch(root: Path, *, url: str = URL, md5: str = MD5, progress: bool = True) -> Path:
-    """Download the archive into root, checking its md5; the file appears only when complete and right."""
+    """Download the archive into root, checking its md5; the file appears only when complete and right.
+
+    As CIFAR-10's (download.py): written in a stage of ours, cut off beyond ARCHIVE_LIMIT bytes.
+    """
     import pooch  # only the download needs it
     import requests
 
     pooch.get_logger().setLevel("WARNING")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        return Path(
-            pooch.retrieve(url, known_hash=f"md5:{md5}", fname=ARCHIVE, path=root, progressbar=progress)
-        )
+        DL.remove_stale_downloads(root)
+        stage = make_stage(root, "download")
+        try:
+            downloader = DL._CappedDownloader(pooch.HTTPDownloader(progressbar=progress), ARCHIVE_LIMIT)
+            staged = pooch.retrieve(
+                url, known_hash=f"md5:{md5}", fname=ARCHIVE, path=stage, downloader=downloader
+            )
+            if not (root / ARCHIVE).exists():  # else another process brought it meanwhile: that one stays
+                os.rename(staged, root / ARCHIVE)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)  # our own stage
     except ValueError as e:  # pooch's hash mismatch
         raise DataError(
             f"download of {url} failed its md5 check ({first_line(e)}); nothing was kept"
         ) from None
     except (requests.RequestException, OSError) as e:
-        cause = A._root_cause(e)
-        if isinstance(cause, OSError) and cause.errno in A._WRITE_ERRNOS:
+        cause = DL._root_cause(e)
+        if isinstance(cause, OSError) and cause.errno in DL._WRITE_ERRNOS:
             raise DataError(
                 f"cannot download into {root} ({first_line(cause)}); the archive needs 169 MB there: free some "
                 "space or pass --data-dir to a writable folder"
@@ -274,6 +288,7 @@ def fetch(root: Path, *, url: str = URL, md5: str = MD5, progress: bool = True) 
             f"cannot download {url} ({first_line(cause)}); check the network, or put {ARCHIVE} in {root} "
             "(or pass --data-dir)"
         ) from None
+    return root / ARCHIVE
 
 
 # --- the cache: as CIFAR-10's (sources.py), with the class names and the md5's verdict ------------------------

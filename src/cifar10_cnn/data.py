@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .archive import ARCHIVE, ARCHIVE_SIZE, DATA_ENV, MD5, URL, extract_archive, fetch_archive
+from .archive import extract_archive
 from .constants import CLASSES, MEAN, STD
+from .download import ARCHIVE, ARCHIVE_SIZE, DATA_ENV, MD5, URL, fetch_archive
 from .errors import DataError
 from .readers import (
     ARRAY_NAMES,

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .archive import ARCHIVE, ARCHIVE_SIZE, DATA_ENV, MD5, URL, extract_archive, fetch_archive
+from .archive import extract_archive, remove_stale_extractions
 from .constants import CLASSES
+from .download import ARCHIVE, ARCHIVE_SIZE, DATA_ENV, MD5, URL, fetch_archive, remove_stale_downloads
 from .errors import DataError
 from .readers import (
     ARRAY_NAMES,
@@ -72,7 +73,11 @@ CIFAR10 = Dataset  # the name it had when CIFAR-10 was the only dataset
 
 @dataclass(frozen=True)
 class Source:
-    """A kind of dataset. load(data_dir, **options) returns a Dataset; holds(folder) says whether it is there."""
+    """A kind of dataset: load(data_dir, **options) returns a Dataset; holds(folder) says whether it is there.
+
+    options are load_cifar10's keywords (download, allow_unverified, cache_dir, progress); a loader takes
+    them all (**_ for those it has no use for), so that callers need not know which source they get.
+    """
 
     name: str
     load: Callable[..., Dataset]
@@ -90,7 +95,8 @@ def register_source(source: Source) -> None:
 def load_dataset(name_or_path: str | os.PathLike | None = None, **options) -> Dataset:
     """The dataset of a registered source by name (options may hold its data_dir), or the one in a folder.
 
-    A folder goes to the first source that holds it; one that none recognises goes to CIFAR-10, which
+    A str that is a registered name is that name (write ./cifar10 for a folder of that name); anything else
+    is a folder, given to the first source that holds it. One that none recognises goes to CIFAR-10, which
     downloads the archive there (or says what is missing). options go to the source's loader.
     """
     if isinstance(name_or_path, str) and name_or_path in SOURCES:
@@ -125,6 +131,8 @@ def load_cifar10(
     and size (the most bytes the download may take) name another copy of the archive, e.g. a mirror.
     """
     root = resolve_data_dir(data_dir)
+    remove_stale_downloads(root)  # what killed downloads and extractions left, and only that
+    remove_stale_extractions(root)
     kind, paths = find_source(root)
     if kind is None:
         if not download:
