@@ -385,6 +385,7 @@ def test_train_evaluate_predict_export_and_serve_a_folder_through_the_cli(cifar,
     assert meta.classes == ("bird", "cat", "ship")
     report = (run / "report.md").read_text()
     assert all(f"| {name} |" in report for name in meta.classes) and "| airplane |" not in report
+    assert "your own images, 3 classes; 1 files skipped, not readable images (first: cat/notes.txt:" in report
     recorded = json.loads((run / "test_files.json").read_text())
     assert recorded["root"] == str(root) and len(recorded["test_files"]) == 24
     # The folder grows; evaluate still uses the run's 24 test files.

@@ -247,9 +247,28 @@ def _data_source(results: dict[str, Any]) -> str:
     if not isinstance(data, dict):
         return NA
     source = str(data.get("source") or NA)
+    if data.get("kind") == "folder":
+        return f"{source} ({_folder_notes(data)})"
     verified = data.get("verified")
-    check = NA if verified is None else ("sha256 verified" if verified else "NOT verified")
+    how = "md5" if data.get("kind") == "cifar100" else "sha256"
+    check = NA if verified is None else (f"{how} verified" if verified else "NOT verified")
     return f"{source} ({check})"
+
+
+def _folder_notes(data: dict[str, Any]) -> str:
+    """What a folder of images gave: its classes, the files skipped (the first named), leakage."""
+    classes = data.get("classes") if isinstance(data.get("classes"), list) else []
+    parts = [f"your own images, {len(classes)} classes"]
+    skipped, first = _number(data.get("skipped")) or 0, data.get("skipped_first")
+    if skipped:
+        names = "; ".join(str(x) for x in first) if isinstance(first, list) else ""
+        parts.append(
+            f"{int(skipped):,} files skipped, not readable images" + (f" (first: {names})" if names else "")
+        )
+    duplicates = _number(data.get("train_test_duplicates")) or 0
+    if duplicates:
+        parts.append(f"warning: {int(duplicates):,} test images identical to training images (leakage)")
+    return "; ".join(parts)
 
 
 def _ci(results: dict[str, Any]) -> tuple[float, float] | None:
