@@ -423,13 +423,24 @@ def test_bad_folders_through_the_cli_are_one_line_exit_2(tmp_path, cache_dir):
     assert proc.returncode == 2 and "--labels coarse is for --dataset cifar100" in error_line(proc)
 
 
-def test_worker_processes_decode_the_same_pixels_and_count_the_same_failures(cifar, tmp_path, monkeypatch):
+def test_worker_processes_decode_the_same_pixels_and_count_the_same_failures(cifar, tmp_path):
     root = make_folder(tmp_path / "imgs", cifar, classes=(0, 1), per_class=12)
     (root / "airplane" / "fake.png").write_text("not a png")
     here = F.load_folder(root, cache_dir="off", progress=False)
-    monkeypatch.setattr(F, "PROCESS_MIN", 10)  # a real pool of 2 spawned processes, chunks of 5 files
-    monkeypatch.setattr(F, "CHUNK", 5)
-    monkeypatch.setattr(F, "DECODE_WORKERS", 2)
-    pooled = F.load_folder(root, cache_dir="off", progress=False)
-    assert np.array_equal(pooled.train_images, here.train_images) and pooled.sha256 == here.sha256
-    assert pooled.skipped == here.skipped == [("airplane/fake.png", "not an image in a supported format")]
+    # A fresh interpreter (one thread, so it forks) with a real pool of 2 processes and chunks of 5 files.
+    code = (
+        "import json, sys\nfrom cifar10_cnn import folders as F\n"
+        "F.PROCESS_MIN, F.CHUNK, F.DECODE_WORKERS = 10, 5, 2\nassert F._can_fork()\n"
+        f"d = F.load_folder({str(root)!r}, cache_dir='off', progress=False)\n"
+        "print(json.dumps({'sha256': d.sha256, 'skipped': d.skipped, 'test_files': d.test_files}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pooled = json.loads(proc.stdout)
+    assert pooled["sha256"] == here.sha256 and pooled["test_files"] == here.test_files
+    assert (
+        pooled["skipped"]
+        == [list(x) for x in here.skipped]
+        == [["airplane/fake.png", "not an image in a supported format"]]
+    )

@@ -282,12 +282,14 @@ def decode_files(
     sha256 of all the files' names and bytes (in order).
 
     Decoding a small image is mostly Python (Pillow's per-file overhead), so threads do not help: a large set
-    is decoded in chunks by worker processes (spawned: they load no torch), each with its share of the budget.
+    is decoded in chunks by worker processes, each with its share of the budget. They are forked, as
+    PyTorch's DataLoader workers are on Linux: spawned ones would import the main module again, which runs a
+    user's script a second time unless it has an `if __name__ == "__main__"` guard.
     """
     # 50,000 PNGs on 2 CPUs (benchmarks/folder_load.py): 9.5 s in one process, 6.9 s in two (on a machine
     # busy with other work, 19 s and 22 s: processes help when the second core is free).
     n = workers or DECODE_WORKERS or min(8, os.cpu_count() or 1)
-    if n > 1 and len(rels) >= PROCESS_MIN:
+    if n > 1 and len(rels) >= PROCESS_MIN and _can_fork():
         parts = _in_processes(str(root), list(rels), size, n)
     else:
         parts = [_decode_chunk(str(root), list(rels), size, I.DECODE_BUDGET)]
@@ -318,6 +320,13 @@ def _decode_chunk(
     return out, errors, digests
 
 
+def _can_fork() -> bool:
+    """Linux, and no other Python thread that a fork could catch holding a lock (elsewhere: one process)."""
+    import threading
+
+    return sys.platform.startswith("linux") and threading.active_count() == 1
+
+
 def _in_processes(root: str, rels: list[str], size: int, n: int) -> list:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -326,7 +335,7 @@ def _in_processes(root: str, rels: list[str], size: int, n: int) -> list:
     chunks = [rels[i : i + CHUNK] for i in range(0, len(rels), CHUNK)]
     k = len(chunks)
     try:
-        with ProcessPoolExecutor(min(n, k), mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(min(n, k), mp_context=multiprocessing.get_context("fork")) as pool:
             return list(pool.map(_decode_chunk, [root] * k, chunks, [size] * k, [I.DECODE_BUDGET // n] * k))
     except BrokenProcessPool:
         raise DataError(
