@@ -1,7 +1,16 @@
-"""Shared fixtures: the real CIFAR-10 from ../shared (or $CIFAR10_DATA), a session cache, small runs."""
+"""Shared fixtures: the real CIFAR-10 from ../shared (or $CIFAR10_DATA), a session cache, small runs.
+
+Train once, use many times: the runs here are made once per session (per xdist worker) and copied by the
+tests that change them. `small_data` is a real subset of CIFAR-10 (5,000 train, 1,000 test images, the first
+of each file) for command-line runs whose claim does not depend on the full test set: their evaluation then
+costs a tenth. `in_process` runs the command line's `main` in this process, for error paths that need no
+process of their own (each `python -m cifar10_cnn` pays torch's import).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import socket
@@ -22,9 +31,17 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
-@pytest.fixture(scope="session")
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core, at most 4 (each holds the data set and trains its own small runs)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+@pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cache")
+    """One data cache for the whole run, shared by the xdist workers (the cache's writes are atomic)."""
+    root = tmp_path_factory.getbasetemp()
+    path = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "cifar10-cache"
+    path.mkdir(exist_ok=True)
     os.environ["CIFAR10_CACHE"] = str(path)  # for the library and every subprocess the tests start
     return path
 
@@ -34,6 +51,22 @@ def cifar(data_dir, cache_dir):
     from cifar10_cnn.data import load_cifar10
 
     return load_cifar10(data_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_data(cifar, tmp_path_factory) -> Path:
+    """A real subset of CIFAR-10 as a train.npz/test.npz pair: the first 5,000 train and 1,000 test images."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("small-data")
+    np.savez(root / "train.npz", images=cifar.train_images[:5000], labels=cifar.train_labels[:5000])
+    np.savez(root / "test.npz", images=cifar.test_images[:1000], labels=cifar.test_labels[:1000])
+    return root
+
+
+def on(data: Path) -> list[str]:
+    """The command-line options that train on a data folder other than the real, verified CIFAR-10."""
+    return ["--data-dir", str(data), "--allow-unverified"]
 
 
 def copy_run(run: Path, dest: Path, *, checkpoints: bool = False) -> Path:
@@ -72,6 +105,25 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600, **kw) -> subpr
     return proc
 
 
+def in_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`cifar10 ARGS` through the command line's main() in this process: its exit status and what it printed."""
+    from cifar10_cnn.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ)
+    os.environ.update({"CIFAR10_DATA": str(DATA_DIR), **(env or {})})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse's errors and --help
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["cifar10", *args], code, out.getvalue(), err.getvalue())
+
+
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The single error line a failed command printed (and check that it is one line, no traceback)."""
     assert proc.returncode != 0, proc.stdout
@@ -85,7 +137,7 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 def trained_run(cifar, tmp_path_factory) -> Path:
     """A small finished seed_cnn run (1 epoch on 1,000 images: seconds), for predict, export and serve."""
     from cifar10_cnn.config import recipe_config
-    from cifar10_cnn.train import train
+    from cifar10_cnn.pipeline import train
 
     out = tmp_path_factory.mktemp("trained") / "seed-small"
     cfg = recipe_config("seed", epochs=1, subset=1000, val_size=200)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from cifar10_cnn.runs import read_metrics_csv
 
-from .conftest import ROOT, free_port, one_thread_env
+from .conftest import ROOT, free_port, on, one_thread_env
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -56,11 +56,12 @@ def test_two_processes_keep_identical_weights_and_match_one_process(tmp_path, ca
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
 
 
-def test_torchrun_cli_learns_and_resumes_on_another_number_of_processes(tmp_path, cache_dir):
+def test_torchrun_cli_learns_and_resumes_on_another_number_of_processes(tmp_path, small_data):
     """`torchrun -m cifar10_cnn train` on 2 Gloo processes learns; killed after epoch 1, the run resumes on one
-    process and ends where the uninterrupted 2-process run ends."""
+    process and ends where the uninterrupted 2-process run ends. (4,000 real training images; the test set is
+    the first 1,000 real test images.)"""
     common = ["-m", "cifar10_cnn", "train", "--subset", "4000", "--val-size", "400", "--epochs", "2"]
-    common += ["--amp", "off", "--no-progress"]
+    common += ["--amp", "off", "--no-progress", *on(small_data)]
     full = tmp_path / "full"
     out = run(torchrun(2, *common, "--out", str(full))).stdout
     assert "distributed: 2 processes (gloo); global batch 64 = 32 per process x 2" in out
@@ -83,7 +84,9 @@ def test_torchrun_cli_learns_and_resumes_on_another_number_of_processes(tmp_path
     done = [r["epoch"] for r in read_metrics_csv(cut / "metrics.csv")]
     assert done == [1] and not (cut / "results.json").exists()
 
-    resumed = run([sys.executable, *common[:3], "--resume", str(cut), "--no-progress"]).stdout
+    resumed = run(
+        [sys.executable, *common[:3], "--resume", str(cut), "--no-progress", *on(small_data)]
+    ).stdout
     assert f"resumed {cut} after epoch" in resumed
     # The same trajectory: epoch losses agree closely and the weights are near (the order of floating-point sums
     # differs between 1 and 2 processes, and 100 SGD steps amplify that to about 1% of the weights).

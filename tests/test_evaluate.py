@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from cifar10_cnn import calibration as C
 from cifar10_cnn import corruptions as K
 from cifar10_cnn import data as D
-from cifar10_cnn.evaluate import evaluate_model
+from cifar10_cnn.evaluate import EvalOptions, evaluate_model
 from cifar10_cnn.explain import explain
 from cifar10_cnn.inference import evaluate_logits
 from cifar10_cnn.metrics import (
@@ -247,7 +247,9 @@ def test_evaluate_model_computes_without_writing(trained_run, cifar, tmp_path, m
     test = D.to_split(cifar.test_images[:300], cifar.test_labels[:300])
     val = D.to_split(cifar.train_images[:200], cifar.train_labels[:200])
     lines: list[str] = []
-    ev = evaluate_model(model, test, val=val, corruptions=True, corruption_images=40, echo=lines.append)
+    ev = evaluate_model(
+        model, test, EvalOptions(corruptions=True, corruption_images=40), val=val, echo=lines.append
+    )
     assert listing(trained_run) == before and not list(tmp_path.iterdir()), "evaluate_model wrote a file"
     logits = evaluate_logits(model, test).numpy()
     assert np.array_equal(ev.logits, logits) and ev.labels.tolist() == cifar.test_labels[:300].tolist()
@@ -356,7 +358,7 @@ def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path,
 
 def test_a_run_without_validation_fits_no_temperature(cifar, tmp_path):
     from cifar10_cnn.config import recipe_config
-    from cifar10_cnn.train import train
+    from cifar10_cnn.pipeline import train
 
     run = train(
         recipe_config("seed", epochs=1, subset=500, val_size=0),
@@ -377,7 +379,7 @@ EVALUATE_WITHOUT_CAPTUM = """
 import sys
 sys.modules["captum"] = None  # as if Captum were not installed: importing it raises ImportError
 from cifar10_cnn import data as D
-from cifar10_cnn.evaluate import evaluate_into_run
+from cifar10_cnn.pipeline import evaluate_and_report as evaluate_into_run
 data = D.load_cifar10(sys.argv[2], progress=False)
 evaluate_into_run(sys.argv[1], D.to_split(data.test_images[:300], data.test_labels[:300]))
 """
@@ -443,3 +445,147 @@ def test_evaluate_errors_are_one_line_and_write_nothing(trained_run, tmp_path, c
     line = error_line(run_cli("evaluate", str(run), "--tta", "2", "--tta-margin", "1.5", check=False))
     assert "--tta-margin must be between 0 and 1" in line
     assert listing(run) == before
+
+
+def test_evaluate_takes_trains_tta_options_declared_once_and_checked_once():
+    import argparse
+
+    from cifar10_cnn.cli import build_parser
+    from cifar10_cnn.config import TrainConfig
+    from cifar10_cnn.errors import UserError
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    def tta_options(verb: str) -> dict:
+        return {
+            a.dest: (a.option_strings, a.help, a.choices, a.const)
+            for a in verbs[verb]._actions
+            if a.dest in ("tta", "tta_margin")
+        }
+
+    assert tta_options("evaluate") == tta_options("train") and len(tta_options("train")) == 2
+    # evaluate's defaults are TrainConfig's (train's are None: "not given", the recipe decides).
+    args = parser.parse_args(["evaluate", "run"])
+    assert (args.tta, args.tta_margin) == (TrainConfig().tta, TrainConfig().tta_margin) == (0, 1.0)
+    assert parser.parse_args(["evaluate", "run", "--tta"]).tta == 1
+    for bad, message in (
+        (dict(tta=3), "--tta must be 0, 1 or 2"),
+        (dict(tta=2, tta_margin=-0.1), "--tta-margin must be between 0 and 1"),
+        (dict(corruptions=True, corruption_images=0), "--corruption-images must be at least 1"),
+    ):
+        with pytest.raises(UserError, match=message):
+            EvalOptions(**bad)
+    with pytest.raises(UserError, match="--tta must be 0, 1 or 2"):
+        TrainConfig(tta=3)
+
+
+def test_evaluation_writes_no_report_the_pipeline_renders_it_after(trained_run, tmp_path, cifar):
+    from cifar10_cnn.evaluate import evaluate_into_run
+    from cifar10_cnn.pipeline import evaluate_and_report
+
+    run = copy_run(trained_run, tmp_path / "run")
+    for name in ("report.md", "report.html"):
+        (run / name).unlink()
+    test = D.to_split(cifar.test_images[:200], cifar.test_labels[:200])
+    evaluate_into_run(run, test, echo=lambda *_: None)
+    assert json.loads((run / "eval" / "metrics.json").read_text())["test_size"] == 200
+    assert not (run / "report.md").exists() and not (run / "report.html").exists()
+    evaluate_and_report(run, test, echo=lambda *_: None)
+    assert "| Test accuracy |" in (run / "report.md").read_text() and (run / "report.html").is_file()
+
+
+# --- one temperature, and the calibration of what is served ----------------------------------------------------
+
+
+def test_served_figures_are_those_of_what_predict_returns(trained_run, cifar):
+    """The stored temperature is the only one; `served` measures predict's own probabilities (one view)."""
+    from cifar10_cnn.predict import load_predictor
+    from cifar10_cnn.weights import read_temperature
+
+    predictor = load_predictor(trained_run)
+    t = predictor.meta.temperature
+    results = json.loads((trained_run / "results.json").read_text())
+    served = results["served"]
+    assert served["temperature"] == t == results["temperature"] and served["temperature_stored"]
+    labels = cifar.test_labels
+    logits = predictor.logits(cifar.test_images)  # Predictor.probabilities is softmax(these / t): see below
+    for key, temperature in (("ece_calibrated", t), ("ece_raw", 1.0)):
+        ece = C.calibration_errors(C.softmax(logits, temperature), labels)[0]
+        assert served[key] == pytest.approx(ece, abs=1e-6), key
+    assert served["accuracy"] == results["test_accuracy"]  # this run has no TTA: the evaluation is served
+
+    # With TTA the evaluation's logits are not what is served; the temperature stays the stored one.
+    model, _ = load_model(trained_run)
+    test = D.to_split(cifar.test_images[:300], labels[:300])
+    stored = read_temperature(trained_run / "model.safetensors")
+    ev = evaluate_model(model, test, EvalOptions(tta=2), temperature=stored, echo=lambda _: None)
+    np.testing.assert_allclose(ev.served_probs, predictor.probabilities(cifar.test_images[:300]), atol=1e-6)
+    assert not np.allclose(ev.probs, C.softmax(ev.served_logits), atol=1e-4)
+    assert ev.calibration["temperature"] == ev.served["temperature"] == stored == t
+    assert ev.calibration["calibrated"] == C.calibration_metrics(ev.logits, labels[:300], t)
+
+
+def test_bad_config_in_a_weights_files_metadata_is_one_line_and_writes_nothing(trained_run, tmp_path, capsys):
+    from cifar10_cnn import cli
+
+    raw = {
+        k: v if isinstance(v, str) else json.dumps(v)
+        for k, v in read_metadata(trained_run / "model.safetensors").items()
+    }
+    tensors = load_file(str(trained_run / "model.safetensors"))
+    cases = {"epochs": "ten", "lr": [0.1, 0.2], "split_seed": -1}
+    for key, value in cases.items():
+        bad = tmp_path / f"bad-{key}.safetensors"
+        config = {**json.loads(raw["config"]), key: value}
+        save_file(tensors, str(bad), metadata={**raw, "config": json.dumps(config)})
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    before = listing(tmp_path)
+    for key, value in cases.items():
+        bad = tmp_path / f"bad-{key}.safetensors"
+        assert cli.main(["evaluate", str(bad), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.startswith(f"error: {bad}: metadata 'config' is not a valid training config (")
+            and err.count("\n") == 1
+        ), err
+        assert key.replace("_", "-") in err or repr(value) in err, err
+    assert cli.main(["evaluate", str(trained_run / "model.safetensors"), "--out", str(afile / "x")]) == 2
+    assert f"{afile} is a file, not a folder" in capsys.readouterr().err
+    assert listing(tmp_path) == before
+
+
+def test_weights_without_a_temperature_are_served_at_one_and_none_is_fitted_at_tta(trained_run, cifar):
+    model, _ = load_model(trained_run)
+    test = D.to_split(cifar.test_images[:200], cifar.test_labels[:200])
+    val = D.to_split(cifar.train_images[:200], cifar.train_labels[:200])
+    quiet = lambda _: None  # noqa: E731
+    ev = evaluate_model(model, test, val=val, temperature=None, echo=quiet)
+    assert ev.calibration["temperature"] is None and "weights hold no temperature" in ev.calibration["note"]
+    assert ev.served_temperature == 1.0 and ev.served["calibrated"] is None
+    np.testing.assert_array_equal(ev.served_probs, C.softmax(ev.logits))  # no TTA: the same view
+    # A model not saved yet: the temperature is fitted as training fits it, on single views, whatever the TTA.
+    ev = evaluate_model(model, test, EvalOptions(tta=1), val=val, echo=quiet)
+    single = C.fit_temperature(evaluate_logits(model, val).numpy(), val.labels.numpy())
+    assert ev.calibration["temperature"] == ev.served["temperature"] == single
+
+
+def test_evaluate_out_is_a_new_or_empty_folder_or_one_of_ours(trained_run, tmp_path, capsys):
+    from cifar10_cnn import cli
+    from cifar10_cnn.runs import MARKER, claim_dir
+
+    mine = tmp_path / "mine"  # a user's folder: an evaluation must not add results.json, eval/, plots/ there
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    before = listing(tmp_path)
+    assert cli.main(["evaluate", str(trained_run / "model.safetensors"), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {mine} is a folder that is not empty (notes.txt)" in err and err.count("\n") == 1, err
+    assert listing(tmp_path) == before
+    # An empty folder, or one an evaluation made (marked), is ours to write into again.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert claim_dir(empty).is_ours and [p.name for p in empty.iterdir()] == [MARKER]
+    (empty / "results.json").write_text("{}")
+    assert claim_dir(empty).is_ours

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -247,3 +248,63 @@ def test_explain_verb_errors_are_one_line_and_write_nothing(weights, image_folde
     assert cli.main(["explain", str(weights), str(image_folder), "--out", str(keep)]) == 2
     assert "not an empty folder" in capsys.readouterr().err
     assert [p.name for p in keep.iterdir()] == ["notes.txt"]
+
+
+# --- hostile inputs: a partial last row, unreadable files among good ones, a device as the model -----------
+
+
+def _pngs(cifar, folder: Path, n: int, start: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"img{i:02d}.png" for i in range(start, start + n)]
+    for i, path in enumerate(paths):
+        Image.fromarray(cifar.test_images[start + i]).save(path)
+    return paths
+
+
+def test_explain_nine_images_fills_part_of_the_sheets_last_row(trained_run, cifar, tmp_path, capsys):
+    _pngs(cifar, tmp_path / "nine", 9)
+    out = tmp_path / "out"
+    assert (
+        cli.main(["explain", str(trained_run), str(tmp_path / "nine"), "--top", "1", "--out", str(out)]) == 0
+    )
+    written = sorted(p.name for p in out.iterdir())
+    assert written == [f"{i + 1:03d}-img{i:02d}.png" for i in range(9)] + ["contact-sheet.png"]
+    with Image.open(out / "contact-sheet.png") as sheet:  # two rows of 8 columns, the second with one image
+        assert sheet.height > 300 and sheet.width > 2 * sheet.height
+    assert "9 images explained with Grad-CAM" in capsys.readouterr().out
+
+
+def test_explain_lists_unreadable_files_and_explains_the_rest(trained_run, cifar, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    good = _pngs(cifar, folder, 3)
+    (folder / "img01b-text.png").write_text("not an image")  # sorts between the good ones
+    os.mkfifo(folder / "pipe.png")  # a FIFO: opening it must not hang
+    out = tmp_path / "out"
+    assert cli.main(["explain", str(trained_run), str(folder), "--out", str(out)]) == 1  # as predict does
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "001-img00.png", "002-img01.png", "004-img02.png", "contact-sheet.png"
+    ]  # fmt: skip
+    assert any(ln.startswith(f"{folder / 'img01b-text.png'}  error: not an image") for ln in lines), lines
+    assert any(ln.startswith(f"{folder / 'pipe.png'}  error: not a regular file") for ln in lines), lines
+    assert next(ln for ln in lines if str(good[2]) in ln).startswith(str(out / "004-img02.png"))
+    assert lines[-1] == f"3 images explained with Grad-CAM in {out}; 2 failed"
+
+
+def test_explain_with_a_device_as_the_model_or_a_file_as_out_says_what_it_is(
+    trained_run, cifar, tmp_path, capsys
+):
+    (image,) = _pngs(cifar, tmp_path / "one", 1)
+    out = tmp_path / "never"
+    assert cli.main(["explain", os.devnull, str(image), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {os.devnull} is not a regular file (a device, FIFO or socket); "
+        "give a run directory or a .safetensors file\n"
+    )
+    assert not out.exists()
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert cli.main(["explain", str(trained_run), str(image), "--out", str(afile / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out {afile / 'sub'}: {afile} is a file, not a folder; choose another --out\n"
+    assert afile.read_text() == "keep me"

@@ -214,3 +214,24 @@ def test_tampered_metadata_is_one_line_in_export(trained_run, tmp_path):
     before = listing(tmp_path)
     proc = run_cli("export", str(bad), "--out", str(tmp_path / "out.onnx"), "--format", "onnx", check=False)
     assert "metadata 'mean'" in error_line(proc) and proc.returncode == 2 and listing(tmp_path) == before
+
+
+def test_export_out_under_a_file_or_onto_a_device_says_what_it_is(trained_run, tmp_path, capsys):
+    from cifar10_cnn import cli
+
+    afile, fifo = tmp_path / "afile", tmp_path / "pipe.onnx"
+    afile.write_text("keep me")
+    os.mkfifo(fifo)  # stands for /dev/null: --force must not replace a device node with our file
+    cases = {
+        str(afile / "x.onnx"): f"--out {afile / 'x.onnx'}: {afile} is a file, not a folder",
+        str(
+            afile / "deeper" / "x.onnx"
+        ): f"--out {afile / 'deeper' / 'x.onnx'}: {afile} is a file, not a folder",
+        str(fifo): f"--out {fifo} is not a regular file (a device, FIFO or socket)",
+    }
+    for out, words in cases.items():
+        assert cli.main(["export", str(trained_run), "--format", "onnx", "--out", out, "--force"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {words}") and err.count("\n") == 1, err
+    assert afile.read_text() == "keep me" and fifo.is_fifo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "pipe.onnx"]

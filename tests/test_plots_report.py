@@ -5,7 +5,12 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import os
 import re
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -16,6 +21,7 @@ from matplotlib.colors import to_rgb
 from cifar10_cnn import data, plots
 from cifar10_cnn.metrics import accuracy_interval
 from cifar10_cnn.report import write_report
+from cifar10_cnn.runs import TMP_PATTERN
 
 from .conftest import DATA_DIR
 
@@ -342,3 +348,63 @@ def test_plot_image_grid_float_images_on_0_255_scale(
     assert np.array_equal(mpimg.imread(a), mpimg.imread(b)), (
         "float 0-255 images must look like their uint8 form"
     )
+
+
+# A figure drawn under a file-size limit: the write of its PNG is cut off in the middle, by an EFBIG error
+# (Python ignores SIGXFSZ) or, with the signal's default action restored, by SIGXFSZ killing the process.
+CUT_OFF_WRITE = """
+import signal, sys
+import numpy as np
+from cifar10_cnn import plots
+if sys.argv[2] == "killed":
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+noise = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)  # a PNG far above the limit
+plots.plot_image_grid(noise, np.zeros(32, int), [str(i) for i in range(10)], sys.argv[1], title="noise")
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file-size limits")
+@pytest.mark.parametrize("on_limit", ["killed", "error"])
+def test_a_cut_off_figure_write_leaves_the_old_png_whole(
+    subset: tuple[np.ndarray, np.ndarray], tmp_path: Path, on_limit: str
+) -> None:
+    images, labels = subset
+    out = plots.plot_image_grid(images[:8], labels[:8], CLASSES, tmp_path / "grid.png", title="before")
+    before = out.read_bytes()
+    limit = 64 * 1024
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run(
+        [sys.executable, "-c", CUT_OFF_WRITE, str(out), on_limit],
+        preexec_fn=limit_file_size,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    others = sorted(p.name for p in tmp_path.iterdir() if p != out)
+    if on_limit == "killed":
+        assert proc.returncode == -signal.SIGXFSZ, proc.stderr
+        # Killed mid-write: only a temporary of ours is partial (runs.TMP_PATTERN, cleared on the next train).
+        assert len(others) == 1 and TMP_PATTERN.match(others[0]), others
+        assert (tmp_path / others[0]).stat().st_size == limit, "the write was not cut off"
+    else:
+        assert proc.returncode == 1 and "File too large" in proc.stderr, proc.stderr
+        assert others == [], "the failed write's temporary file was left behind"
+    assert out.read_bytes() == before, "the figure is partial"
+
+
+def test_one_runs_report_loads_no_matplotlib(run_dir: Path) -> None:
+    # Only a comparison draws figures; rebuilding one run's report embeds the PNGs already on disk.
+    code = (
+        "import sys\n"
+        "from cifar10_cnn.report import write_report\n"
+        f"write_report({str(run_dir)!r})\n"
+        "print([m for m in ('matplotlib', 'cifar10_cnn.plots') if m in sys.modules])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    assert (run_dir / "report.html").is_file()

@@ -532,3 +532,41 @@ def test_importing_the_inference_side_changes_no_global_state_and_has_no_cycles(
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_stored_normalisation_is_the_one_every_backend_and_export_uses(
+    trained_run, test_images, tmp_path
+):
+    from cifar10_cnn.export import export_model
+    from cifar10_cnn.weights import read_metadata
+
+    # The trained tensors under a mean and std other than CIFAR-10's: the model's input contract changed.
+    norm = {"mean": "[0.1, 0.1, 0.1]", "std": "[0.9, 0.9, 0.9]"}
+    odd = tampered(trained_run, tmp_path / "odd.safetensors", **norm)
+    plain = load_predictor(trained_run).logits(test_images)
+    got = load_predictor(odd).logits(test_images)
+    # 100 times the tolerance the backends agree within below (the small model's logits are small).
+    assert np.abs(got - plain).max() > 1e-2, "the PyTorch path ignored the stored mean and std"
+    # Export verifies against PyTorch under the same stored normalisation, and every format keeps it.
+    onnx = export_model(odd, tmp_path / "odd.onnx", "onnx", images=test_images)["path"]
+    st = export_model(odd, tmp_path / "copy.safetensors", "safetensors", images=test_images)["path"]
+    assert [read_metadata(Path(st))[k] for k in norm] == [json.loads(v) for v in norm.values()]
+    for path, backend in ((onnx, "auto"), (odd, "onnx"), (st, "torch")):
+        assert np.abs(load_predictor(path, backend).logits(test_images) - got).max() < 1e-4, (path, backend)
+
+
+def test_an_unreadable_onnx_model_is_one_line_in_export_verification_as_in_predict(trained_run, tmp_path):
+    from cifar10_cnn.errors import UserError
+    from cifar10_cnn.export import verify_onnx
+    from cifar10_cnn.weights import load_model
+
+    model, _ = load_model(trained_run)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx graph")
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    for source in (bad, bad.read_bytes()):  # export's check builds the session predict and serve run
+        with pytest.raises(UserError, match="is not a usable ONNX model") as e:
+            verify_onnx(source, model, images)
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="is not a usable ONNX model"):
+        load_predictor(bad)

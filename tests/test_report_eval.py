@@ -31,7 +31,7 @@ def embedded_images(page: str) -> list[bytes]:
 def seeds_dir(cifar, tmp_path_factory) -> Path:
     """Two runs of one recipe (seeds 0 and 1) as `cifar10 train --seeds 2` writes them, with a summary."""
     from cifar10_cnn.config import recipe_config
-    from cifar10_cnn.experiments import train_seeds
+    from cifar10_cnn.pipeline import train_seeds
 
     cfg = recipe_config("seed", epochs=1, subset=1000, val_size=200)
     out = tmp_path_factory.mktemp("seeds") / "seed-2seeds"
@@ -219,3 +219,11 @@ def test_report_pages_render_in_headless_chromium(trained_run, seeds_dir, tmp_pa
         run_cli("report", str(seeds_dir))
     seen = rendered(comparison, tmp_path / "profile")
     assert len(seen["widths"]) == 2 and all(w > 0 for w in seen["widths"]) and seen["headline"].endswith("%")
+
+
+def test_the_report_training_writes_comes_last_and_knows_every_time(trained_run):
+    # The pipeline renders the report after the evaluation's timings are recorded, not in the middle of it.
+    results = json.loads((trained_run / "results.json").read_text())
+    md = (trained_run / "report.md").read_text()
+    row = next(line for line in md.splitlines() if "Test accuracy known after" in line)
+    assert results["headline_seconds"] > 0 and "n/a" not in row, row

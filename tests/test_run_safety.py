@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from cifar10_cnn.config import recipe_config
 from cifar10_cnn.errors import CheckpointError
 from cifar10_cnn.train import fit
 
-from .conftest import DATA_DIR, copy_run, error_line, run_cli
+from .conftest import DATA_DIR, copy_run, error_line, in_process, on, run_cli
 
 TINY = ["--subset", "100", "--val-size", "10", "--epochs", "1", "--no-progress"]
 
@@ -51,18 +52,18 @@ def test_force_refuses_a_folder_that_is_not_a_run_of_ours(tmp_path):
     (p / "config.json").write_text("{}")
     (p / "plots" / "fig.png").write_text("x")
     before = listing(tmp_path)
-    line = error_line(run_cli("train", *TINY, "--out", str(p), "--force", check=False))
+    line = error_line(in_process("train", *TINY, "--out", str(p), "--force"))
     assert "no run of ours wrote" in line and "nothing was changed" in line
     assert listing(tmp_path) == before
 
 
-def test_force_replaces_our_run_and_keeps_the_users_files(tmp_path, trained_run):
+def test_force_replaces_our_run_and_keeps_the_users_files(tmp_path, trained_run, small_data):
     run = copy_run(trained_run, tmp_path / "run", checkpoints=True)
     (run / "tb").mkdir()
     (run / "plots" / "mine.png").write_text("a user's figure")
     (run / "notes.txt").write_text("a user's notes")
     (run / "tb" / "my-events.txt").write_text("not an event file of ours")
-    run_cli("train", *TINY, "--lr", "0.02", "--out", str(run), "--force")
+    run_cli("train", *TINY, "--lr", "0.02", "--out", str(run), "--force", *on(small_data))
     assert json.loads((run / "config.json").read_text())["lr"] == 0.02
     assert (run / "plots" / "mine.png").read_text() == "a user's figure"
     assert (run / "notes.txt").read_text() == "a user's notes"
@@ -109,10 +110,10 @@ def _after(seconds: float):
     return ready
 
 
-def test_sigkill_during_checkpoint_writes_then_resume_is_exact(tmp_path):
+def test_sigkill_during_checkpoint_writes_then_resume_is_exact(tmp_path, small_data):
     """Killed while writing best.pt, then last.pt, then at a random instant; each time --resume goes on."""
     args = ["train", "--subset", "600", "--val-size", "100", "--epochs", "4", "--lr", "1e-9", "--patience", "1",
-            "--no-progress", "--seed", "2"]  # fmt: skip
+            "--no-progress", "--seed", "2", *on(small_data)]  # fmt: skip
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     ckpt = killed / "checkpoints"
     triggers = [
@@ -123,11 +124,13 @@ def test_sigkill_during_checkpoint_writes_then_resume_is_exact(tmp_path):
     kills = 0
     for k, ready in enumerate(triggers):
         command = (
-            [*args, "--out", str(killed)] if k == 0 else ["train", "--resume", str(killed), "--no-progress"]
+            [*args, "--out", str(killed)]
+            if k == 0
+            else ["train", "--resume", str(killed), "--no-progress", *on(small_data)]
         )
         kills += _kill_when(_start(command), ready)
     assert kills >= 2, "the run finished before the kills it was meant to get"
-    run_cli("train", "--resume", str(killed), "--no-progress")
+    run_cli("train", "--resume", str(killed), "--no-progress", *on(small_data))
     run_cli(*args, "--out", str(straight))
     a, b = load_file(killed / "model.safetensors"), load_file(straight / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -139,17 +142,21 @@ def test_sigkill_during_checkpoint_writes_then_resume_is_exact(tmp_path):
 # --- a failed start leaves nothing that blocks the rerun ---------------------------------------------------
 
 
-def test_a_failed_start_does_not_block_the_same_command(tmp_path):
-    run, empty = tmp_path / "run", tmp_path / "empty"
-    empty.mkdir()
+def test_a_failed_start_does_not_block_the_same_command(tmp_path, small_data):
+    """The data is missing (and no network), then it is there: the same command now trains. The data folder
+    is given by --data-dir both times (the second time a copy of a real subset, so --allow-unverified too)."""
+    run, data = tmp_path / "run", tmp_path / "data"
+    data.mkdir()
+    args = ["train", *TINY, *on(data), "--out", str(run)]
     proc = subprocess.run(
-        [sys.executable, "-m", "cifar10_cnn", "train", *TINY, "--data-dir", str(empty), "--out", str(run)],
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "cifar10_cnn", *args], capture_output=True, text=True, timeout=120,
         env={**os.environ, "CIFAR10_DATA": "", "HTTPS_PROXY": "http://127.0.0.1:9"},
     )  # fmt: skip
     assert "cannot download" in error_line(proc)
     assert not run.exists()
-    run_cli("train", *TINY, "--data-dir", str(DATA_DIR), "--out", str(run))
+    for name in ("train.npz", "test.npz"):
+        shutil.copy(small_data / name, data / name)
+    run_cli(*args)
     assert (run / "model.safetensors").is_file()
 
 
@@ -194,27 +201,25 @@ def test_bad_config_values_are_one_line(tmp_path, trained_run):
     before = listing(run)
     line = error_line(run_cli("train", "--resume", str(run), check=False))
     assert "epochs='abc' must be int" in line
-    line = error_line(
-        run_cli("train", "--config", str(run / "config.json"), "--out", str(tmp_path / "b"), check=False)
-    )
+    line = error_line(in_process("train", "--config", str(run / "config.json"), "--out", str(tmp_path / "b")))
     assert "epochs='abc'" in line
     assert listing(run) == before and not (tmp_path / "b").exists()
 
 
-def test_library_resume_checks_the_config_too(tmp_path, cifar):
+def test_library_resume_checks_the_config_too(tmp_path, trained_run, cifar):
     from cifar10_cnn.errors import UserError
-    from cifar10_cnn.train import train
+    from cifar10_cnn.pipeline import train
 
-    run = tmp_path / "run"
-    cfg = recipe_config("seed", epochs=1, subset=100, val_size=10)
-    train(cfg, out=run, data=cifar, progress=False, echo=quiet)
+    run = copy_run(trained_run, tmp_path / "run", checkpoints=True)
+    before = listing(run)
     with pytest.raises(UserError, match=r"conflicts with --lr 0\.5"):
         train(
-            recipe_config("seed", epochs=1, subset=100, val_size=10, lr=0.5),
+            recipe_config("seed", epochs=1, subset=1000, val_size=200, lr=0.5),
             resume=run,
             data=cifar,
             echo=quiet,
         )
+    assert listing(run) == before
 
 
 def test_bad_out_is_one_line_and_writes_nothing(tmp_path):
@@ -222,12 +227,12 @@ def test_bad_out_is_one_line_and_writes_nothing(tmp_path):
     afile.write_text("keep me")
     before = listing(tmp_path)
     for out in (afile, afile / "run"):
-        line = error_line(run_cli("train", *TINY, "--out", str(out), check=False))
+        line = error_line(in_process("train", *TINY, "--out", str(out)))
         assert "is a file, not a folder" in line
     if os.geteuid() != 0:  # root writes anywhere, so a read-only folder is only read-only to others
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o555)
-        assert "read-only" in error_line(run_cli("train", *TINY, "--out", str(ro / "run"), check=False))
+        assert "read-only" in error_line(in_process("train", *TINY, "--out", str(ro / "run")))
         ro.chmod(0o755)
     assert listing(tmp_path) == {**before, **({"ro": "dir"} if os.geteuid() != 0 else {})}
 
@@ -239,7 +244,7 @@ def test_out_on_a_read_only_filesystem_is_one_line(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        line = error_line(run_cli("train", *TINY, "--out", str(mnt / "run"), check=False))
+        line = error_line(in_process("train", *TINY, "--out", str(mnt / "run")))
         assert "read-only" in line or "cannot create the run directory" in line
     finally:
         subprocess.run(["umount", str(mnt)])
@@ -260,3 +265,40 @@ def test_help_and_the_package_load_no_training_code():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_training_loop_loads_no_evaluation_plots_or_report():
+    # train.py is the loop alone: the job around it (evaluation, plots, report) is pipeline.py's.
+    code = (
+        "import sys\n"
+        "import cifar10_cnn.train\n"
+        "downstream = ('matplotlib', 'PIL', 'cifar10_cnn.evaluate', 'cifar10_cnn.plots', 'cifar10_cnn.report',\n"
+        "              'cifar10_cnn.explain', 'cifar10_cnn.pipeline')\n"
+        "print([m for m in downstream if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# --- train --out: a folder is ours only if we made it (or it was empty) ------------------------------------
+
+
+def test_train_refuses_a_non_empty_folder_that_is_not_ours_and_a_link_to_one(tmp_path):
+    from cifar10_cnn.runs import MARKER, create_run
+
+    system = tmp_path / "system"  # stands for a system folder: files whose names no run of ours writes
+    (system / "lib").mkdir(parents=True)
+    (system / "passwd").write_text("root:x:0:0\n")
+    (system / "lib" / "libc.so").write_bytes(b"\x7fELF")
+    (tmp_path / "link").symlink_to(system, target_is_directory=True)
+    before = listing(tmp_path)
+    for out, force in ((system, ()), (tmp_path / "link", ("--force",))):
+        line = error_line(in_process("train", *TINY, "--out", str(out), *force))
+        assert f"--out {out} is a folder that is not empty (lib, passwd)" in line, line
+        assert "holds no run of ours" in line and "nothing was changed" in line
+        assert listing(tmp_path) == before
+    # An empty folder held nothing of anyone's: it becomes a run of ours, marker first.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = create_run(empty, recipe_config("seed", epochs=1, subset=100, val_size=10), force=False)
+    assert run.is_ours and sorted(p.name for p in empty.iterdir()) == [MARKER, "config.json"]

@@ -27,7 +27,7 @@ from cifar10_cnn.optim import lr_factor
 from cifar10_cnn.train import fit
 from cifar10_cnn.weights import load_model, read_metadata
 
-from .conftest import DATA_DIR, copy_run, error_line, run_cli
+from .conftest import DATA_DIR, copy_run, error_line, in_process, on, run_cli
 
 SMALL = ["--subset", "1000", "--val-size", "200", "--no-progress"]
 
@@ -86,11 +86,19 @@ def test_seed_cnn_learns_in_one_epoch(cifar, tmp_path):
 # --- the CLI end to end ----------------------------------------------------------------------------------------
 
 
-def test_train_cli_writes_a_complete_run(tmp_path):
-    run = tmp_path / "run"
-    proc = run_cli("train", "--epochs", "2", *SMALL, "--out", str(run), "--schedule", "cosine")
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`cifar10 train` for 2 epochs on 1,000 real images (seed 3, cosine), evaluated on all 10,000 test images."""
+    run = tmp_path_factory.mktemp("cli") / "run"
+    proc = run_cli("train", "--epochs", "2", *SMALL, "--seed", "3", "--out", str(run), "--schedule", "cosine")
+    return run, proc
+
+
+def test_train_cli_writes_a_complete_run(cli_run, tmp_path):
+    source, proc = cli_run
     assert "model seed_cnn (1,147,466 params) | device cpu" in proc.stdout
     assert "verified" in proc.stdout and "train 800 / val 200 / test 10000" in proc.stdout
+    run = copy_run(source, tmp_path / "run", checkpoints=True)
 
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == "seed_cnn" and config["schedule"] == "cosine" and config["epochs"] == 2
@@ -118,7 +126,7 @@ def test_train_cli_writes_a_complete_run(tmp_path):
         assert load_checkpoint(run / "checkpoints" / name)["epoch"] in (1, 2)
     meta = read_metadata(run / "model.safetensors")
     assert meta["architecture"] == "seed_cnn" and meta["classes"] == list(D.CLASSES)
-    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert list((source / "tb").glob("events.out.tfevents.*"))
     for plot in ("curves", "confusion", "per_class", "predictions", "augmentations"):
         assert (run / "plots" / f"{plot}.png").stat().st_size > 5000, plot
     report = (run / "report.md").read_text()
@@ -135,11 +143,13 @@ def test_train_cli_writes_a_complete_run(tmp_path):
     assert json.loads((run / "results.json").read_text())["test_accuracy"] == pytest.approx(acc)
 
 
-def test_config_file_reproduces_a_run_and_seeds_are_deterministic(tmp_path):
-    first, second, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    run_cli("train", "--epochs", "2", *SMALL, "--seed", "3", "--out", str(first))
+def test_config_file_reproduces_a_run_and_seeds_are_deterministic(cli_run, small_data, tmp_path):
+    """--config run/config.json repeats the run exactly (on the same data); --seed 4 on top of it does not. The
+    other seed trains on the same 1,000 images, the first of the file, taken from the smaller copy of it."""
+    first, second, other = cli_run[0], tmp_path / "b", tmp_path / "c"
     run_cli("train", "--config", str(first / "config.json"), "--no-progress", "--out", str(second))
-    run_cli("train", "--epochs", "2", *SMALL, "--seed", "4", "--out", str(other))
+    run_cli("train", "--config", str(first / "config.json"), "--seed", "4", "--no-progress",
+            "--out", str(other), *on(small_data))  # fmt: skip
 
     def numbers(run):
         return [{k: v for k, v in row.items() if k != "seconds"} for row in metrics(run)]
@@ -150,9 +160,10 @@ def test_config_file_reproduces_a_run_and_seeds_are_deterministic(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
-    """A 4-epoch run killed mid-way (SIGKILL) and resumed ends with the same weights as one never stopped."""
-    args = ["train", "--epochs", "4", "--subset", "3500", "--val-size", "500", "--no-progress", "--seed", "1"]
+def test_resume_after_sigkill_matches_an_uninterrupted_run(small_data, tmp_path):
+    """A 3-epoch run killed mid-way (SIGKILL) and resumed ends with the same weights as one never stopped."""
+    args = ["train", "--epochs", "3", "--subset", "2500", "--val-size", "250", "--no-progress", "--seed", "1"]
+    args += on(small_data)
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     env = {**os.environ, "CIFAR10_DATA": str(DATA_DIR)}
     proc = subprocess.Popen(
@@ -163,21 +174,21 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if (killed / "metrics.csv").exists() and len(metrics(killed)) >= 2:
+        if (killed / "metrics.csv").exists() and len(metrics(killed)) >= 1:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
     done = load_checkpoint(killed / "checkpoints" / "last.pt")["epoch"]
-    assert 2 <= done < 4
+    assert 1 <= done < 3
 
-    run_cli("train", "--resume", str(killed), "--no-progress")
+    run_cli("train", "--resume", str(killed), "--no-progress", *on(small_data))
     run_cli(*args, "--out", str(straight))
     a, b = load_file(killed / "model.safetensors"), load_file(straight / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert len(metrics(killed)) == 4
+    assert len(metrics(killed)) == 3
     assert [r["val_acc"] for r in metrics(killed)] == [r["val_acc"] for r in metrics(straight)]
 
 
@@ -218,19 +229,19 @@ def test_divergence_stops_with_the_last_good_checkpoint_intact(cifar, tmp_path):
 # --- errors: one line each, nothing lost ---------------------------------------------------------------------------
 
 
-def test_refuses_to_overwrite_a_run_unless_forced(tmp_path, trained_run):
+def test_refuses_to_overwrite_a_run_unless_forced(tmp_path, trained_run, small_data):
     run = copy_run(trained_run, tmp_path / "run", checkpoints=True)
     before = (run / "model.safetensors").read_bytes()
     line = error_line(run_cli("train", "--epochs", "1", *SMALL, "--out", str(run), check=False))
     assert "already holds a run" in line and "--force" in line
     assert (run / "model.safetensors").read_bytes() == before
-    run_cli("train", "--epochs", "1", *SMALL, "--lr", "0.02", "--out", str(run), "--force")
+    run_cli("train", "--epochs", "1", *SMALL, "--lr", "0.02", "--out", str(run), "--force", *on(small_data))
     assert json.loads((run / "config.json").read_text())["lr"] == 0.02
 
 
 def test_resume_errors(tmp_path, trained_run):
     run = copy_run(trained_run, tmp_path / "run", checkpoints=True)
-    line = error_line(run_cli("train", "--resume", str(run), "--lr", "0.5", check=False))
+    line = error_line(in_process("train", "--resume", str(run), "--lr", "0.5"))
     assert "conflicts with --lr 0.5" in line
     ckpt = run / "checkpoints" / "last.pt"
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
@@ -241,21 +252,20 @@ def test_resume_errors(tmp_path, trained_run):
 
 
 def test_unknown_names_list_the_known_ones(tmp_path):
-    line = error_line(run_cli("train", "--model", "resnet1000", "--out", str(tmp_path / "x"), check=False))
+    line = error_line(in_process("train", "--model", "resnet1000", "--out", str(tmp_path / "x")))
     assert "unknown model 'resnet1000'" in line and "seed_cnn" in line and "resnet18" in line
-    line = error_line(run_cli("train", "--recipe", "nope", "--out", str(tmp_path / "y"), check=False))
+    line = error_line(in_process("train", "--recipe", "nope", "--out", str(tmp_path / "y")))
     assert "unknown recipe 'nope'" in line and "seed" in line
     if not torch.cuda.is_available():
-        line = error_line(run_cli("train", "--device", "cuda", "--out", str(tmp_path / "z"), check=False))
+        line = error_line(in_process("train", "--device", "cuda", "--out", str(tmp_path / "z")))
         assert "no CUDA GPU is available" in line
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_data_without_network(tmp_path):
-    env = {**os.environ, "CIFAR10_DATA": ""}
-    proc = subprocess.run(
-        [sys.executable, "-m", "cifar10_cnn", "train", "--data-dir", str(tmp_path / "nodata"), "--out",
-         str(tmp_path / "run"), "--no-progress"],
-        capture_output=True, text=True, env={**env, "HTTPS_PROXY": "http://127.0.0.1:9"}, timeout=120,
+    proc = in_process(
+        "train", "--data-dir", str(tmp_path / "nodata"), "--out", str(tmp_path / "run"), "--no-progress",
+        env={"CIFAR10_DATA": "", "HTTPS_PROXY": "http://127.0.0.1:9"},
     )  # fmt: skip
     line = error_line(proc)
     assert "cannot download" in line and "--data-dir" in line
@@ -263,19 +273,21 @@ def test_missing_data_without_network(tmp_path):
 
 def test_evaluate_a_run_without_a_model(tmp_path):
     (tmp_path / "run").mkdir()
-    line = error_line(run_cli("evaluate", str(tmp_path / "run"), check=False))
+    line = error_line(in_process("evaluate", str(tmp_path / "run")))
     assert "no finished model" in line and "--resume" in line
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
-def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, small_data):
     mnt = tmp_path / "small"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
         # Each checkpoint of seed_cnn is about 9 MB: the first one cannot fit.
-        proc = run_cli("train", "--epochs", "2", *SMALL, "--out", str(mnt / "run"), check=False)
+        proc = run_cli(
+            "train", "--epochs", "2", *SMALL, "--out", str(mnt / "run"), *on(small_data), check=False
+        )
         line = error_line(proc)
         assert "no space left on device" in line
         assert not [p for p in (mnt / "run" / "checkpoints").iterdir() if p.name.startswith(".")]

@@ -25,7 +25,7 @@ from cifar10_cnn import tune
 from cifar10_cnn.config import TrainConfig, recipe_config
 from cifar10_cnn.errors import UserError
 
-from .conftest import error_line, one_thread_env, run_cli
+from .conftest import error_line, in_process, on, one_thread_env, run_cli
 
 TINY = ["--subset", "600", "--epochs", "1", "--no-prune"]
 
@@ -38,10 +38,12 @@ def trials_of(db, study: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=study, storage=f"sqlite:///{db}").get_trials()
 
 
-def test_two_processes_share_one_study_without_lost_or_duplicated_trials(tmp_path, cache_dir):
+def test_two_processes_share_one_study_without_lost_or_duplicated_trials(tmp_path, small_data):
+    """Two processes on one SQLite study, each trial a whole run (trained on a real 600-image subset and
+    evaluated on the 1,000 test images of the smaller copy of the data: the search scores validation only)."""
     db, out = tmp_path / "tune.db", tmp_path / "trials"
     args = ["tune", "--sampler", "random", "--trials", "4", "--storage", f"sqlite:///{db}", "--study", "s"]
-    args += ["--out", str(out), "--space", "lr=log:0.003:0.1", *TINY]
+    args += ["--out", str(out), "--space", "lr=log:0.003:0.1", *on(small_data), *TINY]
     procs = [
         subprocess.Popen(
             cli(*args),
@@ -89,9 +91,10 @@ def test_two_processes_share_one_study_without_lost_or_duplicated_trials(tmp_pat
     assert len(trials_of(db, "s")) == len(trials)
 
 
-def test_interrupted_search_leaves_a_consistent_study_and_continues(tmp_path, cache_dir):
+def test_interrupted_search_leaves_a_consistent_study_and_continues(tmp_path, small_data):
     db = tmp_path / "tune.db"
     args = cli("tune", "--grid", "lr=0.003,0.03", "--storage", f"sqlite:///{db}", "--study", "g", *TINY)
+    args += on(small_data)
     proc = subprocess.Popen(
         args, env=one_thread_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -130,8 +133,9 @@ def test_interrupted_search_leaves_a_consistent_study_and_continues(tmp_path, ca
         (["--report", "--study", "nothing"], "no study 'nothing' in this storage"),
     ],
 )
-def test_tune_errors_are_one_line(tmp_path, args, message):
-    proc = run_cli("tune", *args, check=False, cwd=tmp_path)
+def test_tune_errors_are_one_line(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    proc = in_process("tune", *args)
     assert message in error_line(proc)
     assert not (tmp_path / "tune").exists()
     assert (
@@ -287,11 +291,12 @@ def test_stratified_folds_partition_the_images_and_keep_class_shares(cifar):
     assert not np.array_equal(vals[0], D.stratified_fold(labels, 5, 0, seed=1)[1])
 
 
-def test_cross_validation_runs_every_fold_and_summarises(tmp_path, cache_dir):
+def test_cross_validation_runs_every_fold_and_summarises(tmp_path, small_data):
     out = tmp_path / "cv"
     proc = run_cli(
-        "train", "--cv", "2", "--subset", "600", "--epochs", "1", "--out", str(out), "--no-progress"
-    )
+        "train", "--cv", "2", "--subset", "600", "--epochs", "1", "--out", str(out), "--no-progress",
+        *on(small_data),
+    )  # fmt: skip
     summary = json.loads((out / "cv.json").read_text())
     folds = [json.loads((out / f"fold{k}" / "results.json").read_text()) for k in range(2)]
     assert [f["val_size"] for f in folds] == [300, 300] and [f["train_size"] for f in folds] == [300, 300]

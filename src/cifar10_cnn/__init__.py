@@ -29,10 +29,10 @@ _EXPORTS = {
     "evaluate_into_run": "evaluate",
     "evaluate_saved": "evaluate",
     "fit": "train",
-    "train": "train",
+    "train": "pipeline",
     "train_step": "train",
-    "train_seeds": "experiments",
-    "train_cv": "experiments",
+    "train_seeds": "pipeline",
+    "train_cv": "pipeline",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -6,15 +6,23 @@ every draw and a resumed run draws exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .constants import MEAN, STD
 
+# A model's input normalisation: per-channel (mean, std) of images in [0, 1]. Training uses CIFAR-10's and
+# stores them with the weights (ModelMeta.norm); everything that runs a stored model uses the stored ones.
+Norm = tuple[Sequence[float], Sequence[float]]
+CIFAR10_NORM: Norm = (MEAN, STD)
 
-def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> normalised float with the true CIFAR-10 mean and std."""
-    mean = torch.tensor(MEAN, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255
-    inv_std = 1 / (torch.tensor(STD, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255)
+
+def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32, norm: Norm = CIFAR10_NORM) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> (x - 255 mean) / (255 std) per channel, as float: the one normalisation of training,
+    evaluation, predict and the exported graphs (norm: the model's stored (mean, std); CIFAR-10's by default)."""
+    mean = torch.tensor(norm[0], device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    inv_std = 1 / (torch.tensor(norm[1], device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255)
     return (x.to(dtype) - mean) * inv_std
 
 

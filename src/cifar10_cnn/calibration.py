@@ -126,6 +126,16 @@ def fit_temperature(
     return math.exp((lo + hi) / 2)
 
 
+def calibration_at(logits: np.ndarray, labels: np.ndarray, temperature: float | None) -> dict[str, Any]:
+    """Calibration of predictions as they are and with their logits divided by a given temperature (None: none)."""
+    return {
+        "bins": N_BINS,
+        "uncalibrated": calibration_metrics(logits, labels),
+        "calibrated": None if temperature is None else calibration_metrics(logits, labels, temperature),
+        "temperature": None if temperature is None else float(temperature),
+    }
+
+
 def temperature_scaling(
     test_logits: np.ndarray,
     test_labels: np.ndarray,
@@ -136,24 +146,22 @@ def temperature_scaling(
 
     No validation logits (or none at all): no temperature, since the test set is never used for fitting.
     """
-    before = calibration_metrics(test_logits, test_labels)
     if val_logits is None or val_labels is None or len(val_labels) == 0:
         return {
-            "bins": N_BINS,
-            "uncalibrated": before,
-            "calibrated": None,
-            "temperature": None,
+            **calibration_at(test_logits, test_labels, None),
             "val_size": 0,
-            "note": "The run has no validation split (val_size 0), so no temperature was fitted: the test set "
-            "is never used for fitting. Probabilities are the model's own.",
+            "note": NO_VALIDATION,
         }
     temperature = fit_temperature(val_logits, val_labels)
     return {
-        "bins": N_BINS,
-        "uncalibrated": before,
-        "calibrated": calibration_metrics(test_logits, test_labels, temperature),
-        "temperature": temperature,
+        **calibration_at(test_logits, test_labels, temperature),
         "val_size": len(val_labels),
         "note": f"Temperature fitted on the validation split ({len(val_labels):,} images held out of the "
         "training set) by minimising its NLL; the test set was not used for fitting.",
     }
+
+
+NO_VALIDATION = (
+    "The run has no validation split (val_size 0), so no temperature was fitted: the test set "
+    "is never used for fitting. Probabilities are the model's own."
+)

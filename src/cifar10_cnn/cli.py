@@ -19,6 +19,8 @@ from .errors import UserError
 DESCRIPTION = "Train, evaluate, explain and serve convolutional image classifiers for CIFAR-10."
 # The TrainConfig fields that are command-line options (their metadata says how), in declaration order.
 CONFIG_OPTIONS = tuple(f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli"))
+# The options of `evaluate` that are TrainConfig's too (declared there, once).
+TTA_OPTIONS = tuple(f for f in CONFIG_OPTIONS if f.name in ("tta", "tta_margin"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,10 +71,8 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--out", type=Path, help="output directory for a weights file (default <name>-eval/ beside it)"
     )
-    e.add_argument("--tta", type=int, nargs="?", const=1, default=0, choices=(0, 1, 2),
-                   help="test-time augmentation: 1 mirror, 2 mirror + 1-pixel shifts")  # fmt: skip
-    e.add_argument("--tta-margin", type=float, default=1.0, metavar="M",
-                   help="TTA only for images whose top-two class probabilities are closer than M (1: all)")  # fmt: skip
+    for f in TTA_OPTIONS:
+        add_field_option(e, f, default=f.default)
     e.add_argument("--no-progress", action="store_true")
 
 
@@ -106,15 +106,19 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", type=Path, help="a saved config.json to start from (e.g. runs/<run>/config.json)"
     )
-    hints = typing.get_type_hints(TrainConfig)
     for f in CONFIG_OPTIONS:
-        flag, meta, kind = f"--{f.name.replace('_', '-')}", f.metadata, hints[f.name]
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
-            continue
-        number = int if kind in (int, int | None) else float if kind is float else str
-        extra = {"nargs": "?", "const": meta["const"]} if "const" in meta else {}
-        p.add_argument(flag, type=number, choices=meta["choices"], help=meta["help"], **extra)
+        add_field_option(p, f)
+
+
+def add_field_option(p: argparse.ArgumentParser, f: dataclasses.Field, default: typing.Any = None) -> None:
+    """The option of a TrainConfig field, from its metadata (default None: "not given", the config decides)."""
+    flag, meta, kind = f"--{f.name.replace('_', '-')}", f.metadata, typing.get_type_hints(TrainConfig)[f.name]
+    if kind is bool:
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
+        return
+    number = int if kind in (int, int | None) else float if kind is float else str
+    extra = {"nargs": "?", "const": meta["const"]} if "const" in meta else {}
+    p.add_argument(flag, type=number, choices=meta["choices"], default=default, help=meta["help"], **extra)
 
 
 def add_use_parsers(sub: argparse._SubParsersAction) -> None:
@@ -195,8 +199,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     from .device import select_device
     from .distributed import launched
-    from .experiments import train_cv, train_seeds
-    from .train import train
+    from .pipeline import train, train_cv, train_seeds
 
     cfg = config_from_args(args)
     common = dict(
@@ -253,16 +256,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_saved
+    from .evaluate import EvalOptions
+    from .pipeline import evaluate
 
-    evaluate_saved(
-        args.run,
-        data_dir=args.data_dir,
-        allow_unverified=args.allow_unverified,
+    options = EvalOptions(
         tta=args.tta,
         tta_margin=args.tta_margin,
         corruptions=args.corruptions or args.corruption_images is not None,
         corruption_images=args.corruption_images,
+    )
+    evaluate(
+        args.run,
+        options,
+        data_dir=args.data_dir,
+        allow_unverified=args.allow_unverified,
         out=args.out,
         progress=not args.no_progress,
     )
@@ -320,10 +327,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain_command
 
-    explain_command(
+    return explain_command(
         args.model, args.inputs, method=args.method, target=args.target, top=args.top, out=args.out
     )
-    return 0
 
 
 COMMANDS = {

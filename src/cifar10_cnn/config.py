@@ -80,8 +80,9 @@ class TrainConfig:
     fold: int = opt(0, cli=False)
     subset: int | None = opt(None, "train on the first N training images only")
     patience: int | None = opt(None, "stop after N epochs without a better validation accuracy")
-    tta: int = opt(0, "test-time augmentation of the final test: 1 mirror, 2 mirror + shifts (alone: 1)",
-                   choices=(0, 1, 2), const=1)  # fmt: skip
+    # The two test-time augmentation options, declared here once: `cifar10 evaluate` takes them too.
+    tta: int = opt(0, "test-time augmentation of the test evaluation: 1 mirror, 2 mirror + 1-pixel shifts "
+                   "(alone: 1)", choices=(0, 1, 2), const=1)  # fmt: skip
     tta_margin: float = opt(
         1.0, "TTA only for test images whose top-two class probabilities are closer than this (1: all)"
     )
@@ -125,9 +126,7 @@ class TrainConfig:
             raise UserError("--labels coarse is for --dataset cifar100 (its 20 superclasses)")
         if self.max_classes < 2:
             raise UserError("--max-classes must be at least 2")
-        if self.tta not in (0, 1, 2):
-            raise UserError("--tta must be 0, 1 or 2")
-        check_tta_margin(self.tta_margin)
+        check_tta(self.tta, self.tta_margin)
         if self.amp not in AMP_MODES:
             raise UserError(f"unknown amp mode {self.amp!r}; choose one of {', '.join(AMP_MODES)}")
         for name in ("epochs", "batch_size"):
@@ -139,6 +138,8 @@ class TrainConfig:
             raise UserError("--subset must be between 10 and 50000")
         if self.val_size is not None and self.val_size < 0:
             raise UserError("--val-size must be 0 or more")
+        if self.split_seed < 0:  # numpy's generators take no negative seed
+            raise UserError("--split-seed must be 0 or more")
         if self.folds == 1 or self.folds < 0 or not 0 <= self.fold < max(self.folds, 1):
             raise UserError("--cv needs at least 2 folds (and fold must be one of them)")
         if self.patience is not None and self.patience < 1:
@@ -216,6 +217,13 @@ class TrainConfig:
         return cls.from_dict(data)
 
 
+def check_tta(level: int, margin: float) -> None:
+    """Test-time augmentation: level 0 (none), 1 (mirror) or 2 (mirror + shifts), on images below the margin."""
+    if level not in (0, 1, 2):
+        raise UserError("--tta must be 0, 1 or 2")
+    check_tta_margin(margin)
+
+
 def check_tta_margin(margin: float) -> None:
     """Selective TTA's margin is a difference of two probabilities: 0 (no TTA) to 1 (TTA on every image)."""
     if not 0 <= margin <= 1:
@@ -236,8 +244,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "seed": dict(model="seed_cnn", epochs=20, batch_size=64, lr=0.01, momentum=0.9),
     # airbench94_muon's recipe (Jordan, 2024): 94% in 8 epochs on all 50,000 images. The loss is summed over
     # the batch, as there, so these LRs are theirs: SGD for the head (lr) and biases, Muon for conv filters.
-    # Batches of 2000 run as 4 micro-batches of 500: 1.33x faster on CPU (less page-fault churn), with
-    # batch-norm statistics per 500 images.
+    # Batches of 2000 run as 4 micro-batches of 500: faster on CPU (less page-fault churn; the ratio on this
+    # machine: python benchmarks/profile_step.py), with batch-norm statistics per 500 images.
     "fast": dict(
         model="airbench",
         epochs=8,

@@ -1,9 +1,9 @@
 """Every dataset the product trains on: CIFAR-10, CIFAR-100 and your own folder of images, through one call.
 
-`load_data(data_dir, dataset=..., ...)` is what training, experiments, tuning and evaluation call. The folder
-and CIFAR-100 sources are registered here (sources.py knows only CIFAR-10), in the order a folder is
-recognised: CIFAR-10's files, then CIFAR-100's, then class subfolders. A run on a folder records which files
-were its test files (test_files.json), so that `evaluate` uses the same ones.
+`load_data(data_dir, dataset=..., ...)` is what the pipeline (one run, seeds, cross-validation), tuning and
+evaluation call. The folder and CIFAR-100 sources are registered here (sources.py knows only CIFAR-10), in the
+order a folder is recognised: CIFAR-10's files, then CIFAR-100's, then class subfolders. A run on a folder
+records which files were its test files (test_files.json), so that `evaluate` uses the same ones.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """Test-set evaluation of a trained model: compute everything first (`evaluate_model`), then write it.
 
-    cifar10 evaluate runs/<run>                      # metrics, calibration, plots -> runs/<run>/eval/, report
+    cifar10 evaluate runs/<run>                      # metrics, calibration, plots -> runs/<run>/eval/
     cifar10 evaluate runs/<run> --corruptions        # adds the robustness suite
     cifar10 evaluate model.safetensors               # a weights file: results go to model-eval/ beside it
 
-The test set is only ever measured here; the temperature is fitted on the run's validation split. Evaluation
-writes only eval/, plots/, results.json and the report: never the weights (their temperature is fitted and
-stored at training time). With Captum (the `explain` extra) it also draws Grad-CAM maps of 12 test images
-(correct, confidently wrong, least confident) into eval/explanations.png; without it the report says how to
-get them.
+The test set is only ever measured here. There is one temperature: the one training fitted on the validation
+split's single views and stored with the weights, which predict and serve apply. Evaluation applies it to its
+own (possibly TTA) logits, and measures apart, as `served`, exactly what predict and serve return: one view per
+image at that temperature. Evaluation writes only eval/, plots/ and results.json: never the weights, nor the
+report (pipeline.py renders it after the evaluation). With Captum (the `explain` extra) it also draws Grad-CAM
+maps of 12 test images (correct, confidently wrong, least confident) into eval/explanations.png; without it the
+report says how to get them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,16 +31,15 @@ from . import augment, plots
 from . import calibration as C
 from . import data as D
 from . import explain as X
-from .config import TrainConfig, check_tta_margin
+from .config import TrainConfig, check_tta
 from .corruptions import APPROXIMATION_NOTE, CORRUPTIONS, SEVERITIES, corrupt
 from .datasets import load_run_data
-from .errors import UserError, first_line
-from .inference import evaluate_logits, selective_tta_logits
+from .errors import CheckpointError, UserError, first_line
+from .inference import evaluate_logits, predict_logits, selective_tta_logits
 from .metrics import classification_metrics, confident_errors
 from .models import count_params
-from .report import write_report
-from .runs import Run, read_json, write_atomic, write_json
-from .weights import ModelMeta, load_model, model_fingerprint, run_dir_of, weights_path
+from .runs import Run, check_claimable, claim_dir, read_json, write_atomic, write_json
+from .weights import ModelMeta, load_model, model_fingerprint, read_temperature, run_dir_of, weights_path
 
 N_CONFIDENT_ERRORS = 24
 N_SAMPLES = (
@@ -55,6 +56,29 @@ EXPLAINED_GROUPS = {
 
 
 # --- computing (no files) ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How an evaluation measures, beyond the plain test accuracy; checked once, here (one line on bad values)."""
+
+    tta: int = 0  # test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel shifts (see inference.py)
+    tta_margin: float = 1.0  # TTA only where the plain view's top-two margin is below this (1: every image)
+    corruptions: bool = False  # the robustness suite: 10 corruptions x 5 severities
+    corruption_images: int | None = None  # the suite on the first n test images (None: all of them)
+    corruption_seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tta", int(self.tta))
+        object.__setattr__(self, "tta_margin", float(self.tta_margin))
+        check_tta(self.tta, self.tta_margin)
+        if self.corruption_images is not None and self.corruption_images < 1:
+            raise UserError("--corruption-images must be at least 1")
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> EvalOptions:
+        """The test evaluation a training config asks for."""
+        return cls(tta=cfg.tta, tta_margin=cfg.tta_margin)
 
 
 @dataclass(frozen=True)
@@ -76,7 +100,7 @@ class Evaluation:
     labels: np.ndarray  # (N,)
     images: np.ndarray  # (N, H, W, 3) uint8, for the plots
     metrics: dict[str, Any]  # metrics.classification_metrics (keys "test_...")
-    calibration: dict[str, Any]  # calibration.temperature_scaling
+    calibration: dict[str, Any]  # calibration.calibration_at the stored temperature, with val_size and note
     errors: np.ndarray  # indices of the most confidently wrong predictions, most confident first
     fingerprint: str  # weights.model_fingerprint
     tta: int
@@ -85,12 +109,25 @@ class Evaluation:
     robustness: dict[str, Any] | None  # evaluate_corruptions, if it was run
     seconds: float
     test_seconds: float  # of the test-set logits, the headline figure: everything else comes after
+    served_logits: np.ndarray  # (N, C) float32: one view per image, what predict and serve compute
+    served: dict[str, Any]  # calibration.calibration_at of served_logits and the stored temperature
     explanations: Explanations | str = "not computed"  # or why there are none (e.g. Captum not installed)
     classes: tuple[str, ...] = D.CLASSES  # the model's class names, in the order of its outputs
 
     @property
     def probs(self) -> np.ndarray:
         return C.softmax(self.logits)
+
+    @property
+    def served_temperature(self) -> float:
+        """The temperature predict and serve divide the logits by: the stored one, else 1."""
+        t = self.served["temperature"]
+        return 1.0 if t is None else t
+
+    @property
+    def served_probs(self) -> np.ndarray:
+        """What predict and serve return for the test images: softmax(one view's logits / temperature)."""
+        return C.softmax(self.served_logits, self.served_temperature)
 
 
 def evaluate_corruptions(
@@ -162,50 +199,78 @@ def explain_examples(
     return Explanations(groups, classes, maps, layer, time.perf_counter() - t0)
 
 
-def _calibration(
-    model: nn.Module, val: D.Split | None, logits: np.ndarray, labels: np.ndarray, tta: int, tta_margin: float
-) -> dict[str, Any]:
-    """Temperature scaling fitted on the validation split at the evaluation's TTA (none without one)."""
+FIT = "fit"  # evaluate_model's temperature: fit it on val, as training fits the one it stores
+
+
+def fit_served_temperature(model: nn.Module, val: D.Split | None) -> float | None:
+    """The temperature predict and serve apply, as training fits it to store it with the weights: on the
+    validation split's single views (they compute one view per image), by NLL. None without validation."""
     if val is None or len(val) == 0:
-        return C.temperature_scaling(logits, labels)
-    val_logits = selective_tta_logits(model, val.images, tta=tta, tta_margin=tta_margin)[0].numpy()
-    return C.temperature_scaling(logits, labels, val_logits, val.labels.cpu().numpy())
+        return None
+    return C.fit_temperature(evaluate_logits(model, val).numpy(), val.labels.cpu().numpy())
+
+
+def _calibration(
+    logits: np.ndarray, labels: np.ndarray, temperature: float | None, val_size: int, tta: int
+) -> dict[str, Any]:
+    """The evaluation's logits before and after the one temperature, and where that temperature came from."""
+    held = f" ({val_size:,} images held out of the training set)" if val_size else ""
+    if temperature is None and not val_size:
+        note = C.NO_VALIDATION
+    elif temperature is None:
+        note = NO_STORED_TEMPERATURE
+    else:
+        note = (
+            f"Temperature fitted on the validation split{held} on single views (no TTA) by minimising its NLL, "
+            "and stored with the weights: it is the one predict and serve apply. The test set was not used "
+            "for fitting."
+        )
+        if tta:
+            note += " Here it divides this evaluation's TTA logits; 'served' has the single-view figures."
+    return {**C.calibration_at(logits, labels, temperature), "val_size": val_size, "note": note}
+
+
+NO_STORED_TEMPERATURE = (
+    "The weights hold no temperature, so none is applied (predict and serve use 1); the test set is never "
+    "used for fitting. Probabilities are the model's own."
+)
 
 
 def evaluate_model(
     model: nn.Module,
     test: D.Split,
+    options: EvalOptions | None = None,
     *,
     val: D.Split | None = None,
-    tta: int = 0,
-    tta_margin: float = 1.0,
-    corruptions: bool = False,
-    corruption_images: int | None = None,
-    corruption_seed: int = 0,
+    temperature: float | Literal["fit"] | None = FIT,
     echo: Callable[[str], None] = print,
     classes: Sequence[str] = D.CLASSES,
 ) -> Evaluation:
-    """Measure the model on the test set (and the temperature on val, the robustness suite if asked); no files.
+    """Measure the model on the test set (and the robustness suite if asked); no files.
 
+    temperature: the one stored with the weights (None: they hold none); FIT: fitted here on val as training
+    fits the one it stores (a model not saved yet). val: the split it was fitted on (its size is reported).
     The test accuracy is printed as soon as it is known; calibration, robustness and explanations follow.
-    corruption_images: the first n test images for the robustness suite (None: all of them).
     """
     t0 = time.perf_counter()
-    tta, tta_margin = int(tta), float(tta_margin)
-    check_tta_margin(tta_margin)
+    o = options or EvalOptions()
+    tta, tta_margin = o.tta, o.tta_margin
     logits_t, unsure = selective_tta_logits(model, test.images, tta=tta, tta_margin=tta_margin)
     logits, test_seconds = logits_t.numpy(), time.perf_counter() - t0
     labels = test.labels.cpu().numpy()
     tta_share = float(unsure.float().mean()) if len(unsure) else 0.0
     echo(headline(logits, labels, tta, tta_share, test_seconds))
+    stored = fit_served_temperature(model, val) if temperature == FIT else temperature
+    # What predict and serve compute: the plain view (the same inference loop), at the stored temperature.
+    served_logits = logits if not tta else predict_logits(model, test.images).numpy()
     images = test.images.cpu().permute(0, 2, 3, 1).numpy()
     fingerprint = model_fingerprint(model)
     robustness = None
-    if corruptions:
-        n = min(corruption_images or len(labels), len(labels))
+    if o.corruptions:
+        n = min(o.corruption_images or len(labels), len(labels))
         echo(f"robustness: 10 corruptions x 5 severities on {n:,} test images (accuracy per severity 1-5)")
         robustness = {
-            **evaluate_corruptions(model, images[:n], labels[:n], seed=corruption_seed, echo=echo),
+            **evaluate_corruptions(model, images[:n], labels[:n], seed=o.corruption_seed, echo=echo),
             "model_fingerprint": fingerprint,
         }
     errors = confident_errors(C.softmax(logits), labels, N_CONFIDENT_ERRORS)
@@ -214,7 +279,7 @@ def evaluate_model(
         labels=labels,
         images=images,
         metrics=classification_metrics(logits, labels, classes),
-        calibration=_calibration(model, val, logits, labels, tta, tta_margin),
+        calibration=_calibration(logits, labels, stored, len(val) if val is not None else 0, tta),
         errors=errors,
         fingerprint=fingerprint,
         tta=tta,
@@ -223,6 +288,8 @@ def evaluate_model(
         robustness=robustness,
         seconds=time.perf_counter() - t0,
         test_seconds=test_seconds,
+        served_logits=served_logits,
+        served=C.calibration_at(served_logits, labels, stored),
         explanations=explain_examples(model, images, labels, C.softmax(logits), errors),
         classes=tuple(classes),
     )
@@ -263,6 +330,25 @@ def explanations_record(ev: Evaluation) -> dict[str, Any]:
     }
 
 
+SERVED_NOTE = (
+    "What predict and serve return: one view per image (no TTA), softmax of the logits divided by the "
+    "temperature stored with the weights (1 when they hold none); 'uncalibrated' is the same view at 1."
+)
+
+
+def served_fields(ev: Evaluation) -> dict[str, Any]:
+    """results.json's `served`: accuracy, ECE, MCE and NLL of what predict and serve return, raw and calibrated."""
+    before, after = ev.served["uncalibrated"], ev.served["calibrated"]
+    return {
+        "temperature": ev.served_temperature,
+        "temperature_stored": ev.served["temperature"] is not None,
+        "tta": 0,
+        "accuracy": before["accuracy"],
+        **{f"{k}_raw": before[k] for k in ("ece", "mce", "nll")},
+        **{f"{k}_calibrated": after and after[k] for k in ("ece", "mce", "nll")},
+    }
+
+
 def evaluation_record(ev: Evaluation, weights: Path) -> dict[str, Any]:
     """The content of eval/metrics.json."""
     probs = ev.probs
@@ -276,6 +362,12 @@ def evaluation_record(ev: Evaluation, weights: Path) -> dict[str, Any]:
         "class_names": list(ev.classes),
         **{k.removeprefix("test_"): v for k, v in ev.metrics.items()},
         "calibration": ev.calibration,
+        "served": {
+            **ev.served,
+            "temperature": ev.served_temperature,
+            "temperature_stored": ev.served["temperature"] is not None,
+            "note": SERVED_NOTE,
+        },
         "confident_errors": [
             {
                 "index": int(i),
@@ -306,6 +398,7 @@ def results_fields(ev: Evaluation, robustness: dict[str, Any] | None) -> dict[st
         "test_seconds": ev.test_seconds,
         "eval_seconds": ev.seconds,
         "class_names": list(ev.classes),
+        "served": served_fields(ev),
     }
 
 
@@ -314,6 +407,12 @@ def summary_line(results: dict[str, Any], where: Path) -> str:
     ece = f"ECE {results['test_ece']:.2%}"
     if results["temperature"] is not None:
         ece += f" ({results['test_ece_calibrated']:.2%} at temperature {results['temperature']:.3f})"
+    served = results.get("served") or {}
+    if results.get("tta") and served:  # without TTA the evaluation is what is served: the same figures
+        after = served["ece_calibrated"]
+        ece += f"  served (one view): ECE {served['ece_raw']:.2%}" + (
+            "" if after is None else f" -> {after:.2%}"
+        )
     mca = results["mean_corruption_accuracy"]
     mca_text = "" if mca is None else f"  mean corruption accuracy {mca:.2%}"
     return (
@@ -322,7 +421,7 @@ def summary_line(results: dict[str, Any], where: Path) -> str:
     )
 
 
-# --- writing: eval/, plots/, results.json, the report ------------------------------------------------------
+# --- writing: eval/, plots/, results.json ------------------------------------------------------------------
 
 
 def _valid_robustness(run: Run, ev: Evaluation) -> dict[str, Any] | None:
@@ -419,7 +518,7 @@ def _plot_explanations(run: Run, ev: Evaluation) -> None:
 def write_evaluation(
     run_dir: str | os.PathLike, ev: Evaluation, *, weights: Path, info: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Write an evaluation into a run directory: eval/, results.json (merged with info), plots/ and the report.
+    """Write an evaluation into a run directory: eval/, results.json (merged with info) and plots/.
 
     Never touches the weights. Returns the updated results.json.
     """
@@ -437,21 +536,16 @@ def write_evaluation(
     _plot_test_set(run, ev, results)
     _plot_evaluation(run, ev, robustness)
     _plot_explanations(run, ev)
-    write_report(run.path)
     return results
 
 
 def evaluate_into_run(
     run_dir: str | os.PathLike,
     test: D.Split,
+    options: EvalOptions | None = None,
     *,
-    tta: int = 0,
-    tta_margin: float = 1.0,
     model: nn.Module | None = None,
     val: D.Split | None = None,
-    corruptions: bool = False,
-    corruption_images: int | None = None,
-    corruption_seed: int = 0,
     weights: str | os.PathLike | None = None,
     info: dict[str, Any] | None = None,
     echo: Callable[[str], None] = print,
@@ -459,9 +553,10 @@ def evaluate_into_run(
 ) -> dict[str, Any]:
     """Evaluate a model on the test set once and write the results into run_dir; returns results.json.
 
-    model: the model to evaluate (None: load weights, default the run's model.safetensors). val: the run's
-    validation split, to fit the reported temperature on (None or empty: no temperature). classes: the
-    model's class names (default: those of the weights loaded, else CIFAR-10's).
+    model: the model to evaluate (None: load weights, default the run's model.safetensors). The temperature is
+    the one stored in weights; only when there is no weights file (a model not saved yet) is it fitted on val,
+    as training fits it. val: the run's validation split (None or empty: none). classes: the model's class
+    names (default: those of the weights loaded, else CIFAR-10's).
     """
     run_dir = Path(run_dir)
     weights = Path(weights) if weights is not None else Run(run_dir).file("weights")
@@ -471,12 +566,9 @@ def evaluate_into_run(
     ev = evaluate_model(
         model,
         test,
+        options,
         val=val,
-        tta=tta,
-        tta_margin=tta_margin,
-        corruptions=corruptions,
-        corruption_images=corruption_images,
-        corruption_seed=corruption_seed,
+        temperature=read_temperature(weights) if weights.is_file() else FIT,
         echo=echo,
         classes=classes or D.CLASSES,
     )
@@ -494,7 +586,12 @@ def run_config(path: Path, metadata: ModelMeta) -> TrainConfig | None:
         config = Run(path).file("config")
         return TrainConfig.load(config) if config.is_file() else None
     saved = metadata.config
-    return TrainConfig.from_dict(saved) if isinstance(saved, dict) and saved else None
+    if not saved:
+        return None
+    try:
+        return TrainConfig.from_dict(saved)
+    except UserError as e:  # the metadata is untrusted: say which file and field
+        raise CheckpointError(f"{path}: metadata 'config' is not a valid training config ({e})") from None
 
 
 def _check_request(
@@ -502,18 +599,22 @@ def _check_request(
     weights: Path,
     metadata: ModelMeta,
     out: str | os.PathLike | None,
-    corruption_images: int | None,
 ) -> None:
     """Refuse, before anything is read or written, what cannot be evaluated as asked."""
     if path.is_dir() and out is not None:
         raise UserError("--out is for a weights file; a run directory is evaluated into itself")
-    if corruption_images is not None and corruption_images < 1:
-        raise UserError("--corruption-images must be at least 1")
+    if not path.is_dir():  # a new or empty folder, or one an evaluation of ours made: nothing else
+        check_claimable(out if out is not None else default_eval_dir(weights))
+
+
+def default_eval_dir(weights: Path) -> Path:
+    """Where the evaluation of a weights file goes without --out: <name>-eval/ beside it."""
+    return weights.with_name(f"{weights.stem}-eval")
 
 
 def _validation_split(cfg: TrainConfig | None, data: D.CIFAR10) -> D.Split | None:
-    """The run's validation split, rebuilt exactly as training built it (same size, seed and subset), so it
-    never overlaps training; None without a config or a validation split."""
+    """The run's validation split, rebuilt exactly as training built it (same size, seed and subset): the
+    stored temperature was fitted on it. None without a config or a validation split."""
     if cfg is None or cfg.resolved_val_size <= 0:
         return None
     return D.make_splits(data, **cfg.split_args()).val
@@ -534,29 +635,26 @@ def _weights_file_info(
 
 def evaluate_saved(
     path: str | os.PathLike,
+    options: EvalOptions | None = None,
     *,
     data: D.CIFAR10 | None = None,
     data_dir: str | os.PathLike | None = None,
     allow_unverified: bool = False,
-    tta: int = 0,
-    tta_margin: float = 1.0,
-    corruptions: bool = False,
-    corruption_images: int | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> Path:
     """Evaluate a saved model: a run directory (into itself) or a weights file (into out, default
-    <name>-eval/ beside it). The CLI's `evaluate`.
+    <name>-eval/ beside it: a new or empty folder, or one an earlier evaluation marked as ours). The CLI's
+    `evaluate`.
 
     Everything that can be wrong (no finished model, unknown architecture, other classes, data failing
     verification) is checked before anything is written. Returns the directory written.
     """
     path = Path(path)
-    check_tta_margin(tta_margin)
     weights = weights_path(path)
     model, metadata = load_model(weights)
-    _check_request(path, weights, metadata, out, corruption_images)
+    _check_request(path, weights, metadata, out)
     cfg = run_config(path, metadata)
     if data is None:
         data = load_run_data(
@@ -572,18 +670,14 @@ def evaluate_saved(
     if path.is_dir():
         run_dir = path
     else:
-        run_dir = Path(out) if out is not None else weights.with_name(f"{weights.stem}-eval")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = claim_dir(out if out is not None else default_eval_dir(weights)).path
         info |= _weights_file_info(weights, model, metadata, cfg, val)
     evaluate_into_run(
         run_dir,
         D.to_split(data.test_images, data.test_labels),
-        tta=tta,
-        tta_margin=tta_margin,
+        options,
         model=model,
         val=val,
-        corruptions=corruptions,
-        corruption_images=corruption_images,
         weights=weights,
         info=info,
         echo=echo,

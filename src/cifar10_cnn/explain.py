@@ -39,9 +39,9 @@ from . import plots
 from .augment import normalize
 from .calibration import softmax
 from .errors import UserError
-from .images import find_images, read_image_file
+from .images import ImageError, find_images, read_image_file
 from .inference import predict_logits
-from .runs import write_atomic
+from .runs import check_writable_dir, write_atomic
 from .weights import load_model
 
 METHODS = ("gradcam", "ig")
@@ -276,9 +276,9 @@ def contact_sheet(images: np.ndarray, maps: np.ndarray, captions: Sequence[str],
     rows = max(1, -(-n // cols))
     fig = Figure(figsize=(1.6 * cols, 1.85 * rows + (0.4 if title else 0)))
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[n:]:
+    for ax in axes[n:]:  # the unfilled end of the last row
         ax.set_axis_off()
-    for ax, image, heat, caption in zip(axes, images, maps, captions, strict=True):
+    for ax, image, heat, caption in zip(axes[:n], images, maps, captions, strict=True):
         _panel(ax, overlay(image, heat), caption, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -326,26 +326,40 @@ def resolve_class(value: str | int, classes: Sequence[str]) -> int:
     raise UserError(f"unknown class {text!r}; use one of: {', '.join(classes)} (or 0..{len(classes) - 1})")
 
 
-def read_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], np.ndarray]:
-    """Image files and folders -> their paths and uint8 (N, 32, 32, 3); UserError for the first bad file."""
+def read_images(
+    inputs: Sequence[str | os.PathLike],
+) -> tuple[list[int], list[Path], np.ndarray, list[tuple[int, Path, str]]]:
+    """Image files and folders -> the readable ones (input positions, paths, uint8 (N, 32, 32, 3)) and the rest.
+
+    As in predict, a file that cannot be read is listed with why (position, path, reason) and the others go on;
+    a UserError only when no file could be read (it names the first one).
+    """
     paths = find_images(inputs)
     if not paths:
         raise UserError(f"no image files found in {', '.join(map(str, inputs))}")
     if len(paths) > MAX_IMAGES:
         raise UserError(f"{len(paths)} images given; explain at most {MAX_IMAGES} at a time")
-    images = []
-    for path in paths:
+    positions, good, images, failed = [], [], [], []
+    for i, path in enumerate(paths):
         try:
             images.append(read_image_file(path))
-        except UserError as e:
-            raise UserError(f"{path}: {e}") from None
-    return paths, np.stack(images)
+        except ImageError as e:
+            failed.append((i, path, str(e)))
+            continue
+        positions.append(i)
+        good.append(path)
+    if not good:
+        _, path, why = failed[0]
+        more = f" (and {len(failed) - 1} more that cannot be read)" if len(failed) > 1 else ""
+        raise UserError(f"{path}: {why}{more}")
+    return positions, good, np.stack(images), failed
 
 
 def _output_dir(out: Path | None) -> Path:
     """--out, which must be new or empty (nothing of the user's is overwritten), or a new timestamped one."""
     out = Path(out) if out is not None else Path(f"explain-{dt.datetime.now():%Y%m%d-%H%M%S}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    check_writable_dir(out)  # --out, or a folder above it, is a file; or read-only
+    if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not an empty folder; give a new one")
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -365,8 +379,11 @@ def explain_command(
     top: int = 3,
     out: Path | None = None,
     echo: Callable[[str], None] = print,
-) -> Path:
-    """`cifar10 explain`: a PNG per image (the input, maps of the top classes or --target), contact sheets."""
+) -> int:
+    """`cifar10 explain`: a PNG per image (the input, maps of the top classes or --target), contact sheets.
+
+    Files that cannot be read are listed and skipped, as predict does; the exit status is then 1, else 0.
+    """
     if top < 1:
         raise UserError(f"--top {top}: give 1 or more")
     if method not in METHODS:
@@ -375,7 +392,7 @@ def explain_command(
     model, meta = load_model(run)
     classes = list(meta.classes)
     wanted = None if target is None else resolve_class(target, classes)
-    paths, images = read_images(inputs)
+    positions, paths, images, failed = read_images(inputs)
     out = _output_dir(out)
     logits = predict_logits(model, torch.from_numpy(images).permute(0, 3, 1, 2))
     probs = softmax(logits.numpy(), meta.temperature)
@@ -385,20 +402,34 @@ def explain_command(
     maps = np.stack(
         [explain(model, images, method=method, target=shown[:, r]) for r in range(shown.shape[1])], 1
     )
-    width = max(3, len(str(len(paths))))
+    width = max(3, len(str(len(positions) + len(failed))))
+    errors = {i: f"{path}  error: {why}" for i, path, why in failed}
     captions = []
-    for i, path in enumerate(paths):
-        labels = [f"{classes[c]} {probs[i, c]:.1%}" for c in shown[i]]
-        fig = explanation_figure(images[i], maps[i], labels, title=f"{path.name} · {METHOD_NAMES[method]}")
+    for k, (i, path) in enumerate(zip(positions, paths, strict=True)):
+        for j in sorted(e for e in errors if e < i):  # the failures before this file, in input order
+            echo(errors.pop(j))
+        labels = [f"{classes[c]} {probs[k, c]:.1%}" for c in shown[k]]
+        fig = explanation_figure(images[k], maps[k], labels, title=f"{path.name} · {METHOD_NAMES[method]}")
         name = out / _file_name(i, width, path)
         write_atomic(name, figure_png(fig))
         echo(f"{name}  {path}  {', '.join(labels)}")
         captions.append(f"{path.name[:18]}\n{labels[0]}")
-    for page, start in enumerate(range(0, len(paths), SHEET_PAGE), 1):
+    for line in errors.values():
+        echo(line)
+    _write_sheets(out, images, maps[:, 0], captions, f"{METHOD_NAMES[method]} · {Path(run).name}", echo)
+    failures = f"; {len(failed)} failed" if failed else ""
+    echo(
+        f"{len(paths)} image{'s' * (len(paths) != 1)} explained with {METHOD_NAMES[method]} in {out}{failures}"
+    )
+    return 1 if failed else 0
+
+
+def _write_sheets(
+    out: Path, images: np.ndarray, maps: np.ndarray, captions: list[str], title: str, echo: Callable
+) -> None:
+    """Contact sheets of SHEET_PAGE images each (one, named contact-sheet.png, when they fit on one)."""
+    for page, start in enumerate(range(0, len(images), SHEET_PAGE), 1):
         sl = slice(start, start + SHEET_PAGE)
-        sheet = out / ("contact-sheet.png" if len(paths) <= SHEET_PAGE else f"contact-sheet-{page:02d}.png")
-        title = f"{METHOD_NAMES[method]} · {Path(run).name}"
-        write_atomic(sheet, figure_png(contact_sheet(images[sl], maps[sl, 0], captions[sl], title)))
+        sheet = out / ("contact-sheet.png" if len(images) <= SHEET_PAGE else f"contact-sheet-{page:02d}.png")
+        write_atomic(sheet, figure_png(contact_sheet(images[sl], maps[sl], captions[sl], title)))
         echo(f"{sheet}  contact sheet of {len(captions[sl])} image{'s' * (len(captions[sl]) != 1)}")
-    echo(f"{len(paths)} image{'s' * (len(paths) != 1)} explained with {METHOD_NAMES[method]} in {out}")
-    return out

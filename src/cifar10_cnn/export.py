@@ -1,9 +1,15 @@
 """Export a trained model as safetensors (weights + metadata), ONNX (dynamic batch) or TorchScript, verified.
 
-ONNX and TorchScript exports take what images.preprocess returns: uint8 RGB images (N, 32, 32, 3), N any;
-the normalisation is inside the graph and the output is raw logits (N, 10). Divide them by the `temperature`
-in the model's metadata before the softmax. Every export is loaded back and run on real CIFAR-10 test images;
-it is kept only if its logits match PyTorch's within ATOL (max absolute difference).
+    cifar10 export runs/<run> --format onnx        # ./<run>.onnx, checked on 256 CIFAR-10 test images
+
+ONNX and TorchScript exports take what images.preprocess returns: uint8 RGB images (N, 32, 32, 3), N any.
+The model's stored normalisation (its metadata's mean and std, applied by augment.normalize as predict's
+PyTorch path applies it) is inside the graph; the output is raw logits (N, C), C the classes the metadata
+names. Divide them by the metadata's `temperature` before the softmax. An export is written to a temporary
+file and loaded back (ONNX in `onnx_session`, the session predict and serve run); it replaces --out only if
+its logits match PyTorch's within ATOL (max absolute difference; ONNX and TorchScript also at batch size 1).
+`cifar10 export` checks on the first 256 CIFAR-10 test images and refuses to run without them; the in-memory
+ONNX conversion of `predict`/`serve --backend onnx` checks on random images when CIFAR-10 is not found.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .augment import CIFAR10_NORM, Norm, normalize
 from .errors import DataError, UserError, first_line
 from .inference import predict_logits
-from .runs import write_atomic
+from .runs import check_writable_dir, write_atomic
 from .version import __version__
 from .weights import ModelMeta, default_name, load_model, save_weights, weights_path
 
@@ -47,28 +54,28 @@ class ExportError(UserError):
 class UInt8Classifier(nn.Module):
     """The model behind the preprocessing contract: uint8 RGB images (N, 32, 32, 3) in, logits out."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+    def __init__(self, model: nn.Module, norm: Norm):
         super().__init__()
         self.model = model
-        # The same float32 constants and operations as data.normalize, so the results are identical.
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
-        self.register_buffer("inv_std", 1 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255))
+        self.norm = (tuple(norm[0]), tuple(norm[1]))  # constants of the graph
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).to(torch.float32)
-        return self.model((x - self.mean) * self.inv_std)
+        # augment.normalize, as predict's PyTorch path runs it: the same constants and operations.
+        return self.model(normalize(images.permute(0, 3, 1, 2), norm=self.norm))
 
 
 def wrap(model: nn.Module, meta: ModelMeta) -> UInt8Classifier:
-    """A copy of the model, contiguous fp32 in eval mode, behind the uint8 input."""
+    """A copy of the model, contiguous fp32 in eval mode, behind the uint8 input and the stored normalisation."""
     inner = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
-    return UInt8Classifier(inner, list(meta.mean), list(meta.std)).eval()
+    return UInt8Classifier(inner, meta.norm).eval()
 
 
-def torch_logits(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """The reference: the PyTorch model's logits for uint8 NHWC images, normalised as in training."""
+def torch_logits(
+    model: nn.Module, images: np.ndarray, batch_size: int = 256, norm: Norm = CIFAR10_NORM
+) -> np.ndarray:
+    """The reference: the PyTorch model's logits for uint8 NHWC images (norm: the model's stored one)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    return predict_logits(model, x, batch_size=batch_size).numpy()
+    return predict_logits(model, x, batch_size=batch_size, norm=norm).numpy()
 
 
 def export_metadata(meta: ModelMeta) -> dict[str, Any]:
@@ -169,36 +176,61 @@ def _check(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
     return diff
 
 
-def verify_onnx(
-    data: bytes | str | os.PathLike, model: nn.Module, images: np.ndarray, atol: float = ATOL
-) -> float:
-    """Max |logit difference| of the ONNX model against PyTorch, at the full batch and at batch size 1."""
+def onnx_session(model: bytes | str | os.PathLike) -> Any:
+    """The ONNX Runtime session of a model (bytes or a file): the one construction that export verifies and
+    predict and serve run, so what is verified is what is served. A model ONNX Runtime refuses is one line."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    session = ort.InferenceSession(
-        data if isinstance(data, bytes) else str(data), opts, providers=["CPUExecutionProvider"]
-    )
-    want = torch_logits(model, images)
+    # Idle worker threads sleep instead of spinning: on a small machine the spinning takes the cores that
+    # the web server's event loop and image decoding need between batches.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(
+            model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"]
+        )
+    except Exception as e:  # onnxruntime raises its own exception types for unreadable models
+        shown = "the model" if isinstance(model, bytes) else model
+        raise UserError(f"{shown} is not a usable ONNX model ({first_line(e)})") from None
+
+
+def verify_onnx(
+    data: bytes | str | os.PathLike,
+    model: nn.Module,
+    images: np.ndarray,
+    atol: float = ATOL,
+    norm: Norm = CIFAR10_NORM,
+) -> float:
+    """Max |logit difference| of the ONNX model against PyTorch (normalised with norm, the model's stored
+    one), at the full batch and at batch size 1, run in the session predict and serve use."""
+    session = onnx_session(data)
+    want = torch_logits(model, images, norm=norm)
     got = session.run(None, {"images": np.ascontiguousarray(images)})[0]
     one = session.run(None, {"images": np.ascontiguousarray(images[:1])})[0]
     return max(_check("ONNX", got, want, atol), _check("ONNX (batch 1)", one, want[:1], atol))
 
 
-def verify_torchscript(path: Path, model: nn.Module, images: np.ndarray, atol: float = ATOL) -> float:
+def verify_torchscript(
+    path: Path, model: nn.Module, images: np.ndarray, atol: float = ATOL, norm: Norm = CIFAR10_NORM
+) -> float:
     with _quiet():
         scripted = torch.jit.load(str(path), map_location="cpu")  # the file this process just wrote
     with torch.inference_mode():
         got = scripted(torch.from_numpy(np.ascontiguousarray(images))).numpy()
         one = scripted(torch.from_numpy(np.ascontiguousarray(images[:1]))).numpy()
-    want = torch_logits(model, images)
+    want = torch_logits(model, images, norm=norm)
     return max(_check("TorchScript", got, want, atol), _check("TorchScript (batch 1)", one, want[:1], atol))
 
 
-def verify_safetensors(path: Path, model: nn.Module, images: np.ndarray, atol: float = ATOL) -> float:
-    loaded, _ = load_model(path)
-    return _check("safetensors", torch_logits(loaded, images), torch_logits(model, images), atol)
+def verify_safetensors(
+    path: Path, model: nn.Module, images: np.ndarray, atol: float = ATOL, norm: Norm = CIFAR10_NORM
+) -> float:
+    """The reloaded file, run with its own stored normalisation, against the model run with norm."""
+    loaded, meta = load_model(path)
+    want = torch_logits(model, images, norm=norm)
+    return _check("safetensors", torch_logits(loaded, images, norm=meta.norm), want, atol)
 
 
 def _write(fmt: str, tmp: Path, model: nn.Module, meta: ModelMeta) -> None:
@@ -208,8 +240,9 @@ def _write(fmt: str, tmp: Path, model: nn.Module, meta: ModelMeta) -> None:
             k: v for k, v in data.items() if k not in ("architecture", "classes", "mean", "std", "config")
         }
         save_weights(
-            model, tmp, architecture=meta.architecture, config=meta.config, classes=meta.classes, extra=extra
-        )
+            model, tmp, architecture=meta.architecture, config=meta.config, classes=meta.classes,
+            norm=meta.norm, extra=extra,
+        )  # fmt: skip
     elif fmt == "onnx":
         write_atomic(tmp, onnx_bytes(model, meta))
     else:
@@ -223,6 +256,23 @@ def _write(fmt: str, tmp: Path, model: nn.Module, meta: ModelMeta) -> None:
 def default_out(source: Path, fmt: str) -> Path:
     """The output file when --out is not given: named after the input path (never its metadata), here."""
     return Path(default_name(source) + FORMATS[fmt])
+
+
+def _check_out(out: Path, weights: Path, fmt: str, force: bool) -> None:
+    """Refuse (one line) an --out that is not a new or replaceable regular file in an existing folder."""
+    if out.is_dir():
+        raise UserError(
+            f"--out {out} is a directory; give a file name such as {out / ('model' + FORMATS[fmt])}"
+        )
+    if out.exists() and not out.is_file():  # replacing it would replace the device node itself
+        raise UserError(f"--out {out} is not a regular file (a device, FIFO or socket); give a file name")
+    if out.exists() and out.resolve() == weights.resolve():
+        raise UserError(f"--out {out} is the model being exported; choose another file")
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    check_writable_dir(out.parent, shown=out)  # a folder above --out that is a file, or read-only
+    if not out.parent.is_dir():
+        raise UserError(f"the folder {out.parent} does not exist")
 
 
 def export_model(
@@ -244,16 +294,7 @@ def export_model(
     weights = weights_path(source)
     model, meta = load_model(source)
     out = Path(out) if out is not None else default_out(source, fmt)
-    if out.is_dir():
-        raise UserError(
-            f"--out {out} is a directory; give a file name such as {out / ('model' + FORMATS[fmt])}"
-        )
-    if out.exists() and out.resolve() == weights.resolve():
-        raise UserError(f"--out {out} is the model being exported; choose another file")
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it")
-    if not out.parent.is_dir():
-        raise UserError(f"the folder {out.parent} does not exist")
+    _check_out(out, weights, fmt, force)
     what = "given images"
     if images is None:
         images, what = run_test_images(source, data_dir) or verification_images(data_dir)
@@ -264,7 +305,7 @@ def export_model(
         verify = {"safetensors": verify_safetensors, "onnx": verify_onnx, "torchscript": verify_torchscript}[
             fmt
         ]
-        diff = verify(tmp, model, images, atol)
+        diff = verify(tmp, model, images, atol, norm=meta.norm)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

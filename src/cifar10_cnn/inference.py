@@ -1,7 +1,7 @@
 """Logits of uint8 images for any model: the one batched inference loop (evaluation, validation, predict, export).
 
 Images are uint8 (N, 3, 32, 32) tensors, on any device and in any memory format; they are normalised here
-exactly as in training. Test-time augmentation: level 1 averages each image with its mirror; level 2 also
+by augment.normalize, as in training (norm: a stored model's own (mean, std); CIFAR-10's by default). Test-time augmentation: level 1 averages each image with its mirror; level 2 also
 averages that with two views shifted by one pixel (up-left and down-right, reflect padding), the unshifted
 views weighted one half. Selective TTA (tta_margin < 1) augments only the images the plain view is unsure
 of: those whose two most probable classes are closer than tta_margin in softmax probability. An image's
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .augment import normalize
+from .augment import CIFAR10_NORM, Norm, normalize
 from .data import Split
 
 
@@ -37,6 +37,7 @@ def predict_logits(
     batch_size: int = 1000,
     tta: int = 0,
     amp_dtype: torch.dtype | None = None,
+    norm: Norm = CIFAR10_NORM,
 ) -> torch.Tensor:
     """Logits (float32, on CPU) of uint8 images (N, 3, H, W), batch by batch, in eval mode."""
     model.eval()
@@ -47,7 +48,7 @@ def predict_logits(
         torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None),
     ):
         for start in range(0, len(images), batch_size):
-            x = normalize(images[start : start + batch_size].to(device, non_blocking=True))
+            x = normalize(images[start : start + batch_size].to(device, non_blocking=True), norm=norm)
             out.append(_views(model, x, tta).cpu())
     return torch.cat(out) if out else torch.zeros(0, 10)
 

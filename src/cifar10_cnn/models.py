@@ -25,10 +25,15 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
-    """Build a registered architecture by name."""
+def check_model_name(name: str) -> None:
+    """A UserError naming the known models unless name is one of them."""
     if name not in _REGISTRY:
         raise UserError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+
+
+def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
+    """Build a registered architecture by name."""
+    check_model_name(name)
     return _REGISTRY[name](num_classes=num_classes, **kwargs)
 
 

@@ -21,9 +21,10 @@ import torch
 
 from .calibration import softmax
 from .errors import UserError, first_line
+from .export import onnx_session
 from .images import IMAGE_SIZE, DecodeBudget, ImageError, find_images, read_image_file
 from .inference import predict_logits
-from .weights import PROBE_IMAGES, ModelMeta, decode_metadata, default_name, load_model
+from .weights import ModelMeta, decode_metadata, default_name, load_model, probe_images
 
 BACKENDS = ("auto", "torch", "onnx")
 NOT_FINITE = "the model's output for this image is not finite (NaN or infinite); the model is broken"
@@ -78,8 +79,7 @@ class Predictor:
 
     def check(self, source: str | os.PathLike) -> None:
         """Refuse (one line) a model whose logits on a probe batch have the wrong shape or are not finite."""
-        probe = np.random.default_rng(0).integers(0, 256, (PROBE_IMAGES, 32, 32, 3), dtype=np.uint8)
-        probe[0], probe[1] = 0, 255
+        probe = probe_images()
         try:
             logits = self.logits(probe)
         except Exception as e:  # e.g. ONNX Runtime refusing a graph whose input is not what we feed
@@ -98,7 +98,7 @@ class Predictor:
 
 
 class TorchPredictor(Predictor):
-    """A PyTorch model in eval mode, run by inference.predict_logits (normalised as in training)."""
+    """A PyTorch model in eval mode, run by inference.predict_logits (normalised with its stored mean and std)."""
 
     backend = "torch"
 
@@ -109,7 +109,7 @@ class TorchPredictor(Predictor):
 
     def _logits(self, images: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(images).permute(0, 3, 1, 2)
-        return predict_logits(self.model, x, batch_size=self.batch_size).numpy()
+        return predict_logits(self.model, x, batch_size=self.batch_size, norm=self.meta.norm).numpy()
 
 
 class OnnxPredictor(Predictor):
@@ -120,20 +120,8 @@ class OnnxPredictor(Predictor):
     def __init__(
         self, model: bytes | str | os.PathLike, meta: ModelMeta | None = None, batch_size: int = 256
     ):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        # Idle worker threads sleep instead of spinning: on a small machine the spinning takes the cores that
-        # the web server's event loop and image decoding need between batches.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         source = model if isinstance(model, bytes) else str(model)
-        try:
-            self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-            shown = "the model" if isinstance(model, bytes) else model
-            raise UserError(f"{shown} is not a usable ONNX model ({first_line(e)})") from None
+        self.session = onnx_session(source)  # the construction export verifies
         self.input_name = self.session.get_inputs()[0].name
         if meta is None:
             if not isinstance(source, str):
@@ -186,7 +174,7 @@ def load_predictor(
 
             data = onnx_bytes(model, meta)
             images, _ = verification_images(data_dir, required=False)
-            verify_onnx(data, model, images)
+            verify_onnx(data, model, images, norm=meta.norm)
             predictor = OnnxPredictor(data, meta, batch_size=batch_size)
     predictor.check(path)
     return predictor

@@ -7,9 +7,10 @@
       checkpoints/          last.pt, best.pt           tb/            TensorBoard events
       plots/, eval/         figures and evaluation     report.md, report.html
 
-`--force` deletes only the files in RUN_FILES (and our temporary and TensorBoard files), and only in a folder
-that holds the marker; anything else a user put there stays. `Run.update_results` is the one place where
-results.json is merged.
+A folder is ours only if we made it, or found it empty (`create_run`, `claim_dir`): any other folder with
+something in it is refused, left as it was. `--force` deletes only the files in RUN_FILES (and our temporary
+and TensorBoard files), and only in a folder that holds the marker; anything else a user put there stays.
+`Run.update_results` is the one place where results.json is merged.
 """
 
 from __future__ import annotations
@@ -212,26 +213,35 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.recipe}"
 
 
-def _check_writable_dir(path: Path) -> None:
+def check_writable_dir(
+    path: str | os.PathLike, flag: str = "--out", shown: str | os.PathLike | None = None
+) -> None:
+    """Refuse (one line) a folder path that cannot be made or written: it, or a folder above it, is a file (or
+    a device, FIFO ...), or the nearest existing one is read-only. shown: the path the message names."""
+    path = Path(path)
+    shown = path if shown is None else shown
     for parent in (path, *path.parents):
         if parent.exists():
             if not parent.is_dir():
-                raise UserError(f"--out {path}: {parent} is a file, not a folder; choose another --out")
+                what = "a file" if parent.is_file() else "a device, FIFO or socket"
+                raise UserError(f"{flag} {shown}: {parent} is {what}, not a folder; choose another {flag}")
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise UserError(f"--out {path}: cannot write in {parent} (read-only); choose another --out")
+                raise UserError(
+                    f"{flag} {shown}: cannot write in {parent} (read-only); choose another {flag}"
+                )
             return
 
 
 def create_run(path: str | os.PathLike, cfg: TrainConfig, *, force: bool) -> Run:
     """A new run directory holding the marker and config.json.
 
-    A folder that holds a run of ours with a finished epoch is refused unless force, which then clears only
-    what that run wrote. A folder that is not ours is refused if it holds anything a run would write.
+    A folder is ours only if we made it: a new folder, or an existing empty one, gets the marker (an empty
+    folder holds nothing --force could ever remove). A folder that holds the marker and a finished epoch is
+    refused unless force, which then clears only what that run wrote. Any other folder with something in it
+    (a symlink to one included) is refused, and left as it was.
     """
     run = Run(Path(path))
-    _check_writable_dir(run.path)
-    if run.path.exists() and not run.path.is_dir():
-        raise UserError(f"--out {run.path} is a file, not a folder; choose another --out")
+    check_writable_dir(run.path)
     if run.is_ours:
         if run.started and not force:
             raise UserError(
@@ -240,12 +250,7 @@ def create_run(path: str | os.PathLike, cfg: TrainConfig, *, force: bool) -> Run
             )
         run.clear()
     elif run.path.is_dir():
-        taken = [rel for rel in (*RUN_FILES.values(), *RUN_DIRS) if (run.path / rel).exists()]
-        if taken:
-            raise UserError(
-                f"{run.path} holds files that no run of ours wrote ({', '.join(taken[:3])}); "
-                "nothing was changed: move them away or choose another --out"
-            )
+        _refuse_foreign(run)
     try:
         run.path.mkdir(parents=True, exist_ok=True)
         write_atomic(run.path / MARKER, "cifar10-cnn run directory\n")
@@ -254,6 +259,48 @@ def create_run(path: str | os.PathLike, cfg: TrainConfig, *, force: bool) -> Run
         if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the CLI words these
             raise
         raise UserError(f"cannot create the run directory {run.path} ({first_line(e)})") from None
+    return run
+
+
+def _refuse_foreign(run: Run) -> None:
+    """Refuse an existing folder without our marker unless it is empty: it is not ours to write into."""
+    taken = [rel for rel in (*RUN_FILES.values(), *RUN_DIRS) if (run.path / rel).exists()]
+    if taken:
+        raise UserError(
+            f"{run.path} holds files that no run of ours wrote ({', '.join(taken[:3])}); "
+            "nothing was changed: move them away or choose another --out"
+        )
+    try:
+        entries = sorted(p.name for p in run.path.iterdir())
+    except OSError as e:
+        raise UserError(
+            f"--out {run.path} cannot be listed ({first_line(e)}); choose another --out"
+        ) from None
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UserError(
+            f"--out {run.path} is a folder that is not empty ({shown}) and holds no run of ours (no {MARKER}); "
+            "nothing was changed: give a new or empty folder"
+        )
+
+
+def check_claimable(path: str | os.PathLike) -> None:
+    """Refuse (one line, nothing changed) a folder that is not ours to write a run's files into: one under a
+    file, read-only, or existing with something in it and no marker."""
+    run = Run(Path(path))
+    check_writable_dir(run.path)
+    if run.path.is_dir() and not run.is_ours:
+        _refuse_foreign(run)
+
+
+def claim_dir(path: str | os.PathLike) -> Run:
+    """A folder for a run's files (e.g. the evaluation of a weights file), checked as check_claimable does,
+    made and marked as ours (so a later --force may clear what we wrote there)."""
+    run = Run(Path(path))
+    check_claimable(run.path)
+    run.path.mkdir(parents=True, exist_ok=True)
+    if not run.is_ours:
+        write_atomic(run.path / MARKER, "cifar10-cnn run directory\n")
     return run
 
 

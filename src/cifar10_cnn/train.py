@@ -4,19 +4,18 @@
     cifar10 train --resume runs/<run>                              # continue exactly where it stopped
     torchrun --nproc-per-node 2 -m cifar10_cnn train --recipe fast  # data-parallel (see distributed.py)
 
-`train()` is the whole job (data -> run directory -> fit -> weights -> evaluation -> report); `fit()` is the
-loop alone; `train_step()` is one optimisation step, which the benchmarks call too.
+`fit()` is the loop alone and returns the fitted model (the best epoch's after early stopping) with its history;
+`train_step()` is one optimisation step, which the benchmarks call too. The job around it (data, run directory,
+final weights, evaluation, report) is pipeline.py's: this module loads nothing of evaluation or plotting.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +24,18 @@ from torch import nn
 
 from . import distributed
 from .augment import alternating_flips, augment_batch, normalize
-from .calibration import fit_temperature
 from .checkpoint import TrainState, load_checkpoint
 from .config import TrainConfig
-from .data import CIFAR10, Split, Splits, batch_indices, make_splits
-from .datasets import load_run_data, notes, record_test_files
-from .device import autocast_dtype, precision_name, select_device
-from .errors import CheckpointError, TrainingDiverged, UserError
-from .evaluate import augmentation_preview, evaluate_into_run
+from .data import Split, Splits, batch_indices
+from .device import autocast_dtype, select_device
+from .errors import CheckpointError, TrainingDiverged
 from .inference import evaluate_logits, loss_and_accuracy
 from .logs import EpochLog, SilentLog
-from .models import count_params, create_model
+from .models import create_model
 from .optim import build_optimizer
-from .runs import Run, create_run, default_run_dir, open_run
-from .weights import save_weights
+from .runs import Run
 
 EpochHook = Callable[[int, nn.Module, dict[str, Any]], None]
-
-# Options that may differ on --resume without changing what the run computes.
-RESUME_FREE = ("device", "tta", "tta_margin")  # options that do not change what training computes
 
 
 # --- one step ----------------------------------------------------------------------------------------------------
@@ -310,178 +302,3 @@ def best_checkpoint(run: Run, best_epoch: int, device: torch.device) -> dict[str
             f"{run.file('best')} holds epoch {state.get('epoch')}, not the best epoch {best_epoch}"
         )
     return state
-
-
-# --- the whole job ---------------------------------------------------------------------------------------------
-
-
-def train(
-    cfg: TrainConfig | None = None,
-    *,
-    out: str | os.PathLike | None = None,
-    resume: str | os.PathLike | None = None,
-    data: CIFAR10 | None = None,
-    data_dir: str | os.PathLike | None = None,
-    allow_unverified: bool = False,
-    force: bool = False,
-    progress: bool = True,
-    echo: Callable[[str], None] = print,
-    on_epoch_end: EpochHook | None = None,
-) -> Path:
-    """The whole job: load data, fit, write final weights, evaluate on the test set once, write the report.
-
-    With resume (a run directory), cfg may be left out; a cfg that differs from the run's own is refused.
-    """
-    started = time.perf_counter()
-    world = distributed.current()
-    cfg = resumed_config(resume, cfg) if resume is not None else cfg or TrainConfig()
-    check_world(cfg, world)
-    if not world.main:
-        echo, progress = (lambda *_: None), False
-    if data is None:
-        with world.main_first():  # rank 0 downloads and verifies; the others then read its cache
-            # A resumed run on a folder keeps the test files it recorded, even if the folder changed since.
-            data = load_run_data(
-                Path(resume) if resume is not None else None,
-                cfg.data_args(),
-                data_dir,
-                allow_unverified=allow_unverified,
-                progress=progress,
-            )
-    cfg = cfg.sized_for(len(data.train_labels)) if resume is None else cfg
-    device = distributed.local_device(select_device(cfg.device))
-    splits = make_splits(data, **cfg.split_args(), device=device)
-    # The run directory is made only now, once the data loaded: a failed start leaves nothing to block a rerun.
-    run = Run(Path(world.from_main(lambda: start_run(cfg, out, resume, force))))
-    if resume is None and world.main:
-        augmentation_preview(
-            splits.train, run.mkdir("plots") / "augmentations.png", cfg, classes=data.classes
-        )
-    if world.main:
-        record_test_files(run, data)
-    t = setup(cfg, splits.train, device, num_classes=len(data.classes))
-    echo(run_header(cfg, t, data, splits))
-    for line in notes(data):
-        echo(line)
-    result = fit(cfg, splits, run.path, resume=resume is not None, progress=progress, echo=echo,
-                 on_epoch_end=on_epoch_end, trainer=t)  # fmt: skip
-    if world.main:
-        finish_run(run, cfg, t, data, splits, result, echo, started)
-        r = run.update_results({"total_seconds": time.perf_counter() - started})  # data, report and all
-        echo(
-            f"{r['total_seconds']:.0f} s in all: training {r['train_seconds']:.0f} s, test accuracy known after "
-            f"{r['headline_seconds']:.0f} s, then calibration, plots and report"
-        )
-    return run.path
-
-
-def resumed_config(resume: str | os.PathLike, cfg: TrainConfig | None) -> TrainConfig:
-    """The resumed run's config; cfg (if given) may differ from it only in RESUME_FREE options."""
-    saved = open_run(resume).read_config()
-    if cfg is None:
-        return saved
-    conflicts = [
-        f"--{k.replace('_', '-')} {v} (run has {getattr(saved, k)})"
-        for k, v in cfg.to_dict().items()
-        if k not in RESUME_FREE and v != getattr(saved, k)
-    ]
-    if conflicts:
-        raise UserError(f"--resume {resume} conflicts with {', '.join(conflicts)}; drop those options")
-    return cfg
-
-
-def check_world(cfg: TrainConfig, world: distributed.World) -> None:
-    world.check_same("config", cfg.to_dict())
-    if cfg.batch_size % world.size:
-        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the {world.size} processes")
-    if cfg.sync_bn and world.size > 1 and select_device(cfg.device).type != "cuda":
-        raise UserError(
-            "--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only); leave it out on CPU"
-        )
-
-
-def start_run(
-    cfg: TrainConfig, out: str | os.PathLike | None, resume: str | os.PathLike | None, force: bool
-) -> str:
-    if resume is not None:
-        return str(open_run(resume).path)
-    return str(create_run(Path(out) if out else default_run_dir(cfg), cfg, force=force).path)
-
-
-def run_header(cfg: TrainConfig, t: Trainer, data: CIFAR10, splits: Splits) -> str:
-    """The line (two under torchrun) that says what this run computes, and where."""
-    line = (
-        f"model {cfg.model} ({count_params(t.model):,} params) | device {t.device}, {precision_name(t.amp_dtype)} "
-        f"| data {data.source} ({'verified' if data.verified else 'UNVERIFIED'}) | train {len(splits.train)} / "
-        f"val {len(splits.val)} / test {len(splits.test)} | recipe {cfg.recipe}: {cfg.epochs} epochs, "
-        f"batch {cfg.batch_size}, lr {cfg.lr}"
-    )
-    w = t.world
-    if w.size > 1:
-        line += (
-            f"\ndistributed: {w.size} processes ({w.backend}); global batch {cfg.batch_size} = "
-            f"{cfg.batch_size // w.size} per process x {w.size}; lr {cfg.lr} applies to the global batch; "
-            f"batch-norm statistics {'over the global batch (SyncBatchNorm)' if cfg.sync_bn else 'per process'}"
-        )
-    return line
-
-
-def finish_run(
-    run: Run,
-    cfg: TrainConfig,
-    t: Trainer,
-    data: CIFAR10,
-    splits: Splits,
-    result: FitResult,
-    echo: Callable,
-    started: float,
-) -> None:
-    """Final weights (with the temperature fitted on the validation split), results.json, test evaluation.
-
-    headline_seconds in results.json: from the job's start to the test accuracy (before plots and report).
-    """
-    temperature = stored_temperature(result.model, splits.val)
-    save_weights(
-        result.model,
-        run.file("weights"),
-        architecture=cfg.model,
-        config=cfg.to_dict(),
-        temperature=temperature,
-        classes=data.classes,
-    )
-    run.update_results(training_results(cfg, t, data, splits, result))
-    evaluating = time.perf_counter()
-    results = evaluate_into_run(run.path, splits.test, tta=cfg.tta, tta_margin=cfg.tta_margin,
-                                model=result.model, val=splits.val, echo=echo, classes=data.classes)  # fmt: skip
-    run.update_results({"headline_seconds": evaluating - started + results["test_seconds"]})
-
-
-def stored_temperature(model: nn.Module, val: Split) -> float | None:
-    """The softmax temperature predict and serve use (one view per image, so no TTA); None without validation."""
-    if len(val) == 0:
-        return None
-    return fit_temperature(evaluate_logits(model, val).numpy(), val.labels.cpu().numpy())
-
-
-def training_results(
-    cfg: TrainConfig, t: Trainer, data: CIFAR10, splits: Splits, result: FitResult
-) -> dict[str, Any]:
-    return {
-        "model": cfg.model,
-        "params": count_params(result.model),
-        "recipe": cfg.recipe,
-        "device": str(t.device),
-        "precision": precision_name(t.amp_dtype),
-        "processes": t.world.size,
-        "train_size": len(splits.train),
-        "val_size": len(splits.val),
-        "epochs_run": len(result.history),
-        "train_seconds": result.train_seconds,
-        "best_val_accuracy": result.best_val_acc,
-        "best_epoch": result.best_epoch,
-        "stopped_early": result.stopped_early,
-        "weights": "best" if result.stopped_early and result.best_epoch else "final",
-        "final_val_accuracy": result.history[-1]["val_acc"] if result.history else None,
-        "data": data.provenance(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }

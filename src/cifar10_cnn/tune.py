@@ -106,8 +106,7 @@ class Objective:
 
     def _run(self, trial: Any, cfg: TrainConfig, run_dir: Path) -> list[float]:
         """The validation accuracy of the run (one per fold with cv), reported to the pruner as it goes."""
-        from .experiments import run_val_accuracy, train_cv
-        from .train import train
+        from .pipeline import run_val_accuracy, train, train_cv
 
         common = dict(out=run_dir, data=self.data, force=True, progress=False, echo=lambda *_: None)
         if not self.cv:

@@ -17,11 +17,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
+from .augment import CIFAR10_NORM, Norm
 from .constants import CLASSES, MEAN, STD
 from .errors import CheckpointError, UserError, first_line
 from .inference import predict_logits
@@ -31,6 +33,14 @@ from .runs import MARKER, RUN_FILES, Run, write_atomic
 MAX_CLASSES = 10_000
 MAX_TEXT = 200  # characters of a name, a class name, an architecture or a version
 PROBE_IMAGES = 8
+
+
+def probe_images() -> np.ndarray:
+    """The probe batch every loaded model must pass (finite outputs of the right shape): load_model's check,
+    each predictor's and the service's readiness. uint8 (PROBE_IMAGES, 32, 32, 3): black, white, then noise."""
+    probe = np.random.default_rng(0).integers(0, 256, (PROBE_IMAGES, 32, 32, 3), dtype=np.uint8)
+    probe[0], probe[1] = 0, 255
+    return probe
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,11 @@ class ModelMeta:
             test_accuracy=v.number("test_accuracy", None, 0.0, 1.0, low_open=False),
             config=v.mapping("config"),
         )
+
+    @property
+    def norm(self) -> Norm:
+        """The input normalisation the model was trained with: what every runner of it must use."""
+        return (self.mean, self.std)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: lists for tuples."""
@@ -168,14 +183,16 @@ def save_weights(
     config: dict[str, Any] | None = None,
     classes: tuple[str, ...] = CLASSES,
     temperature: float | None = None,
+    norm: Norm = CIFAR10_NORM,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Final weights as safetensors, with what is needed to use them in the metadata."""
+    """Final weights as safetensors, with what is needed to use them in the metadata (norm: the input
+    normalisation the model was trained with; training's is CIFAR-10's)."""
     metadata = {
         "architecture": architecture,
         "classes": json.dumps(list(classes)),
-        "mean": json.dumps(list(MEAN)),
-        "std": json.dumps(list(STD)),
+        "mean": json.dumps(list(norm[0])),
+        "std": json.dumps(list(norm[1])),
         "config": json.dumps(config or {}),
         **({"temperature": json.dumps(float(temperature))} if temperature is not None else {}),
         **{k: json.dumps(v) for k, v in (extra or {}).items()},
@@ -194,6 +211,15 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return decode_metadata(raw)
 
 
+def read_temperature(path: str | os.PathLike) -> float | None:
+    """The temperature stored with a weights file (validated as load_model does), or None if it holds none."""
+    path = Path(path)
+    raw = read_metadata(path)
+    if raw.get("temperature") is None:
+        return None
+    return ModelMeta.from_metadata({"architecture": "x", "temperature": raw["temperature"]}, path).temperature
+
+
 def weights_path(path: str | os.PathLike) -> Path:
     """A run directory's model.safetensors, or the given .safetensors file."""
     path = Path(path)
@@ -204,6 +230,10 @@ def weights_path(path: str | os.PathLike) -> Path:
                 f"run {path} has no finished model (model.safetensors); finish it with: cifar10 train --resume {path}"
             )
         return weights
+    if path.exists() and not path.is_file():
+        raise UserError(
+            f"{path} is not a regular file (a device, FIFO or socket); give a run directory or a .safetensors file"
+        )
     if not path.is_file():
         raise UserError(f"{path} does not exist; give a run directory or a .safetensors file")
     return path
@@ -229,15 +259,13 @@ def default_name(path: str | os.PathLike) -> str:
     return name[:MAX_TEXT]
 
 
-def check_finite(model: nn.Module, source: str | os.PathLike) -> None:
+def check_finite(model: nn.Module, source: str | os.PathLike, norm: Norm = CIFAR10_NORM) -> None:
     """Refuse a model whose tensors, or whose logits on a probe batch, are not all finite (NaN or infinite)."""
     bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise CheckpointError(f"{source}: tensor {bad[0]} holds NaN or infinite values; the model is broken")
-    gen = torch.Generator().manual_seed(0)
-    probe = torch.randint(0, 256, (PROBE_IMAGES, 3, 32, 32), dtype=torch.uint8, generator=gen)
-    probe[0], probe[1] = 0, 255
-    if not torch.isfinite(predict_logits(model, probe)).all():
+    probe = torch.from_numpy(probe_images()).permute(0, 3, 1, 2)
+    if not torch.isfinite(predict_logits(model, probe, norm=norm)).all():
         raise CheckpointError(
             f"{source}: the model's outputs are NaN or infinite on test inputs; the model is broken"
         )
@@ -265,7 +293,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
             f"{weights} does not fit architecture {meta.architecture} with the {len(meta.classes)} classes "
             f"its metadata 'classes' names ({first_line(e)})"
         ) from None
-    check_finite(model, weights)
+    check_finite(model, weights, meta.norm)
     run = run_dir_of(path)
     results = _run_results(run, weights) if run is not None else {}
     meta = replace(
