@@ -152,6 +152,29 @@ def test_plot_per_class(subset: tuple[np.ndarray, np.ndarray], tmp_path: Path) -
         plots.plot_per_class({c: 85.0 for c in CLASSES}, tmp_path / "bad.png")
 
 
+def test_plots_of_100_classes_stay_readable_and_show_recall_only(tmp_path: Path) -> None:
+    """Above 20 classes (CIFAR-100): the heatmap's cells lose their numbers and shrink to fit every label, and
+    the per-class plot draws recall alone in thin bars; at 10 classes precision is drawn."""
+    from cifar10_cnn.plots.style import PRECISION_COLOR
+
+    rng = np.random.default_rng(0)
+    names = [f"class_{k:02d}" for k in range(100)]
+    true = np.repeat(np.arange(100), 20)
+    pred = np.where(rng.random(len(true)) < 0.6, true, rng.integers(0, 100, len(true)))
+    cm = np.zeros((100, 100), dtype=np.int64)
+    np.add.at(cm, (true, pred), 1)
+    pixels = assert_png(plots.plot_confusion(cm, names, tmp_path / "confusion.png"), min_side=1000)
+    assert abs(pixels.shape[0] - pixels.shape[1]) < 0.3 * pixels.shape[0], "heatmap should be near square"
+    acc = {c: float(cm[i, i] / cm[i].sum()) for i, c in enumerate(names)}
+    scores = {c: 0.5 for c in names}
+    many = plots.plot_per_class(acc, tmp_path / "many.png", precision=scores, f1=scores)
+    assert assert_png(many).shape[0] < 6000 and count_color(many, plots.BAR_COLOR, tol=0.05) > 5000
+    assert count_color(many, PRECISION_COLOR, tol=0.03) == 0, "precision bars drawn for 100 classes"
+    few = {c: acc[c] for c in names[:10]}
+    ten = plots.plot_per_class(few, tmp_path / "ten.png", precision={c: 0.5 for c in few})
+    assert count_color(ten, PRECISION_COLOR, tol=0.03) > 1000
+
+
 def test_plot_predictions_colours_right_and_wrong(
     subset: tuple[np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:

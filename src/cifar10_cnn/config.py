@@ -18,6 +18,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 LOSS_REDUCTIONS = ("mean", "sum")
 CROP_MODES = ("zeros", "reflect")
+DATASETS = ("auto", "cifar10", "cifar100", "folder")
+LABELS = ("fine", "coarse")
 
 
 def opt(default: Any, help: str = "", *, choices: tuple | None = None, cli: bool = True, **kw: Any) -> Any:
@@ -33,6 +35,15 @@ class TrainConfig:
     """
 
     recipe: str = opt("seed", cli=False)
+    dataset: str = opt(
+        "auto",
+        "cifar10, cifar100, or folder (--data-dir holds class subfolders); auto: what --data-dir holds",
+        choices=DATASETS,
+    )
+    labels: str = opt(
+        "fine", "CIFAR-100's labels: fine (100 classes) or coarse (20 superclasses)", choices=LABELS
+    )
+    max_classes: int = opt(1000, "the most class folders a --data-dir of your own images may hold")
     model: str = opt(
         "seed_cnn", "architecture by name: seed_cnn, resnet18, airbench, ... (a wrong name lists all)"
     )
@@ -109,6 +120,12 @@ class TrainConfig:
             raise UserError("loss_reduction must be mean or sum")
         if self.crop_mode not in CROP_MODES:
             raise UserError("crop_mode must be zeros or reflect")
+        if self.dataset not in DATASETS or self.labels not in LABELS:
+            raise UserError(f"--dataset must be one of {', '.join(DATASETS)}; --labels fine or coarse")
+        if self.labels != "fine" and self.dataset != "cifar100":
+            raise UserError("--labels coarse is for --dataset cifar100 (its 20 superclasses)")
+        if self.max_classes < 2:
+            raise UserError("--max-classes must be at least 2")
         check_tta(self.tta, self.tta_margin)
         if self.amp not in AMP_MODES:
             raise UserError(f"unknown amp mode {self.amp!r}; choose one of {', '.join(AMP_MODES)}")
@@ -162,6 +179,17 @@ class TrainConfig:
             folds=self.folds,
             fold=self.fold,
         )
+
+    def sized_for(self, n_train: int) -> TrainConfig:
+        """This config for a dataset of n_train training images: the default validation split (5,000 of
+        CIFAR's 50,000) becomes a tenth of a smaller set, written into the config so that evaluate rebuilds it."""
+        if self.val_size is None and self.subset is None and not self.folds and n_train < 50_000:
+            return dataclasses.replace(self, val_size=n_train // 10)
+        return self
+
+    def data_args(self) -> dict[str, Any]:
+        """The arguments of datasets.load_data that choose this run's dataset (data_dir aside)."""
+        return dict(dataset=self.dataset, labels=self.labels, max_classes=self.max_classes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,9 +15,10 @@ report says how to get them.
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,13 +33,14 @@ from . import data as D
 from . import explain as X
 from .config import TrainConfig, check_tta
 from .corruptions import APPROXIMATION_NOTE, CORRUPTIONS, SEVERITIES, corrupt
+from .datasets import load_run_data
 from .errors import CheckpointError, UserError, first_line
 from .files import read_json_object
 from .inference import evaluate_logits, predict_logits, selective_tta_logits
 from .metrics import classification_metrics, confident_errors
 from .models import count_params
 from .runs import Run, check_claimable, claim_dir, write_atomic, write_json
-from .weights import ModelMeta, load_model, model_fingerprint, read_temperature, weights_path
+from .weights import ModelMeta, load_model, model_fingerprint, read_temperature, run_dir_of, weights_path
 
 N_CONFIDENT_ERRORS = 24
 N_SAMPLES = (
@@ -111,6 +113,7 @@ class Evaluation:
     served_logits: np.ndarray  # (N, C) float32: one view per image, what predict and serve compute
     served: dict[str, Any]  # calibration.calibration_at of served_logits and the stored temperature
     explanations: Explanations | str = "not computed"  # or why there are none (e.g. Captum not installed)
+    classes: tuple[str, ...] = D.CLASSES  # the model's class names, in the order of its outputs
 
     @property
     def probs(self) -> np.ndarray:
@@ -242,6 +245,7 @@ def evaluate_model(
     val: D.Split | None = None,
     temperature: float | Literal["fit"] | None = FIT,
     echo: Callable[[str], None] = print,
+    classes: Sequence[str] = D.CLASSES,
 ) -> Evaluation:
     """Measure the model on the test set (and the robustness suite if asked); no files.
 
@@ -275,7 +279,7 @@ def evaluate_model(
         logits=logits,
         labels=labels,
         images=images,
-        metrics=classification_metrics(logits, labels),
+        metrics=classification_metrics(logits, labels, classes),
         calibration=_calibration(logits, labels, stored, len(val) if val is not None else 0, tta),
         errors=errors,
         fingerprint=fingerprint,
@@ -288,6 +292,7 @@ def evaluate_model(
         served_logits=served_logits,
         served=C.calibration_at(served_logits, labels, stored),
         explanations=explain_examples(model, images, labels, C.softmax(logits), errors),
+        classes=tuple(classes),
     )
 
 
@@ -306,7 +311,7 @@ def explanations_record(ev: Evaluation) -> dict[str, Any]:
     x = ev.explanations
     if isinstance(x, str):
         return {"note": x}
-    probs, names = ev.probs, D.CLASSES
+    probs, names = ev.probs, ev.classes
     rows = [(group, int(i)) for group, ids in x.groups.items() for i in ids]
     return {
         "method": X.METHOD_NAMES["gradcam"],
@@ -355,7 +360,7 @@ def evaluation_record(ev: Evaluation, weights: Path) -> dict[str, Any]:
         "tta": ev.tta,
         "tta_margin": ev.tta_margin,
         "tta_share": ev.tta_share,
-        "class_names": list(D.CLASSES),
+        "class_names": list(ev.classes),
         **{k.removeprefix("test_"): v for k, v in ev.metrics.items()},
         "calibration": ev.calibration,
         "served": {
@@ -367,8 +372,8 @@ def evaluation_record(ev: Evaluation, weights: Path) -> dict[str, Any]:
         "confident_errors": [
             {
                 "index": int(i),
-                "true": D.CLASSES[ev.labels[i]],
-                "pred": D.CLASSES[int(probs[i].argmax())],
+                "true": ev.classes[ev.labels[i]],
+                "pred": ev.classes[int(probs[i].argmax())],
                 "confidence": float(probs[i].max()),
             }
             for i in ev.errors
@@ -393,7 +398,7 @@ def results_fields(ev: Evaluation, robustness: dict[str, Any] | None) -> dict[st
         "tta_share": ev.tta_share,
         "test_seconds": ev.test_seconds,
         "eval_seconds": ev.seconds,
-        "class_names": list(D.CLASSES),
+        "class_names": list(ev.classes),
         "served": served_fields(ev),
     }
 
@@ -430,14 +435,18 @@ def _valid_robustness(run: Run, ev: Evaluation) -> dict[str, Any] | None:
 
 def _plot_test_set(run: Run, ev: Evaluation, results: dict[str, Any]) -> None:
     """plots/: training curves, confusion matrix, per-class scores and sample predictions."""
-    classes = list(D.CLASSES)
+    classes = list(ev.classes)
     rows = run.read_metrics()
     if rows:
         plots.plot_curves(rows, run.file("curves_png"))
     plots.plot_confusion(np.array(results["confusion_matrix"]), classes, run.file("confusion_png"))
     per_class = results["per_class"]
+    # A class without test images (a test/ folder that lacks it, a small subset) has no accuracy to draw.
+    tested = {
+        c: a for c, a in results["per_class_accuracy"].items() if isinstance(a, float) and math.isfinite(a)
+    }
     plots.plot_per_class(
-        results["per_class_accuracy"],
+        tested,
         run.file("per_class_png"),
         precision={c: v["precision"] for c, v in per_class.items()},
         f1={c: v["f1"] for c, v in per_class.items()},
@@ -466,7 +475,7 @@ def _plot_evaluation(run: Run, ev: Evaluation, robustness: dict[str, Any] | None
             ev.images[ev.errors],
             ev.labels[ev.errors],
             probs[ev.errors].argmax(1),
-            list(D.CLASSES),
+            list(ev.classes),
             run.file("confident_errors_png"),
             probs=probs[ev.errors],
             title=f"The {len(ev.errors)} most confidently wrong test predictions (of {wrong:,} wrong): "
@@ -490,7 +499,7 @@ def _plot_explanations(run: Run, ev: Evaluation) -> None:
     if isinstance(x, str):
         run.file("explanations_png").unlink(missing_ok=True)  # an earlier evaluation's, of other weights
         return
-    probs, names, rows, start = ev.probs, D.CLASSES, [], 0
+    probs, names, rows, start = ev.probs, ev.classes, [], 0
     for group, ids in x.groups.items():
         maps, classes = x.maps[start : start + len(ids)], x.classes[start : start + len(ids)]
         start += len(ids)
@@ -541,17 +550,20 @@ def evaluate_into_run(
     weights: str | os.PathLike | None = None,
     info: dict[str, Any] | None = None,
     echo: Callable[[str], None] = print,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on the test set once and write the results into run_dir; returns results.json.
 
     model: the model to evaluate (None: load weights, default the run's model.safetensors). The temperature is
     the one stored in weights; only when there is no weights file (a model not saved yet) is it fitted on val,
-    as training fits it. val: the run's validation split (None or empty: none).
+    as training fits it. val: the run's validation split (None or empty: none). classes: the model's class
+    names (default: those of the weights loaded, else CIFAR-10's).
     """
     run_dir = Path(run_dir)
     weights = Path(weights) if weights is not None else Run(run_dir).file("weights")
     if model is None:
-        model, _ = load_model(weights_path(weights))
+        model, meta = load_model(weights_path(weights))
+        classes = classes or meta.classes
     ev = evaluate_model(
         model,
         test,
@@ -559,6 +571,7 @@ def evaluate_into_run(
         val=val,
         temperature=read_temperature(weights) if weights.is_file() else FIT,
         echo=echo,
+        classes=classes or D.CLASSES,
     )
     results = write_evaluation(run_dir, ev, weights=weights, info=info)
     echo(summary_line(results, run_dir))
@@ -589,12 +602,6 @@ def _check_request(
     out: str | os.PathLike | None,
 ) -> None:
     """Refuse, before anything is read or written, what cannot be evaluated as asked."""
-    classes = list(metadata.classes)
-    if classes != list(D.CLASSES):
-        raise UserError(
-            f"{weights} classifies {len(classes)} classes ({', '.join(map(str, classes[:4]))}, ...), "
-            "not the CIFAR-10 classes; it cannot be evaluated on the CIFAR-10 test set"
-        )
     if path.is_dir() and out is not None:
         raise UserError("--out is for a weights file; a run directory is evaluated into itself")
     if path.is_dir():
@@ -653,7 +660,14 @@ def evaluate_saved(
     _check_request(path, weights, metadata, out)
     cfg = run_config(path, metadata)
     if data is None:
-        data = D.load_cifar10(data_dir, allow_unverified=allow_unverified, progress=progress)
+        data = load_run_data(
+            run_dir_of(path),
+            cfg.data_args() if cfg else {},
+            data_dir,
+            allow_unverified=allow_unverified,
+            progress=progress,
+        )
+    _check_classes(weights, metadata, data)
     val = _validation_split(cfg, data)
     info: dict[str, Any] = {"data": data.provenance()}
     if path.is_dir():
@@ -670,11 +684,25 @@ def evaluate_saved(
         weights=weights,
         info=info,
         echo=echo,
+        classes=metadata.classes,
     )
     return run_dir
 
 
-def augmentation_preview(train: D.Split, out: Path, cfg: TrainConfig, seed: int = 0) -> Path:
+def _check_classes(weights: Path, metadata: ModelMeta, data: D.Dataset) -> None:
+    """The model's classes must be the data's, in the same order (before anything is written)."""
+    classes, theirs = list(metadata.classes), list(data.classes)
+    if classes != theirs:
+        raise UserError(
+            f"{weights} classifies {len(classes)} classes ({', '.join(map(str, classes[:4]))}, ...), not the "
+            f"{len(theirs)} classes of {data.source} ({', '.join(map(str, theirs[:4]))}, ...); it cannot be "
+            "evaluated on that test set (pass --data-dir the data it was trained on)"
+        )
+
+
+def augmentation_preview(
+    train: D.Split, out: Path, cfg: TrainConfig, seed: int = 0, classes: Sequence[str] = D.CLASSES
+) -> Path:
     """A grid of training images after the run's augmentation."""
     gen = torch.Generator().manual_seed(seed)
     x = train.images[: min(32, len(train))].cpu()
@@ -685,7 +713,7 @@ def augmentation_preview(train: D.Split, out: Path, cfg: TrainConfig, seed: int 
     return plots.plot_image_grid(
         aug.permute(0, 2, 3, 1).numpy(),
         train.labels[: len(x)].cpu().numpy(),
-        list(D.CLASSES),
+        list(classes),
         out,
         title=f"Training images after augmentation ({cfg.augment})",
     )

@@ -142,6 +142,29 @@ def verification_images(
     return rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), "random images (CIFAR-10 not found)"
 
 
+def run_test_images(
+    source: Path, data_dir: str | os.PathLike | None, n: int = VERIFY_IMAGES
+) -> tuple[np.ndarray, str] | None:
+    """The first n test images of a run trained on a folder of images (its test_files.json), if it is one;
+    read from data_dir when given (the folder moved), else from where the run recorded it."""
+    from .datasets import recorded
+    from .images import ImageError, read_image_file
+    from .weights import run_dir_of
+
+    run = run_dir_of(source)
+    root, files = recorded(run) if run is not None else (None, None)
+    root = data_dir or root
+    if files is None or root is None:
+        return None
+    try:
+        return np.stack([read_image_file(Path(root) / str(f)) for f in files[:n]]), "test images of the run"
+    except (ImageError, ValueError) as e:
+        raise UserError(
+            f"export checks the exported model on the run's test images, and {root} does not hold them "
+            f"({first_line(e)}); pass --data-dir the folder the run was trained on"
+        ) from None
+
+
 def _check(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
     if got.shape != want.shape:
         raise ExportError(f"the {name} export gives logits of shape {got.shape}, PyTorch {want.shape}")
@@ -274,7 +297,7 @@ def export_model(
     _check_out(out, weights, fmt, force)
     what = "given images"
     if images is None:
-        images, what = verification_images(data_dir)
+        images, what = run_test_images(source, data_dir) or verification_images(data_dir)
     t0 = time.perf_counter()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:

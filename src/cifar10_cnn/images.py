@@ -173,23 +173,25 @@ def preprocess(img: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.asarray(to_rgb(square, scale).resize((size, size), RESAMPLE), dtype=np.uint8).copy()
 
 
-def load_image(data: bytes, max_pixels: int = MAX_PIXELS, budget: DecodeBudget | None = None) -> np.ndarray:
-    """Image file bytes -> uint8 (32, 32, 3), or ImageError saying what is wrong with the file.
+def load_image(
+    data: bytes, max_pixels: int = MAX_PIXELS, budget: DecodeBudget | None = None, size: int = IMAGE_SIZE
+) -> np.ndarray:
+    """Image file bytes -> uint8 (size, size, 3), or ImageError saying what is wrong with the file.
 
     The decode waits for its share of the budget (default: one shared by the whole process).
     """
-    return decode(open_image(data, max_pixels), budget)
+    return decode(open_image(data, max_pixels), budget, size)
 
 
-def decode(img: Image.Image, budget: DecodeBudget | None = None) -> np.ndarray:
-    """An opened image (open_image) -> uint8 (32, 32, 3), its pixels decoded within the budget."""
+def decode(img: Image.Image, budget: DecodeBudget | None = None, size: int = IMAGE_SIZE) -> np.ndarray:
+    """An opened image (open_image) -> uint8 (size, size, 3), its pixels decoded within the budget."""
     with (budget or _DEFAULT_BUDGET).reserve(decode_cost(img)):
         try:
             img.load()
         except Exception as e:  # untrusted input: any decoder failure is the file's fault
             raise ImageError(f"the image is truncated or corrupt ({first_line(e)})", 422) from None
         try:
-            return preprocess(img)
+            return preprocess(img, size)
         except Exception as e:  # e.g. a damaged EXIF block or an exotic mode
             raise ImageError(f"the image cannot be converted to RGB ({first_line(e)})", 422) from None
         finally:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +21,8 @@ from typing import Any
 
 from . import distributed
 from .config import TrainConfig
-from .data import CIFAR10, Split, Splits, load_cifar10, make_splits
+from .data import CIFAR10, Split, Splits, make_splits
+from .datasets import load_run_data, notes, record_test_files
 from .device import precision_name, select_device
 from .errors import UserError
 from .evaluate import (
@@ -60,14 +61,19 @@ class Job:
     progress: bool = True  # progress bars (else plain lines)
     echo: Callable[[str], None] = print
 
-    def load_data(self) -> CIFAR10:
-        """The job's data: rank 0 downloads and verifies, the other ranks then read its cache."""
+    def load_data(self, cfg: TrainConfig, resume: str | os.PathLike | None = None) -> CIFAR10:
+        """The job's data (CIFAR-10, CIFAR-100 or a folder, as cfg says): rank 0 downloads and verifies, the
+        other ranks then read its cache. A resumed run on a folder keeps the test files it recorded."""
         if self.data is not None:
             return self.data
         world = distributed.current()
         with world.main_first():
-            return load_cifar10(
-                self.data_dir, allow_unverified=self.allow_unverified, progress=self.progress and world.main
+            return load_run_data(
+                Path(resume) if resume is not None else None,
+                cfg.data_args(),
+                self.data_dir,
+                allow_unverified=self.allow_unverified,
+                progress=self.progress and world.main,
             )
 
 
@@ -106,22 +112,29 @@ def run_job(
     check_model_name(cfg.model)  # before anything is written: a failed start leaves nothing
     if not world.main:
         job = replace(job, echo=_silent, progress=False)
-    data = job.load_data()
+    data = job.load_data(cfg, resume)
+    cfg = cfg.sized_for(len(data.train_labels)) if resume is None else cfg  # a resumed run keeps its own
     device = distributed.local_device(select_device(cfg.device))
     splits = make_splits(data, **cfg.split_args(), device=device)
     # The run directory is made only now, once the data loaded: a failed start leaves nothing to block a rerun.
     run = Run(Path(world.from_main(lambda: start_run(cfg, out, resume, job.force))))
-    if resume is None and world.main:
-        augmentation_preview(splits.train, run.mkdir("plots") / "augmentations.png", cfg)
-    t = setup(cfg, splits.train, device)
+    if world.main:
+        if resume is None:
+            augmentation_preview(
+                splits.train, run.mkdir("plots") / "augmentations.png", cfg, classes=data.classes
+            )
+        record_test_files(run, data)
+    t = setup(cfg, splits.train, device, num_classes=len(data.classes))
     job.echo(run_header(cfg, t, data, splits))
+    for line in notes(data):
+        job.echo(line)
     result = fit(cfg, splits, run.path, resume=resume is not None, progress=job.progress, echo=job.echo,
                  on_epoch_end=on_epoch_end, trainer=t)  # fmt: skip
     if world.main:
-        save_final_weights(run, cfg, result, splits.val)
+        save_final_weights(run, cfg, result, splits.val, data.classes)
         run.update_results(training_results(cfg, t, data, splits, result))
         evaluating = time.perf_counter()
-        test_seconds = evaluate_test_set(run, cfg, result, splits, job.echo)
+        test_seconds = evaluate_test_set(run, cfg, result, splits, job.echo, data.classes)
         run.update_results({"headline_seconds": evaluating - started + test_seconds})
         write_report(run.path)
         # headline_seconds: from the job's start to the test accuracy; total_seconds: data, report and all.
@@ -186,23 +199,38 @@ def run_header(cfg: TrainConfig, t: Trainer, data: CIFAR10, splits: Splits) -> s
     return line
 
 
-def save_final_weights(run: Run, cfg: TrainConfig, result: FitResult, val: Split) -> None:
-    """model.safetensors, with the softmax temperature fitted on the validation split (none without one)."""
+def save_final_weights(
+    run: Run, cfg: TrainConfig, result: FitResult, val: Split, classes: Sequence[str]
+) -> None:
+    """model.safetensors, with the softmax temperature fitted on the validation split (none without one) and
+    the data's class names, in the order of the model's outputs."""
     save_weights(
         result.model,
         run.file("weights"),
         architecture=cfg.model,
         config=cfg.to_dict(),
         temperature=fit_served_temperature(result.model, val),
+        classes=classes,
     )
 
 
 def evaluate_test_set(
-    run: Run, cfg: TrainConfig, result: FitResult, splits: Splits, echo: Callable[[str], None]
+    run: Run,
+    cfg: TrainConfig,
+    result: FitResult,
+    splits: Splits,
+    echo: Callable[[str], None],
+    classes: Sequence[str],
 ) -> float:
     """The one measurement of the test set, written into the run; returns the seconds to the test accuracy."""
     results = evaluate_into_run(
-        run.path, splits.test, EvalOptions.of(cfg), model=result.model, val=splits.val, echo=echo
+        run.path,
+        splits.test,
+        EvalOptions.of(cfg),
+        model=result.model,
+        val=splits.val,
+        echo=echo,
+        classes=classes,
     )
     return results["test_seconds"]
 
@@ -280,7 +308,8 @@ def _train_group(
 
     on_run_end(k, results) runs on rank 0 after run k (the tuner prunes between folds with it)."""
     world = distributed.current()
-    job = replace(job, data=job.load_data())  # loaded once for all the runs
+    first = next(iter(cfgs.values()))  # the runs of a group differ in seed or fold, not in data
+    job = replace(job, data=job.load_data(first))  # loaded once for all the runs
     runs = []
     for k, (name, cfg) in enumerate(cfgs.items()):
         job.echo(f"--- {name} ({k + 1}/{len(cfgs)})")

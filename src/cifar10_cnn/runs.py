@@ -58,6 +58,7 @@ RUN_FILES = {
     "per_class_png": "plots/per_class.png",
     "predictions_png": "plots/predictions.png",
     "augmentations_png": "plots/augmentations.png",
+    "test_files": "test_files.json",  # a run on a folder of images: which files are its test set
 }
 RUN_DIRS = ("checkpoints", "eval", "plots", "tb")
 # The summary files of a group of runs (experiments.py): --seeds and --cv.

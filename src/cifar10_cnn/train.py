@@ -59,14 +59,14 @@ class Trainer:
     steps_per_epoch: int
 
 
-def setup(cfg: TrainConfig, train: Split, device: torch.device) -> Trainer:
+def setup(cfg: TrainConfig, train: Split, device: torch.device, num_classes: int = 10) -> Trainer:
     """The model (seeded by cfg.seed, whitened from the training images), optimizer, schedule and loss."""
     world = distributed.current()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model).to(device, memory_format=memory_format)
+    model = create_model(cfg.model, num_classes=num_classes).to(device, memory_format=memory_format)
     if world.size > 1 and cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     steps_per_epoch = max(1, len(train) // cfg.batch_size)

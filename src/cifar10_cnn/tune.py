@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
+from .datasets import load_data
 from .errors import UserError
 from .runs import Run
-from .sources import load_cifar10
 from .tune_report import BEST_CONFIG, report
 from .tune_space import Param, default_space, parse_grid, parse_space, searched_space
 from .tune_storage import NoDatabase, open_storage, storage_errors
@@ -194,7 +194,7 @@ def tune(
                 f"see: cifar10 tune --study {study_name} --report"
             )
             return study
-        data = load_cifar10(data_dir, allow_unverified=allow_unverified, progress=False)
+        data = load_data(data_dir, **base.data_args(), allow_unverified=allow_unverified, progress=False)
         echo(
             f"study {study_name!r} in {storage}: {sampler} over {', '.join(searched)}; "
             f"{remaining} more trials to reach {trials}; runs in {out}/"

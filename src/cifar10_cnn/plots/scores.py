@@ -23,6 +23,8 @@ from .style import (
     save_figure,
 )
 
+MATRIX_NUMBERS = 20  # classes up to which every cell of the confusion heatmap is annotated
+
 
 def plot_confusion(cm: np.ndarray, class_names: list[str], out: Path, normalize: bool = True) -> Path:
     """Confusion-matrix heatmap (rows true, columns predicted), annotated with row-% or counts."""
@@ -43,12 +45,16 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], out: Path, normalize:
         title += f"\naccuracy {100.0 * np.trace(cm) / total:.2f}% on {int(total):,} images"
     fontsize = 8 if n <= 10 else max(4, 80 // n)
     side = max(5.0, 0.62 * n + 2.2)
+    numbers = n <= MATRIX_NUMBERS
+    if not numbers:  # e.g. CIFAR-100: a heatmap whose every class has a (small) label, and no numbers
+        side, fontsize = 0.13 * n + 4.0, 6.0  # a cell 0.13 in (9 pt) high: room for a 6-pt label
+        title += f"\n{n} classes: cell numbers left out (the report lists the most frequent confusions)"
 
     with matplotlib.rc_context(STYLE):
         fig = figure((side + 1.0, side))
         ax = fig.subplots()
         image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest")
-        for i in range(n):
+        for i in range(n if numbers else 0):
             for j in range(n):
                 v = values[i, j]
                 if v == 0:
@@ -57,8 +63,11 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], out: Path, normalize:
                     text = f"{v:.1f}%" if normalize else f"{round(v):d}"
                     color = "white" if v > 0.55 * vmax else "#1a1a1a"
                 ax.text(j, i, text, ha="center", va="center", fontsize=fontsize, color=color)
-        ax.set_xticks(range(n), labels=class_names, rotation=40, ha="right", rotation_mode="anchor")
+        rotation = 40 if numbers else 90
+        ax.set_xticks(range(n), labels=class_names, rotation=rotation, ha="right", rotation_mode="anchor")
         ax.set_yticks(range(n), labels=class_names)
+        if not numbers:
+            ax.tick_params(labelsize=fontsize)
         ax.set_xlabel("Predicted class")
         ax.set_ylabel("True class")
         ax.tick_params(length=0)
@@ -82,6 +91,10 @@ def plot_per_class(
     if not acc:
         raise ValueError("plot_per_class: no per-class accuracies given")
     names = list(acc)
+    # Many classes (e.g. CIFAR-100): recall only, in thin bars (precision and F1 are in the report).
+    many = len(names) > MATRIX_NUMBERS
+    if many:
+        precision = f1 = None
     series = [("recall (accuracy)" if precision or f1 else None, acc, BAR_COLOR)]
     if precision:
         series.insert(0, ("precision", precision, PRECISION_COLOR))
@@ -96,9 +109,8 @@ def plot_per_class(
     height = 0.65 / len(series)
 
     with matplotlib.rc_context(STYLE):
-        fig = figure(
-            (7.5 if len(series) == 1 else 8.5, (0.42 if len(series) == 1 else 0.62) * len(names) + 1.8)
-        )
+        per_bar = 0.17 if many else 0.42 if len(series) == 1 else 0.62
+        fig = figure((7.5 if len(series) == 1 else 8.5, per_bar * len(names) + 1.8))
         ax = fig.subplots()
         for k, (label, values, color) in enumerate(series):
             v = np.array([float(values[n]) for n in names]) * 100.0
@@ -109,12 +121,14 @@ def plot_per_class(
                 bars,
                 labels=[f"{x:.1f}%" for x in v],
                 padding=3,
-                fontsize=9 if len(series) == 1 else 7.5,
+                fontsize=6 if many else 9 if len(series) == 1 else 7.5,
                 zorder=4,
                 bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5},
             )
         ax.axvline(mean, color=MEAN_COLOR, ls="--", lw=1.5, zorder=3, label=f"mean accuracy {mean:.2f}%")
         ax.set_yticks(y, labels=names)
+        if many:
+            ax.tick_params(axis="y", labelsize=6)
         ax.invert_yaxis()  # first class at the top, same order as the confusion matrix
         ax.set_xlim(0, 112)  # room for the value labels of bars near 100%
         ax.set_xticks(range(0, 101, 20))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from ..runs import RUN_FILES
 from .fmt import NA, ci, ci_text, count, duration, ece_after, ece_text, flt, params, pct, tta, value, yes_no
-from .load import RunData, explained, number
+from .load import RunData, class_names, explained, number
 from .model import Figure, Headline, Page, Section, Table
 from .tables import (
+    CONFUSED_PAIRS,
+    MATRIX_CLASSES,
     calibration_table,
     config_table,
     confusion_table,
@@ -58,9 +60,31 @@ def data_source(results: dict) -> str:
     if not isinstance(data, dict):
         return NA
     source = str(data.get("source") or NA)
+    if data.get("kind") == "folder":
+        return f"{source} ({_folder_notes(data)})"
     verified = data.get("verified")
-    check = NA if verified is None else ("sha256 verified" if verified else "NOT verified")
+    how = "md5" if data.get("kind") == "cifar100" else "sha256"
+    check = NA if verified is None else (f"{how} verified" if verified else "NOT verified")
     return f"{source} ({check})"
+
+
+SKIPPED_NAMED = 10  # at most this many skipped files named (training records 3; the file may be hostile)
+
+
+def _folder_notes(data: dict) -> str:
+    """What a folder of images gave: its classes, the files skipped (the first named), leakage."""
+    classes = data.get("classes") if isinstance(data.get("classes"), list) else []
+    parts = [f"your own images, {len(classes)} classes"]
+    skipped, first = number(data.get("skipped")) or 0, data.get("skipped_first")
+    if skipped:
+        names = "; ".join(str(x) for x in first[:SKIPPED_NAMED]) if isinstance(first, list) else ""
+        parts.append(
+            f"{int(skipped):,} files skipped, not readable images" + (f" (first: {names})" if names else "")
+        )
+    duplicates = number(data.get("train_test_duplicates")) or 0
+    if duplicates:
+        parts.append(f"warning: {int(duplicates):,} test images identical to training images (leakage)")
+    return "; ".join(parts)
 
 
 def summary(run: RunData) -> list[tuple[str, str]]:
@@ -140,7 +164,10 @@ def _calibration(run: RunData) -> Section:
 def _classes(run: RunData) -> Section:
     section = Section("Per-class results", [per_class_table(run) or NO_RESULTS, *_figures(run, "classes")])
     cm = confusion_table(run)
-    if cm:
+    if cm and len(class_names(run.results)) > MATRIX_CLASSES:
+        intro = f"The {CONFUSED_PAIRS} most frequent confusions (the full matrix is in results.json):"
+        section.blocks += [intro, cm]
+    elif cm:
         section.blocks += ["Confusion matrix, counts (rows true class, columns predicted class):", cm]
     return section
 

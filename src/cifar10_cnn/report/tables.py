@@ -8,6 +8,10 @@ from .fmt import NA, count, flt, lr, pct, value
 from .load import RunData, class_names, number
 from .model import Table
 
+# Above this many classes the report lists the most frequent confusions instead of the whole count matrix.
+MATRIX_CLASSES = 20
+CONFUSED_PAIRS = 20
+
 
 def _most_confused(counts: list[float], i: int, names: list[str]) -> str:
     total = sum(counts)
@@ -58,8 +62,20 @@ def confusion_table(run: RunData) -> Table | None:
     cm = run.results.get("confusion_matrix")
     if not _valid_cm(cm, len(names)):
         return None
+    if len(names) > MATRIX_CLASSES:  # a 100 x 100 table reads as noise: the largest confusions instead
+        return _confused_pairs(names, [[number(v) or 0.0 for v in row] for row in cm])
     rows = [[f"true {name}"] + [count(v) for v in row] for name, row in zip(names, cm, strict=True)]
     return Table(["counts", *names], rows, set(range(1, len(names) + 1)))
+
+
+def _confused_pairs(names: list[str], cm: list[list[float]]) -> Table:
+    """The CONFUSED_PAIRS largest off-diagonal cells: true class, predicted class, count, share of the class."""
+    cells = sorted((-v, i, j) for i, row in enumerate(cm) for j, v in enumerate(row) if i != j and v > 0)
+    rows = [
+        [names[i], names[j], count(-v), pct(-v / sum(cm[i])) if sum(cm[i]) else NA]
+        for v, i, j in cells[:CONFUSED_PAIRS]
+    ]
+    return Table(["true class", "predicted as", "images", "% of the true class"], rows, {2, 3})
 
 
 def calibration_table(run: RunData) -> Table | None:

@@ -5,6 +5,7 @@
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
+const CIFAR10_CLASSES = "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck";
 const state = { maxBytes: 10 * 1024 * 1024, topK: 5, classes: [], explain: false };
 
 function percent(p) {
@@ -26,6 +27,9 @@ async function loadModel() {
     $("#model-info").textContent =
       `${model.name} · ${model.architecture}${params}${accuracy} · ${model.backend} backend`;
     $("#classes").textContent = `The model knows ${model.classes.length} classes: ${model.classes.join(", ")}.`;
+    if (model.classes.join(",") !== CIFAR10_CLASSES) {  // trained on other images: the title says so
+      document.title = $("h1").textContent = `Image classifier (${model.classes.length} classes)`;
+    }
     state.maxBytes = model.limits.max_upload_mb * 1024 * 1024;
     state.topK = Math.min(model.top_k_default, model.classes.length);
     state.classes = model.classes;
