@@ -26,7 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from cifar10_cnn import folders
+from cifar10_cnn import folder_decode, folders
 from cifar10_cnn.constants import CLASSES
 from cifar10_cnn.sources import load_cifar10
 
@@ -70,7 +70,7 @@ def main() -> None:
             cache = work / f"cache-{workers}"
             times = []
             for _ in range(2):
-                folders.DECODE_WORKERS = workers or None
+                folder_decode.DECODE_WORKERS = workers or None
                 t = time.perf_counter()
                 loaded = folders.load_folder(work / "images", cache_dir=cache, progress=False)
                 times.append(time.perf_counter() - t)

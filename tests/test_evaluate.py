@@ -481,7 +481,7 @@ def test_evaluate_takes_trains_tta_options_declared_once_and_checked_once():
 
 
 def test_evaluation_writes_no_report_the_pipeline_renders_it_after(trained_run, tmp_path, cifar):
-    from cifar10_cnn.evaluate import evaluate_into_run
+    from cifar10_cnn.eval_job import evaluate_into_run
     from cifar10_cnn.pipeline import evaluate_and_report
 
     run = copy_run(trained_run, tmp_path / "run")

@@ -429,8 +429,8 @@ def test_worker_processes_decode_the_same_pixels_and_count_the_same_failures(cif
     here = F.load_folder(root, cache_dir="off", progress=False)
     # A fresh interpreter (one thread, so it forks) with a real pool of 2 processes and chunks of 5 files.
     code = (
-        "import json, sys\nfrom cifar10_cnn import folders as F\n"
-        "F.PROCESS_MIN, F.CHUNK, F.DECODE_WORKERS = 10, 5, 2\nassert F._can_fork()\n"
+        "import json, sys\nfrom cifar10_cnn import folder_decode as W, folders as F\n"
+        "W.PROCESS_MIN, W.CHUNK, W.DECODE_WORKERS = 10, 5, 2\nassert W._can_fork()\n"
         f"d = F.load_folder({str(root)!r}, cache_dir='off', progress=False)\n"
         "print(json.dumps({'sha256': d.sha256, 'skipped': d.skipped, 'test_files': d.test_files}))\n"
     )

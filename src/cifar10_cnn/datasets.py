@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import cifar100, folders
+from . import cifar100, folder_scan, folders
 from .errors import DataError, UserError
 from .files import read_json_object
 from .runs import Run, write_json
@@ -42,7 +42,7 @@ def _holds_cifar100(root: Path) -> bool:
 
 
 register_source(Source("cifar100", _cifar100, _holds_cifar100))
-register_source(Source("folder", _folder, folders.is_image_folder))
+register_source(Source("folder", _folder, folder_scan.is_image_folder))
 
 
 def detect(root: Path) -> str:
@@ -55,7 +55,7 @@ def load_data(
     *,
     dataset: str = "auto",
     labels: str = "fine",
-    max_classes: int = folders.DEFAULT_MAX_CLASSES,
+    max_classes: int = folder_scan.DEFAULT_MAX_CLASSES,
     allow_unverified: bool = False,
     progress: bool = True,
     test_files: Sequence[str] | None = None,

@@ -6,7 +6,7 @@
     cifar10 evaluate runs/<run>                # evaluate(): a saved model -> evaluation -> report
 
 The stages do not call each other: train.fit returns the fitted model, weights.save_weights writes it,
-evaluate measures it and writes eval/, report renders the run directory. Only this module chains them.
+evaluate measures it, eval_files writes eval/, report renders the run directory. Only this module chains them.
 """
 
 from __future__ import annotations
@@ -25,13 +25,9 @@ from .data import CIFAR10, Split, Splits, make_splits
 from .datasets import load_run_data, notes, record_test_files
 from .device import precision_name, select_device
 from .errors import UserError
-from .evaluate import (
-    EvalOptions,
-    augmentation_preview,
-    evaluate_into_run,
-    evaluate_saved,
-    fit_served_temperature,
-)
+from .eval_files import augmentation_preview
+from .eval_job import evaluate_into_run, evaluate_saved
+from .evaluate import EvalOptions, fit_served_temperature
 from .metrics import summarize
 from .models import check_model_name, count_params
 from .report import write_report
@@ -270,7 +266,7 @@ def evaluate(
     **job: Any,
 ) -> Path:
     """`cifar10 evaluate`: a run directory (into itself) or a weights file (into out, default <name>-eval/
-    beside it) evaluated by evaluate.evaluate_saved, then the report of the directory written; returns it.
+    beside it) evaluated by eval_job.evaluate_saved, then the report of the directory written; returns it.
 
     job: the keywords of Job but force (data, data_dir, allow_unverified, progress, echo)."""
     run_dir = evaluate_saved(path, options, out=out, **job)
@@ -281,7 +277,7 @@ def evaluate(
 def evaluate_and_report(
     run_dir: str | os.PathLike, test: Split, options: EvalOptions | None = None, **kw: Any
 ) -> dict[str, Any]:
-    """evaluate.evaluate_into_run (a model on a test split, written into run_dir), then the run's report."""
+    """eval_job.evaluate_into_run (a model on a test split, written into run_dir), then the run's report."""
     results = evaluate_into_run(run_dir, test, options, **kw)
     write_report(Path(run_dir))
     return results

@@ -105,7 +105,7 @@ def checked(
     return out
 
 
-# What the report reads from each file, by kind (what evaluate.py and train.py write).
+# What the report reads from each file, by kind (what eval_files.py and train.py write).
 _NUMBERS = [
     "test_accuracy", "test_top2_accuracy", "test_loss", "macro_f1", "test_brier", "test_ece",
     "test_ece_calibrated", "temperature", "mean_corruption_accuracy", "train_seconds", "eval_seconds",
