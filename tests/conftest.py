@@ -9,6 +9,7 @@ process of their own (each `python -m cifar10_cnn` pays torch's import).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import os
@@ -101,6 +102,14 @@ def snapshot(root: Path, *, mtimes: bool = False) -> dict[str, str]:
             kind += f" {p.stat().st_mtime_ns}" if mtimes else ""
         out[str(p.relative_to(root))] = kind
     return out
+
+
+def loaded_by(code: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of modules a fresh interpreter holds after running code (the code's own asserts must pass)."""
+    check = f"\nimport sys\nprint([m for m in {modules!r} if m in sys.modules])\n"
+    proc = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return ast.literal_eval(proc.stdout.strip().splitlines()[-1])  # the list printed above
 
 
 def free_port() -> int:

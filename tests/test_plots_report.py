@@ -23,7 +23,7 @@ from cifar10_cnn.metrics import accuracy_interval
 from cifar10_cnn.report import write_report
 from cifar10_cnn.runs import TMP_PATTERN
 
-from .conftest import DATA_DIR
+from .conftest import DATA_DIR, loaded_by
 
 CLASSES = list(data.CLASSES)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -421,13 +421,6 @@ def test_a_cut_off_figure_write_leaves_the_old_png_whole(
 
 def test_one_runs_report_loads_no_matplotlib(run_dir: Path) -> None:
     # Only a comparison draws figures; rebuilding one run's report embeds the PNGs already on disk.
-    code = (
-        "import sys\n"
-        "from cifar10_cnn.report import write_report\n"
-        f"write_report({str(run_dir)!r})\n"
-        "print([m for m in ('matplotlib', 'cifar10_cnn.plots') if m in sys.modules])\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
+    code = f"from cifar10_cnn.report import write_report\nwrite_report({str(run_dir)!r})\n"
+    assert loaded_by(code, ("matplotlib", "cifar10_cnn.plots")) == []
     assert (run_dir / "report.html").is_file()

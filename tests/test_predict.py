@@ -19,7 +19,7 @@ from PIL import Image
 from cifar10_cnn.calibration import softmax
 from cifar10_cnn.images import ImageError, find_images, load_image, preprocess, read_image_file
 from cifar10_cnn.predict import load_predictor
-from tests.conftest import error_line, in_process, run_cli
+from tests.conftest import error_line, in_process, loaded_by, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -307,14 +307,13 @@ def test_cli_predict_accepts_onnx_and_safetensors(trained_run, image_tree, tmp_p
         )
     # `cifar10 predict --backend onnx` loads no training code and no matplotlib.
     code = (
-        "import sys, contextlib, io; from cifar10_cnn.cli import main\n"
+        "import contextlib, io; from cifar10_cnn.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         f"    rc = main(['predict', {str(tmp_path / 'm.onnx')!r}, {str(image_tree / 'img00.png')!r}, "
         "'--backend', 'onnx', '--json'])\n"
-        "print(rc, [m for m in ('matplotlib', 'cifar10_cnn.train', 'cifar10_cnn.evaluate') if m in sys.modules])\n"
+        "assert rc == 0, rc\n"
     )
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert loaded.strip() == "0 []", loaded
+    assert loaded_by(code, ("matplotlib", "cifar10_cnn.train", "cifar10_cnn.evaluate")) == []
 
 
 def test_cli_predict_errors_are_one_line(trained_run, tmp_path, image_tree):
@@ -473,8 +472,6 @@ def test_a_sixteen_bit_upload_decodes_within_its_own_pixels_memory(tmp_path):
         "out = read_image_file(sys.argv[1]); assert out.shape == (32, 32, 3); "
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)"
     )
-    import subprocess
-    import sys
 
     proc = subprocess.run(
         [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120
@@ -517,8 +514,6 @@ def test_the_decode_budget_bounds_large_decodes_but_not_small_ones():
 
 
 def test_importing_the_inference_side_changes_no_global_state_and_has_no_cycles():
-    import subprocess
-    import sys
 
     code = (
         "import sys, warnings; from PIL import Image; default = Image.MAX_IMAGE_PIXELS; "

@@ -22,7 +22,7 @@ from cifar10_cnn.config import recipe_config
 from cifar10_cnn.errors import CheckpointError
 from cifar10_cnn.train import fit
 
-from .conftest import DATA_DIR, copy_run, error_line, in_process, on, run_cli, snapshot
+from .conftest import DATA_DIR, copy_run, error_line, in_process, loaded_by, on, run_cli, snapshot
 
 TINY = ["--subset", "100", "--val-size", "10", "--epochs", "1", "--no-progress"]
 
@@ -243,29 +243,20 @@ def test_out_on_a_read_only_filesystem_is_one_line(tmp_path):
 
 def test_help_and_the_package_load_no_training_code():
     code = (
-        "import sys, contextlib, io\n"
+        "import contextlib, io\n"
         "import cifar10_cnn\n"
         "from cifar10_cnn.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
         "    main(['--help'])\n"
-        "heavy = [m for m in ('torch', 'matplotlib', 'cifar10_cnn.train') if m in sys.modules]\n"
-        "print(heavy)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert loaded_by(code, ("torch", "matplotlib", "cifar10_cnn.train")) == []
 
 
 def test_the_training_loop_loads_no_evaluation_plots_or_report():
     # train.py is the loop alone: the job around it (evaluation, plots, report) is pipeline.py's.
-    code = (
-        "import sys\n"
-        "import cifar10_cnn.train\n"
-        "downstream = ('matplotlib', 'PIL', 'cifar10_cnn.evaluate', 'cifar10_cnn.plots', 'cifar10_cnn.report',\n"
-        "              'cifar10_cnn.explain', 'cifar10_cnn.pipeline')\n"
-        "print([m for m in downstream if m in sys.modules])\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    downstream = ("matplotlib", "PIL", "cifar10_cnn.evaluate", "cifar10_cnn.plots", "cifar10_cnn.report",
+                  "cifar10_cnn.explain", "cifar10_cnn.pipeline")  # fmt: skip
+    assert loaded_by("import cifar10_cnn.train", downstream) == []
 
 
 # --- train --out: a folder is ours only if we made it (or it was empty) ------------------------------------
