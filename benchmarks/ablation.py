@@ -11,7 +11,8 @@ out the last N training images to fit the softmax temperature on (the recipe's c
 For each trained model the evaluation is timed in several ways on the validation images: no TTA, the
 recipe's TTA level on every image, and the same level only on the images whose top-two probability margin
 is below each --tta-margins value (selective TTA). ECE is that of the recipe's evaluation, before and (with
-a calibration split) after temperature scaling. All figures come from this one invocation.
+a calibration split) after temperature scaling by the one temperature training stores: fitted on single
+views of the calibration images, applied to every way of evaluating. All figures come from this one invocation.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from flops import training_flops
+from machine import describe
 
 from cifar10_cnn import calibration as C
 from cifar10_cnn import data as D
@@ -38,14 +41,23 @@ from cifar10_cnn.train import fit
 from cifar10_cnn.tune import parse_grid
 
 
+# Named variants: earlier versions of a recipe, kept runnable as baselines (`--variants base airbench94_muon`).
+NAMED = {
+    # `fast` before progressive resizing: airbench94_muon's 8 epochs, every one at 32x32.
+    "airbench94_muon": dict(epochs=8, train_sizes=""),
+}
+
+
 def parse_variant(variant: str) -> tuple[dict, int]:
     """`key=value+key=value` -> (config overrides, calibration images); `base` is no override.
 
-    Values are typed as `cifar10 tune --grid` types them (one value each)."""
+    Values are typed as `cifar10 tune --grid` types them (one value each); a NAMED variant adds its overrides."""
     parts = [p for p in variant.split("+") if p != "base"]
+    named = {k: v for p in parts if p in NAMED for k, v in NAMED[p].items()}
+    parts = [p for p in parts if p not in NAMED]
     calib = [int(p.partition("=")[2]) for p in parts if p.startswith("calib=")]
     overrides = parse_grid([p for p in parts if not p.startswith("calib=")])
-    return {k: v[0] for k, v in overrides.items()}, calib[-1] if calib else 0
+    return named | {k: v[0] for k, v in overrides.items()}, calib[-1] if calib else 0
 
 
 def evaluations(model, measure: D.Split, calib: D.Split | None, tta: int, margins: list[float]) -> dict:
@@ -53,6 +65,11 @@ def evaluations(model, measure: D.Split, calib: D.Split | None, tta: int, margin
     labels = measure.labels.numpy()
     modes = {"no TTA": (0, 1.0), f"TTA {tta}": (tta, 1.0)} if tta else {"no TTA": (0, 1.0)}
     modes |= {f"TTA {tta} @ {m:g}": (tta, m) for m in margins} if tta else {}
+    # One temperature, fitted on single views of the calibration split, as training stores it for every view.
+    temperature = None
+    if calib is not None:
+        calib_logits = selective_tta_logits(model, calib.images, tta=0)[0].numpy()
+        temperature = C.fit_temperature(calib_logits, calib.labels.numpy())
     out = {}
     for name, (level, margin) in modes.items():
         t0 = time.perf_counter()
@@ -65,11 +82,9 @@ def evaluations(model, measure: D.Split, calib: D.Split | None, tta: int, margin
             "seconds": seconds,
             "ece": C.calibration_metrics(logits, labels)["ece"],
         }
-        if calib is not None:
-            calib_logits = selective_tta_logits(model, calib.images, tta=level, tta_margin=margin)[0].numpy()
-            t = C.fit_temperature(calib_logits, calib.labels.numpy())
-            row["ece_calibrated"] = C.calibration_metrics(logits, labels, t)["ece"]
-            row["temperature"] = t
+        if temperature is not None:
+            row["ece_calibrated"] = C.calibration_metrics(logits, labels, temperature)["ece"]
+            row["temperature"] = temperature
         out[name] = row
     return out
 
@@ -89,7 +104,12 @@ def one_run(recipe: str, variant: str, seed: int, data: D.CIFAR10, margins: list
             cfg, D.Splits(train, empty, splits.test), Path(tmp), progress=False, echo=lambda *_: None
         )
     evals = evaluations(result.model, measure, calib, cfg.tta, margins)
-    return {"train_seconds": result.train_seconds, "measure_size": len(measure), "evals": evals}
+    return {
+        "train_seconds": result.train_seconds,
+        "train_flops": training_flops(cfg, len(train)),
+        "measure_size": len(measure),
+        "evals": evals,
+    }
 
 
 def main() -> None:
@@ -110,7 +130,7 @@ def main() -> None:
         sys.exit(f"error: variant: {first_line(e)}")
 
     data = D.load_cifar10(args.data_dir, progress=False)
-    print(f"recipe {args.recipe}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(f"recipe {args.recipe}; {describe()}", flush=True)
     runs: dict[str, list[dict]] = {}
     for variant in args.variants:
         for seed in range(args.seeds):
@@ -124,10 +144,11 @@ def main() -> None:
     print(
         f"\nmeasured on {measure_size:,} validation images; mean over {args.seeds} seed(s) (± std when > 1)\n"
         f"{'variant':<{w}} {'evaluation':<16} {'val acc':>15} {'ECE':>7} {'ECE (T)':>8} {'TTA share':>9} "
-        f"{'eval s':>7} {'train s':>8}"
+        f"{'eval s':>7} {'train s':>8} {'TFLOP':>6}"
     )
     for variant, rs in runs.items():
         train_s = np.mean([r["train_seconds"] for r in rs])
+        tflop = rs[0]["train_flops"] / 1e12
         for mode in rs[0]["evals"]:
             rows = [r["evals"][mode] for r in rs]
             acc = summarize([x["acc"] for x in rows])
@@ -138,7 +159,7 @@ def main() -> None:
             print(
                 f"{variant:<{w}} {mode:<16} {acc_text:>15} {np.mean([x['ece'] for x in rows]):>7.2%} "
                 f"{ece_t:>8} {np.mean([x['share'] for x in rows]):>9.0%} "
-                f"{np.mean([x['seconds'] for x in rows]):>7.1f} {train_s:>8.0f}"
+                f"{np.mean([x['seconds'] for x in rows]):>7.1f} {train_s:>8.0f} {tflop:>6.1f}"
             )
 
 

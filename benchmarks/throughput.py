@@ -21,9 +21,11 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from flops import forward_flops
+from machine import describe
 
 from cifar10_cnn import augment
 from cifar10_cnn import data as D
@@ -50,13 +52,6 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, seconds: float = 3.0, n: i
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     rate = timed(lambda: a @ b, seconds, 1)
     return rate * 2 * n**3 / 1e9
-
-
-def forward_flops(model: nn.Module) -> int:
-    """FLOPs of one image's forward pass."""
-    with FlopCounterMode(display=False) as counter:
-        model.eval()(torch.randn(1, 3, 32, 32))
-    return counter.get_total_flops()
 
 
 def model_rates(
@@ -160,7 +155,7 @@ def main() -> None:
 
     data = D.load_cifar10(args.data_dir, progress=False)
     images = torch.from_numpy(data.train_images[:5000]).permute(0, 3, 1, 2)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(describe())
     precisions: dict[str, torch.dtype | None] = {"fp32": None}
     if autocast_dtype("auto", torch.device("cpu")) == torch.bfloat16:
         precisions["bf16"] = torch.bfloat16

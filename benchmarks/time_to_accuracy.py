@@ -14,6 +14,7 @@ same invocation give the ratio the short-budget recipes are judged by.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -23,6 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from ablation import parse_variant
+from flops import epoch_flops
+from machine import describe
 
 from cifar10_cnn import data as D
 from cifar10_cnn.config import recipe_config
@@ -34,12 +39,14 @@ THRESHOLDS = (0.90, 0.93, 0.94)
 
 
 def one_run(recipe: str, seed: int, data: D.CIFAR10, overrides: dict, eval_last: int | None = None) -> dict:
-    cfg = recipe_config(recipe, seed=seed, **overrides)
+    name, _, variant = recipe.partition("+")
+    cfg = recipe_config(name, seed=seed, **{**overrides, **parse_variant(variant or "base")[0]})
     first_eval = 1 if eval_last is None else max(1, cfg.epochs - eval_last + 1)
     t0 = time.perf_counter()
     splits = D.make_splits(data, **cfg.split_args())
     setup = time.perf_counter() - t0
-    curve: list[tuple[float, float, float]] = []  # (training seconds so far, eval seconds, test accuracy)
+    flops = list(itertools.accumulate(epoch_flops(cfg, len(splits.train))))
+    curve: list[tuple[float, float, float, float]] = []  # (training s so far, eval s, test accuracy, FLOPs)
 
     def follow(epoch: int, model: torch.nn.Module, _row: dict) -> None:
         if epoch < first_eval:
@@ -48,7 +55,7 @@ def one_run(recipe: str, seed: int, data: D.CIFAR10, overrides: dict, eval_last:
         trained = start - t0 - sum(c[1] for c in curve)  # earlier evaluations are off the clock
         logits = selective_tta_logits(model, splits.test.images, tta=cfg.tta, tta_margin=cfg.tta_margin)[0]
         acc = (logits.argmax(1) == splits.test.labels).float().mean().item()
-        curve.append((trained, time.perf_counter() - start, acc))
+        curve.append((trained, time.perf_counter() - start, acc, flops[epoch - 1]))
         print(
             f"  {recipe} seed {seed} epoch {epoch}: test {acc:.2%} after {trained:.0f} s of training",
             flush=True,
@@ -56,13 +63,16 @@ def one_run(recipe: str, seed: int, data: D.CIFAR10, overrides: dict, eval_last:
 
     with tempfile.TemporaryDirectory() as tmp:
         fit(cfg, splits, Path(tmp), progress=False, echo=lambda *_: None, on_epoch_end=follow)
-    final_train, final_eval, final_acc = curve[-1]
-    reach = {}
+    final_train, final_eval, final_acc, final_flops = curve[-1]
+    reach, reach_flops = {}, {}
     for threshold in THRESHOLDS:
         hit = next((c for c in curve if c[2] >= threshold), None)
         reach[threshold] = None if hit is None else hit[0] + hit[1]
+        reach_flops[threshold] = None if hit is None else hit[3]
     return {
         "acc": final_acc,
+        "flops": final_flops,
+        "reach_flops": reach_flops,
         "seconds": final_train + final_eval,
         "setup": setup,
         "reach": reach,
@@ -88,7 +98,8 @@ def fmt(seconds: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", default=["fast", "seed"])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per recipe (recipe:N gives one its own)")
+    parser.add_argument("--baseline", help="a --recipes entry to give every other one's time as a ratio of")
     parser.add_argument("--data-dir")
     parser.add_argument(
         "--eval-last",
@@ -99,55 +110,83 @@ def main() -> None:
     parser.add_argument("--subset", type=int, help="smoke tests only")
     parser.add_argument("--epochs", type=int, help="smoke tests only")
     args = parser.parse_args()
+    if args.baseline and args.baseline not in [parse_recipe(r, 0)[0] for r in args.recipes]:
+        parser.error(f"--baseline {args.baseline!r} is not one of --recipes")
     overrides = {k: v for k, v in (("subset", args.subset), ("epochs", args.epochs)) if v is not None}
 
     t = time.perf_counter()
     data = D.load_cifar10(args.data_dir, progress=False)
     load = time.perf_counter() - t
-    print(
-        f"data loaded in {load:.1f} s ({data.source}, verified={data.verified}); torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
-        flush=True,
-    )
-    results: dict[str, list[dict]] = {}
-    for recipe in args.recipes:
-        results[recipe] = []
-        for seed in range(args.seeds):
-            run = one_run(recipe, seed, data, overrides, args.eval_last)
-            run["seconds"] += load + run["setup"]
-            results[recipe].append(run)
+    print(f"{describe()}\ndata loaded in {load:.1f} s ({data.source}, verified={data.verified})", flush=True)
+    plan = [parse_recipe(r, args.seeds) for r in args.recipes]
+    results: dict[str, list[dict]] = {label: [] for label, _ in plan}
+    for seed in range(
+        max(n for _, n in plan)
+    ):  # seed by seed: a slower patch of the machine hits every recipe
+        for label, n in plan:
+            if seed < n:
+                run = one_run(label, seed, data, overrides, args.eval_last)
+                run["seconds"] += load + run["setup"]
+                results[label].append(run)
+    print_table(results, load)
+    if "seed" in results and len(results) > 1:
+        print_seed_ratio(results, load)
+    if args.baseline:
+        print_baseline_ratio(results, args.baseline)
 
+
+def parse_recipe(text: str, seeds: int) -> tuple[str, int]:
+    """`fast`, `fast:5` (5 seeds) or `fast+epochs=8+train_sizes=:1` (a recipe with overrides) -> (label, seeds)."""
+    label, colon, n = text.rpartition(":")
+    if colon and n.isdigit():
+        return label, int(n)
+    return text, seeds
+
+
+def print_table(results: dict[str, list[dict]], load: float) -> None:
+    w = max(8, *map(len, results))
     print(
-        f"\n{'recipe':<8} {'seed':>4} {'final acc':>9} {'total':>8} "
+        f"\n{'recipe':<{w}} {'seed':>4} {'final acc':>9} {'total':>8} "
         + " ".join(f"{f'to {t:.0%}':>8}" for t in THRESHOLDS)
+        + f" {'TFLOP':>7} {'TFLOP to 94%':>12}"
     )
     for recipe, runs in results.items():
         for seed, run in enumerate(runs):
             offset = load + run["setup"]
             reach = [None if run["reach"][t] is None else run["reach"][t] + offset for t in THRESHOLDS]
+            to_94 = run["reach_flops"][0.94]
             print(
-                f"{recipe:<8} {seed:>4} {run['acc']:>9.2%} {fmt(run['seconds']):>8} "
+                f"{recipe:<{w}} {seed:>4} {run['acc']:>9.2%} {fmt(run['seconds']):>8} "
                 + " ".join(f"{fmt(r):>8}" for r in reach)
+                + f" {run['flops'] / 1e12:>7.1f} {'—' if to_94 is None else f'{to_94 / 1e12:.1f}':>12}"
             )
         acc = summarize([r["acc"] for r in runs])
         secs = summarize([r["seconds"] for r in runs])
         print(
-            f"{recipe:<8} mean {acc['mean']:.2%} ± {acc['std']:.2%} (min {acc['min']:.2%}, max {acc['max']:.2%}), "
+            f"{recipe:<{w}} mean {acc['mean']:.2%} ± {acc['std']:.2%} (min {acc['min']:.2%}, max {acc['max']:.2%}), "
             f"{secs['mean']:.0f} ± {secs['std']:.0f} s per run"
         )
 
-    if "seed" in results and len(results) > 1:
-        seed_acc = summarize([r["acc"] for r in results["seed"]])["mean"]
-        seed_time = summarize([r["seconds"] for r in results["seed"]])["mean"]
-        print(
-            f"\nseed recipe: {seed_acc:.2%} in {seed_time:.0f} s. Time for the others to reach {seed_acc:.2%}:"
-        )
-        for recipe, runs in results.items():
-            if recipe != "seed":
-                reach = time_to(runs, seed_acc)
-                reach = None if reach is None else reach + load
-                ratio = "never" if reach is None else f"{reach / seed_time:.3f} of the seed recipe's time"
-                print(f"  {recipe:<8} {fmt(reach)}  ({ratio})")
+
+def print_seed_ratio(results: dict[str, list[dict]], load: float) -> None:
+    seed_acc = summarize([r["acc"] for r in results["seed"]])["mean"]
+    seed_time = summarize([r["seconds"] for r in results["seed"]])["mean"]
+    print(f"\nseed recipe: {seed_acc:.2%} in {seed_time:.0f} s. Time for the others to reach {seed_acc:.2%}:")
+    for recipe, runs in results.items():
+        if recipe != "seed":
+            reach = time_to(runs, seed_acc)
+            reach = None if reach is None else reach + load
+            ratio = "never" if reach is None else f"{reach / seed_time:.3f} of the seed recipe's time"
+            print(f"  {recipe:<8} {fmt(reach)}  ({ratio})")
+
+
+def print_baseline_ratio(results: dict[str, list[dict]], baseline: str) -> None:
+    base = summarize([r["seconds"] for r in results[baseline]])["mean"]
+    print(f"\nwhole wall-clock against {baseline} ({base:.0f} s per run):")
+    for recipe, runs in results.items():
+        if recipe != baseline:
+            mean = summarize([r["seconds"] for r in runs])["mean"]
+            print(f"  {recipe}: {mean:.0f} s, {mean / base:.3f} of the baseline's time")
 
 
 if __name__ == "__main__":

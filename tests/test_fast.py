@@ -116,3 +116,32 @@ def test_selective_tta_augments_only_the_unsure_images_each_on_its_own(trained_r
     assert torch.allclose(alone, logits[unsure][:5], atol=1e-4)  # batch composition does not matter
     assert torch.allclose(selective_tta_logits(model, images, tta=2, tta_margin=0)[0], plain, atol=1e-4)
     assert not selective_tta_logits(model, images, tta=2, tta_margin=0)[1].any()
+
+
+def test_train_sizes_downscale_the_first_epochs_and_nothing_else(cifar, tmp_path):
+    """Progressive resizing: epoch 1 trains on 16x16 images, epoch 2 on 32x32; validation is always at 32x32,
+    and the run learns. A bad list is one line."""
+    from cifar10_cnn.errors import UserError
+    from cifar10_cnn.train import setup
+
+    cfg = recipe_config("quick", epochs=2, subset=3000, val_size=500, batch_size=500, tta=0, train_sizes="16")
+    splits = D.make_splits(cifar, val_size=500, split_seed=0, subset=3000)
+    trainer = setup(cfg, splits.train, torch.device("cpu"))
+    seen: list[tuple[bool, int]] = []
+    trainer.model.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[-1])))
+    epochs: list[list[tuple[bool, int]]] = []
+    result = fit(
+        cfg, splits, tmp_path, progress=False, echo=lambda *_: None, trainer=trainer,
+        on_epoch_end=lambda *_: (epochs.append(seen[:]), seen.clear()),
+    )  # fmt: skip
+    first, second = ({size for training, size in e if training} for e in epochs)
+    assert first == {16} and second == {32}
+    assert {size for e in epochs for training, size in e if not training} == {32}  # validation
+    assert result.history[-1]["val_acc"] > 0.3, result.history
+    for bad, words in (("16,24", "joined by '/'"), ("4", "8 to 1024"), ("16/16/16", "lists 3 epochs")):
+        try:
+            recipe_config("quick", epochs=2, train_sizes=bad)
+        except UserError as e:
+            assert words in str(e) and "\n" not in str(e)
+        else:
+            raise AssertionError(bad)

@@ -73,6 +73,11 @@ class TrainConfig:
     flip: bool = opt(True, "random horizontal flip")
     alternate_flip: bool = opt(False, "flip each image on alternate epochs instead of at random")
     cutout: int = opt(0, "cutout square size in pixels (0: off)")
+    train_sizes: str = opt(
+        "",
+        "progressive resizing: the first epochs train on images downscaled to these sides, e.g. 16/24/24 "
+        "(epoch 1 at 16x16, 2 and 3 at 24x24); later epochs and every evaluation at full size",
+    )
     seed: int = opt(0, "the seed of initialisation, data order and augmentation")
     split_seed: int = opt(0, "seed of the validation split (shared by all --seed values)")
     val_size: int | None = opt(None, "images held out for validation (default 5000, or a tenth of --subset)")
@@ -146,6 +151,9 @@ class TrainConfig:
             raise UserError("--patience must be at least 1")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise UserError("--micro-batch must be at least 1")
+        sizes = self.sizes_of_epochs  # a bad list raises here
+        if len(sizes) > self.epochs:
+            raise UserError(f"--train-sizes lists {len(sizes)} epochs but the run has {self.epochs}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -169,6 +177,25 @@ class TrainConfig:
         parts += [("alternating " if self.alternate_flip else "") + "flip"] if self.flip else []
         parts += [f"cutout{self.cutout}"] if self.cutout else []
         return "+".join(parts) or "none"
+
+    @property
+    def sizes_of_epochs(self) -> list[int]:
+        """--train-sizes as a list: the side of the training images of epochs 1, 2, ... (then full size)."""
+        if not self.train_sizes:
+            return []
+        try:
+            sizes = [int(part) for part in self.train_sizes.split("/")]
+        except ValueError:
+            sizes = []
+        if not sizes or not all(8 <= s <= 1024 for s in sizes):
+            raise UserError(f"--train-sizes must be sides of 8 to 1024 pixels joined by '/', e.g. 16/24/24, "
+                            f"not {self.train_sizes[:40]!r}")  # fmt: skip
+        return sizes
+
+    def train_size(self, epoch: int) -> int | None:
+        """The side the training images of an epoch (from 1) are downscaled to; None: their own size."""
+        sizes = self.sizes_of_epochs
+        return sizes[epoch - 1] if epoch <= len(sizes) else None
 
     def split_args(self) -> dict[str, Any]:
         """The arguments of data.make_splits that rebuild this run's train/validation split."""

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from . import distributed
 from .augment import alternating_flips, augment_batch, normalize
@@ -88,8 +89,11 @@ def setup(cfg: TrainConfig, train: Split, device: torch.device, num_classes: int
     )  # fmt: skip
 
 
-def train_step(t: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on augmented uint8 images x (this rank's share of the batch) and labels y.
+def train_step(
+    t: Trainer, x: torch.Tensor, y: torch.Tensor, size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on augmented uint8 images x (this rank's share of the batch) and labels y,
+    downscaled to size x size first if size is given (progressive resizing: fewer FLOPs per image).
 
     Micro-batches accumulate gradients: the same step in smaller tensors (faster on CPU), with batch-norm
     statistics per micro-batch; DDP averages over ranks once, after the last one. Returns the summed loss and
@@ -101,7 +105,10 @@ def train_step(t: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tens
     correct = torch.zeros((), device=t.device, dtype=torch.long)
     parts = torch.arange(len(y)).split(cfg.micro_batch or len(y))
     for k, part in enumerate(parts):
-        xb = normalize(x[part.to(x.device)]).contiguous(memory_format=t.memory_format)
+        xb = normalize(x[part.to(x.device)])
+        if size is not None and size < xb.shape[-1]:
+            xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        xb = xb.contiguous(memory_format=t.memory_format)
         yb = y[part.to(y.device)]
         sync = world.size == 1 or k == len(parts) - 1
         with contextlib.nullcontext() if sync else t.net.no_sync():
@@ -149,7 +156,7 @@ def train_one_epoch(
     for step, idx in enumerate(batch_indices(len(train), t.cfg.batch_size, gen, drop_last=True), 1):
         flip_mask = None if base_flips is None else base_flips[idx] ^ (epoch % 2 == 0)
         x, y = rank_batch(t, train, idx, gen, flip_mask)
-        step_loss, step_correct = train_step(t, x, y)
+        step_loss, step_correct = train_step(t, x, y, t.cfg.train_size(epoch))
         loss_sum, correct, seen = loss_sum + step_loss, correct + step_correct, seen + len(y)
         if step % 25 == 0 or step == t.steps_per_epoch:
             mean_loss = check_finite(t, loss_sum, seen, epoch, step)
