@@ -128,7 +128,9 @@ def test_train_sizes_downscale_the_first_epochs_and_nothing_else(cifar, tmp_path
     splits = D.make_splits(cifar, val_size=500, split_seed=0, subset=3000)
     trainer = setup(cfg, splits.train, torch.device("cpu"))
     seen: list[tuple[bool, int]] = []
-    trainer.model.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[-1])))
+    trainer.model.register_forward_pre_hook(  # a training step: train mode with gradients
+        lambda m, args: seen.append((m.training and torch.is_grad_enabled(), args[0].shape[-1]))
+    )
     epochs: list[list[tuple[bool, int]]] = []
     result = fit(
         cfg, splits, tmp_path, progress=False, echo=lambda *_: None, trainer=trainer,
@@ -136,8 +138,25 @@ def test_train_sizes_downscale_the_first_epochs_and_nothing_else(cifar, tmp_path
     )  # fmt: skip
     first, second = ({size for training, size in e if training} for e in epochs)
     assert first == {16} and second == {32}
-    assert {size for e in epochs for training, size in e if not training} == {32}  # validation
+    assert {size for e in epochs for training, size in e if not training} == {32}  # validation, norms
     assert result.history[-1]["val_acc"] > 0.3, result.history
+    # After an epoch at 16x16, batch-norm statistics are those of full-size images (what evaluation sees):
+    # the first norm's running mean is the mean over the first training images' batch means at 32x32.
+    captured: list[torch.Tensor] = []
+    cfg16 = recipe_config(
+        "quick", epochs=1, subset=3000, val_size=500, batch_size=500, tta=0, train_sizes="16"
+    )
+    trainer = setup(cfg16, splits.train, torch.device("cpu"))
+    fit(cfg16, splits, tmp_path / "16", progress=False, echo=lambda *_: None, trainer=trainer)
+    model, norm = trainer.model.eval(), trainer.model.layers[1].norm1
+    norm.register_forward_hook(lambda m, args, out: captured.append(args[0].float().mean((0, 2, 3))))
+    with (
+        torch.no_grad(),
+        torch.autocast("cpu", trainer.amp_dtype or torch.float32, enabled=bool(trainer.amp_dtype)),
+    ):
+        for x in splits.train.images[:4000].split(500):
+            model(augment.normalize(x).contiguous(memory_format=trainer.memory_format))
+    assert torch.allclose(norm.running_mean, torch.stack(captured).mean(0), atol=1e-3, rtol=1e-2)
     for bad, words in (("16,24", "joined by '/'"), ("4", "8 to 1024"), ("16/16/16", "lists 3 epochs")):
         try:
             recipe_config("quick", epochs=2, train_sizes=bad)

@@ -167,6 +167,8 @@ def train_one_epoch(
                 )
                 bar.update(step - bar.n)
     bar.close()
+    if t.cfg.train_size(epoch) is not None:
+        recalibrate_norms(t, train)
     t.world.share_buffers(t.model)
     loss_sum, correct, total = t.world.sum(loss_sum, correct, torch.tensor(seen))
     return {
@@ -175,6 +177,26 @@ def train_one_epoch(
         "train_acc": correct.item() / total.item(),
         "lr": t.optimizer.param_groups[0]["lr"],
     }
+
+
+@torch.no_grad()
+def recalibrate_norms(t: Trainer, train: Split, images: int = 4000) -> None:
+    """After an epoch on downscaled images, batch-norm running statistics of full-size ones (what evaluation
+    sees): the exact mean over the first `images` training images, unaugmented, in forward passes only.
+
+    Training itself uses batch statistics, so this changes what validation and the saved model compute, not
+    what the next epoch learns; it reads no random numbers, so resumed runs stay exact."""
+    norms = [m for m in t.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the passes below
+    for x in train.images[:images].split(t.cfg.micro_batch or t.cfg.batch_size):
+        xb = normalize(x.to(t.device)).contiguous(memory_format=t.memory_format)
+        with torch.autocast(t.device.type, t.amp_dtype or torch.float32, enabled=t.amp_dtype is not None):
+            t.model(xb)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
 
 
 def check_finite(t: Trainer, loss_sum: torch.Tensor, seen: int, epoch: int, step: int) -> float:
