@@ -40,7 +40,6 @@ from cifar10_cnn.metrics import summarize
 from cifar10_cnn.train import fit
 from cifar10_cnn.tune import parse_grid
 
-
 # Named variants: earlier versions of a recipe, kept runnable as baselines (`--variants base airbench94_muon`).
 NAMED = {
     # `fast` before progressive resizing: airbench94_muon's 8 epochs, every one at 32x32.

@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                      # all models, ~6 minutes on 2 CPU cores
     python benchmarks/throughput.py --models seed_cnn --seconds 5
+    python benchmarks/throughput.py --models airbench airbench_small --sizes 32 24 16   # --train-sizes
 
 Each model is measured in fp32 and, where training uses it (`--amp auto`: CUDA, or a CPU with native bf16),
 in bf16 autocast; "% peak" compares with the matrix-multiply rate of the same precision, measured here.
@@ -14,6 +15,7 @@ DataLoader and per-image augmentation (the classic tutorial loop).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -55,7 +57,12 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, seconds: float = 3.0, n: i
 
 
 def model_rates(
-    name: str, images: torch.Tensor, batch_size: int, seconds: float, dtype: torch.dtype | None = None
+    name: str,
+    images: torch.Tensor,
+    batch_size: int,
+    seconds: float,
+    dtype: torch.dtype | None = None,
+    size: int = 32,
 ) -> dict[str, float]:
     # Each net with the optimizer its recipe uses (Muon for the airbench nets), through the library's own step.
     recipe = "fast" if name.startswith("airbench") else "seed"
@@ -69,16 +76,19 @@ def model_rates(
     def one_step():
         model.train()
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)
-        train_step(trainer, augment.augment_batch(images[idx], gen), labels[idx])
+        train_step(trainer, augment.augment_batch(images[idx], gen), labels[idx], size)
 
-    eval_x = augment.normalize(images[:500]).contiguous(memory_format=torch.channels_last)
+    eval_x = augment.normalize(images[:500])
+    if size != eval_x.shape[-1]:
+        eval_x = torch.nn.functional.interpolate(eval_x, size=(size, size), mode="bilinear", antialias=True)
+    eval_x = eval_x.contiguous(memory_format=torch.channels_last)
 
     def infer_step():
         model.eval()
         with torch.inference_mode(), torch.autocast("cpu", dtype or torch.float32, enabled=dtype is not None):
             model(eval_x)
 
-    flops = forward_flops(create_model(name))
+    flops = forward_flops(create_model(name), size)
     train = timed(one_step, seconds, batch_size)
     infer = timed(infer_step, seconds, len(eval_x))
     return {
@@ -147,6 +157,9 @@ def main() -> None:
         default=None,
         help="training batch (default: 64, and 500 for the airbench nets)",
     )
+    parser.add_argument(
+        "--sizes", nargs="+", type=int, default=[32], help="input sides to measure (--train-sizes' cost)"
+    )
     parser.add_argument("--epoch-images", type=int, default=10_000, help="images in the timed seed epochs")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
@@ -165,12 +178,13 @@ def main() -> None:
         f"{'model':<14} {'prec':>4} {'params':>10} {'MFLOP/img':>10} {'train img/s':>12} {'train GFLOP/s':>14} "
         f"{'% peak':>7} {'infer img/s':>12} {'infer GFLOP/s':>14}"
     )
-    for name in args.models:
+    for name, size in itertools.product(args.models, args.sizes):
         batch = args.batch_size or (500 if name.startswith("airbench") else 64)
+        label = name if args.sizes == [32] else f"{name}@{size}"
         for prec, dtype in precisions.items():
-            r = model_rates(name, images, batch, args.seconds, dtype)
+            r = model_rates(name, images, batch, args.seconds, dtype, size)
             print(
-                f"{name:<14} {prec:>4} {r['params']:>10,} {r['flops'] / 1e6:>10.1f} {r['train']:>12.0f} "
+                f"{label:<14} {prec:>4} {r['params']:>10,} {r['flops'] / 1e6:>10.1f} {r['train']:>12.0f} "
                 f"{r['train_gflops']:>14.1f} {r['train_gflops'] / peaks[prec]:>7.0%} {r['infer']:>12.0f} "
                 f"{r['infer_gflops']:>14.1f}"
             )
