@@ -181,7 +181,7 @@ def run_header(cfg: TrainConfig, t: Trainer, data: CIFAR10, splits: Splits) -> s
     """The line (two under torchrun) that says what this run computes, and where."""
     line = (
         f"model {cfg.model} ({count_params(t.model):,} params) | device {t.device}, {precision_name(t.amp_dtype)} "
-        f"| data {data.source} ({'verified' if data.verified else 'UNVERIFIED'}) | train {len(splits.train)} / "
+        f"| data {data.source} ({data.check()}) | train {len(splits.train)} / "
         f"val {len(splits.val)} / test {len(splits.test)} | recipe {cfg.recipe}: {cfg.epochs} epochs, "
         f"batch {cfg.batch_size}, lr {cfg.lr}"
     )
