@@ -423,6 +423,36 @@ def test_train_evaluate_predict_export_and_serve_a_folder_through_the_cli(cifar,
         server.wait(timeout=30)
 
 
+def test_a_recipes_fixed_validation_split_is_a_tenth_of_a_small_folder_and_a_given_one_is_kept(
+    cifar, tmp_path
+):
+    from .conftest import error_line, in_process
+
+    root = make_folder(tmp_path / "imgs", cifar, classes=(2, 3, 8), per_class=40)  # 96 train, 24 test
+    # --recipe quick holds out 1,000 images: on 96 that is a tenth instead, said in one line.
+    run = tmp_path / "run"
+    proc = in_process("train", "--recipe", "quick", "--data-dir", str(root), "--epochs", "1",
+                      "--out", str(run), "--no-progress")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "recipe quick holds out 1,000 images for validation, more than a tenth of the 96 training images "
+        "here: holding out 9 instead (--val-size N to choose)"
+    ) in proc.stdout.splitlines()
+    assert "| train 87 / val 9 / test 24 |" in proc.stdout
+    assert json.loads((run / "config.json").read_text())["val_size"] == 9  # evaluate rebuilds the same split
+    # A --val-size the user gives is theirs: too large is one line, and no run directory.
+    proc = in_process("train", "--recipe", "quick", "--val-size", "1000", "--data-dir", str(root),
+                      "--epochs", "1", "--out", str(tmp_path / "run2"), "--no-progress")  # fmt: skip
+    assert proc.returncode == 2
+    assert "--val-size 1000 must be less than the 96 training images" in error_line(proc)
+    assert not (tmp_path / "run2").exists()
+    # A smaller one is kept as given, even below a tenth's share of the training images left.
+    proc = in_process("train", "--recipe", "quick", "--val-size", "30", "--data-dir", str(root),
+                      "--epochs", "1", "--out", str(tmp_path / "run3"), "--no-progress")  # fmt: skip
+    assert proc.returncode == 0 and "| train 66 / val 30 / test 24 |" in proc.stdout
+    assert "holding out" not in proc.stdout
+
+
 def test_bad_folders_through_the_cli_are_one_line_exit_2(tmp_path, cache_dir):
     from .conftest import error_line, run_cli
 
