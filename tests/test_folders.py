@@ -440,6 +440,16 @@ def test_a_recipes_fixed_validation_split_is_a_tenth_of_a_small_folder_and_a_giv
     ) in proc.stdout.splitlines()
     assert "| train 87 / val 9 / test 24 |" in proc.stdout
     assert json.loads((run / "config.json").read_text())["val_size"] == 9  # evaluate rebuilds the same split
+    # A temperature fitted on 9 images is uncertain: said in one line, in results.json and in the report.
+    warning = (
+        "warning: the softmax temperature was fitted on only 9 validation images (under 500), so it is "
+        "uncertain and the calibrated probabilities may be no better than the raw ones; hold out more with "
+        "--val-size N"
+    )
+    assert warning in proc.stdout.splitlines()
+    assert json.loads((run / "results.json").read_text())["served"]["temperature_warning"] == warning
+    calibration = (run / "report.md").read_text().split("## Calibration", 1)[1].split("\n## ", 1)[0]
+    assert warning in calibration
     # A --val-size the user gives is theirs: too large is one line, and no run directory.
     proc = in_process("train", "--recipe", "quick", "--val-size", "1000", "--data-dir", str(root),
                       "--epochs", "1", "--out", str(tmp_path / "run2"), "--no-progress")  # fmt: skip

@@ -159,6 +159,8 @@ def _figures(run: RunData, section: str) -> list[Figure]:
 def _calibration(run: RunData) -> Section:
     cal = run.evaluation.get("calibration")
     section = Section("Calibration", [str(cal.get("note") or "")] if isinstance(cal, dict) and cal else [])
+    if isinstance(cal, dict) and isinstance(cal.get("warning"), str):  # fitted on few validation images
+        section.blocks.append(cal["warning"][:300])
     section.blocks += [calibration_table(run) or "Not measured yet: `cifar10 evaluate RUN` adds it."]
     return Section(section.heading, [*section.blocks, *_figures(run, "calibration"), ECE_NOTE])
 
