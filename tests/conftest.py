@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import http.server
 import io
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -179,3 +181,29 @@ def trained_run(cifar, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trained") / "seed-small"
     cfg = recipe_config("seed", epochs=1, subset=1000, val_size=200)
     return train(cfg, out=out, data=cifar, progress=False, echo=lambda _: None)
+
+
+class Endless(http.server.BaseHTTPRequestHandler):
+    """Sends zeros without a Content-Length (the end is when the server closes), up to 8 MiB."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        with contextlib.suppress(OSError):  # the client hanging up is the point
+            for _ in range(128):
+                self.wfile.write(bytes(2**16))
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def endless_server():
+    """A real HTTP server on 127.0.0.1 that sends more than any download's bound (for CIFAR-10 and -100)."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    httpd.daemon_threads, httpd.block_on_close = True, False
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()

@@ -137,9 +137,25 @@ def test_a_download_failing_its_md5_keeps_nothing(server, archive, tmp_path):
     www, url = server
     (www / C.ARCHIVE).write_bytes(archive.read_bytes())
     root = tmp_path / "data"
-    with pytest.raises(DataError, match="md5"):
+    with pytest.raises(DataError, match=r"the download of the CIFAR-100 archive .* failed its md5 check"):
         C.load_cifar100(root, url=f"{url}/{C.ARCHIVE}", progress=False)  # the official md5: this is not it
     assert not root.exists() or list(root.iterdir()) == []
+
+
+def test_a_failed_download_names_cifar100_in_one_line_and_keeps_nothing(endless_server, tmp_path):
+    root = tmp_path / "data"
+    with pytest.raises(DataError) as err:
+        C.load_cifar100(root, url=f"{endless_server}/x.tar.gz", size=2**20, cache_dir="off", progress=False)
+    assert str(err.value) == (
+        f"{endless_server}/x.tar.gz sent more than 1,048,576 bytes, more than the CIFAR-100 python archive is; "
+        "cut off, nothing was kept"
+    )
+    assert not root.exists() or list(root.iterdir()) == []
+    with pytest.raises(DataError) as err:
+        C.load_cifar100(root, url="http://127.0.0.1:9/none.tar.gz", cache_dir="off", progress=False)
+    line = str(err.value)
+    assert line.startswith("cannot download the CIFAR-100 archive http://127.0.0.1:9/none.tar.gz (")
+    assert f"put {C.ARCHIVE} in {root}" in line and "\n" not in line and "CIFAR-10 " not in line
 
 
 def test_a_local_copy_that_is_not_the_official_archive_needs_allow_unverified(archive, tmp_path):

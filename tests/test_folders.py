@@ -115,6 +115,12 @@ def test_the_second_load_comes_from_the_cache_and_a_changed_folder_is_read_again
     second = load(root, tmp_path)
     assert not first.cached and second.cached
     assert second.sha256 == first.sha256 and second.test_files == first.test_files
+    # What was checked is said as it was: never "verified" (nothing published to verify your images against).
+    (key,) = [p.name[:12] for p in (tmp_path / "cache").glob("folders/*")]
+    assert first.check() == f"read from the folder: 40 files hashed, cache {key}"
+    assert second.check() == f"cache hit, re-hashed: 40 files unchanged in name, size and mtime, cache {key}"
+    assert not first.verified and not second.verified
+    assert first.provenance()["checked"] == first.check() and first.provenance()["verified"] is False
     assert np.array_equal(second.train_images, first.train_images)
     # One file rewritten with other pixels (its size and mtime change): read again, and the pixels are the new ones.
     target = root / first.test_files[0]
@@ -375,7 +381,9 @@ def test_train_evaluate_predict_export_and_serve_a_folder_through_the_cli(cifar,
     (root / "cat" / "notes.txt").write_text("not an image")
     run = tmp_path / "run"
     proc = run_cli("train", "--data-dir", str(root), "--epochs", "1", "--out", str(run), "--no-progress")
-    assert f"data folder:{root} (verified) | train 87 / val 9 / test 24" in proc.stdout
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("model "))
+    assert f"data folder:{root} (read from the folder: 120 files hashed, cache " in header
+    assert ") | train 87 / val 9 / test 24" in header and "verified" not in header.lower()
     assert (
         "skipped 1 files that are not readable images (first: cat/notes.txt: not an image file)"
         in proc.stdout
@@ -385,7 +393,9 @@ def test_train_evaluate_predict_export_and_serve_a_folder_through_the_cli(cifar,
     assert meta.classes == ("bird", "cat", "ship")
     report = (run / "report.md").read_text()
     assert all(f"| {name} |" in report for name in meta.classes) and "| airplane |" not in report
-    assert "your own images, 3 classes; 1 files skipped, not readable images (first: cat/notes.txt:" in report
+    assert "your own images, 3 classes; read from the folder: 120 files hashed, cache " in report
+    assert "; 1 files skipped, not readable images (first: cat/notes.txt:" in report
+    assert json.loads((run / "results.json").read_text())["data"]["verified"] is False
     recorded = json.loads((run / "test_files.json").read_text())
     assert recorded["root"] == str(root) and len(recorded["test_files"]) == 24
     # The folder grows; evaluate still uses the run's 24 test files.
@@ -411,6 +421,46 @@ def test_train_evaluate_predict_export_and_serve_a_folder_through_the_cli(cifar,
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_recipes_fixed_validation_split_is_a_tenth_of_a_small_folder_and_a_given_one_is_kept(
+    cifar, tmp_path
+):
+    from .conftest import error_line, in_process
+
+    root = make_folder(tmp_path / "imgs", cifar, classes=(2, 3, 8), per_class=40)  # 96 train, 24 test
+    # --recipe quick holds out 1,000 images: on 96 that is a tenth instead, said in one line.
+    run = tmp_path / "run"
+    proc = in_process("train", "--recipe", "quick", "--data-dir", str(root), "--epochs", "1",
+                      "--out", str(run), "--no-progress")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "recipe quick holds out 1,000 images for validation, more than a tenth of the 96 training images "
+        "here: holding out 9 instead (--val-size N to choose)"
+    ) in proc.stdout.splitlines()
+    assert "| train 87 / val 9 / test 24 |" in proc.stdout
+    assert json.loads((run / "config.json").read_text())["val_size"] == 9  # evaluate rebuilds the same split
+    # A temperature fitted on 9 images is uncertain: said in one line, in results.json and in the report.
+    warning = (
+        "warning: the softmax temperature was fitted on only 9 validation images (under 500), so it is "
+        "uncertain and the calibrated probabilities may be no better than the raw ones; hold out more with "
+        "--val-size N"
+    )
+    assert warning in proc.stdout.splitlines()
+    assert json.loads((run / "results.json").read_text())["served"]["temperature_warning"] == warning
+    calibration = (run / "report.md").read_text().split("## Calibration", 1)[1].split("\n## ", 1)[0]
+    assert warning in calibration
+    # A --val-size the user gives is theirs: too large is one line, and no run directory.
+    proc = in_process("train", "--recipe", "quick", "--val-size", "1000", "--data-dir", str(root),
+                      "--epochs", "1", "--out", str(tmp_path / "run2"), "--no-progress")  # fmt: skip
+    assert proc.returncode == 2
+    assert "--val-size 1000 must be less than the 96 training images" in error_line(proc)
+    assert not (tmp_path / "run2").exists()
+    # A smaller one is kept as given, even below a tenth's share of the training images left.
+    proc = in_process("train", "--recipe", "quick", "--val-size", "30", "--data-dir", str(root),
+                      "--epochs", "1", "--out", str(tmp_path / "run3"), "--no-progress")  # fmt: skip
+    assert proc.returncode == 0 and "| train 66 / val 30 / test 24 |" in proc.stdout
+    assert "holding out" not in proc.stdout
 
 
 def test_bad_folders_through_the_cli_are_one_line_exit_2(tmp_path, cache_dir):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,29 @@ def test_lr_schedules():
 
 
 # --- learning ------------------------------------------------------------------------------------------------
+
+
+def test_a_val_size_from_the_recipe_is_sized_to_the_data_and_one_the_user_gives_is_not(tmp_path):
+    from cifar10_cnn.cli import build_parser, config_from_args
+
+    def cfg(*args: str) -> TrainConfig:
+        return config_from_args(build_parser().parse_args(["train", *args]))
+
+    quick = cfg("--recipe", "quick")
+    assert quick.val_size == 1000 and quick.val_size_by_recipe
+    assert quick.sized_for(50_000, 10).val_size == 1000  # the recipe's own data: as published
+    assert quick.sized_for(96, 3).val_size == 9 and quick.sized_for(20, 3).val_size == 3  # a tenth, 1 a class
+    assert replace(quick, subset=5000).sized_for(50_000, 10).val_size == 500
+    assert not cfg("--recipe", "quick", "--val-size", "1000").val_size_by_recipe
+    assert (
+        cfg("--recipe", "quick", "--val-size", "1000").sized_for(96, 3).val_size == 1000
+    )  # make_splits refuses
+    assert not cfg("--recipe", "seed").val_size_by_recipe  # the seed recipe has no fixed split
+    # A config file keeps what it says; a --val-size given with it is the user's.
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(quick.to_dict()))
+    assert cfg("--config", str(path)).val_size_by_recipe
+    assert not cfg("--config", str(path), "--val-size", "1000").val_size_by_recipe
 
 
 def test_seed_cnn_learns_in_one_epoch(cifar, tmp_path):

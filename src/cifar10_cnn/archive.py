@@ -53,11 +53,11 @@ UNPACKED_LIMIT = sum(MEMBER_SIZES.values()) + 2**20
 # --- extraction: only the known members, each within its known size; kept only when verified -------------
 
 
-class _Capped(io.RawIOBase):
+class CappedStream(io.RawIOBase):
     """A read-only stream that fails once more than limit bytes were read from it (a decompression bomb)."""
 
-    def __init__(self, f: BinaryIO, limit: int, archive: Path) -> None:
-        self._f, self._left, self._archive = f, limit, archive
+    def __init__(self, f: BinaryIO, limit: int, archive: Path, name: str = "CIFAR-10") -> None:
+        self._f, self._left, self._limit, self._archive, self._name = f, limit, limit, archive, name
 
     def readable(self) -> bool:
         return True
@@ -67,7 +67,7 @@ class _Capped(io.RawIOBase):
         self._left -= n
         if self._left < 0:
             raise DataError(
-                f"{self._archive} unpacks to more than {UNPACKED_LIMIT:,} bytes, more than the real CIFAR-10 "
+                f"{self._archive} unpacks to more than {self._limit:,} bytes, more than the real {self._name} "
                 "python archive; refusing it"
             )
         return n
@@ -88,7 +88,7 @@ def extract_archive(archive: Path, target: Path) -> dict[str, np.ndarray]:
         with (
             open_regular(archive, "the CIFAR-10 python archive is needed") as raw,
             gzip.GzipFile(fileobj=raw) as gz,
-            tarfile.open(fileobj=_Capped(gz, UNPACKED_LIMIT, archive), mode="r|") as tar,
+            tarfile.open(fileobj=CappedStream(gz, UNPACKED_LIMIT, archive), mode="r|") as tar,
         ):
             for member in tar:
                 name = _member_name(member, archive)
@@ -125,7 +125,7 @@ def _member_name(member: tarfile.TarInfo, archive: Path) -> str | None:
         return None
     if not member.isfile():
         raise DataError(
-            f"archive member {member.name!r} of {archive} is {_member_kind(member)}; the CIFAR-10 archive holds "
+            f"archive member {member.name!r} of {archive} is {member_kind(member)}; the CIFAR-10 archive holds "
             "only regular files; refusing it"
         )
     path = member.name.removeprefix("./")  # as `tar -C dir .` would write it
@@ -142,7 +142,7 @@ def _member_name(member: tarfile.TarInfo, archive: Path) -> str | None:
     return name
 
 
-def _member_kind(member: tarfile.TarInfo) -> str:
+def member_kind(member: tarfile.TarInfo) -> str:
     if member.issym():
         return f"a symbolic link (to {member.linkname!r})"
     if member.islnk():

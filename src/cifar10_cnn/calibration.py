@@ -161,6 +161,20 @@ def temperature_scaling(
     }
 
 
+FEW_FIT_IMAGES = 500  # a temperature fitted on fewer validation images than this is warned as uncertain
+
+
+def few_images_warning(n: int) -> str | None:
+    """The one-line warning of a temperature fitted on fewer than FEW_FIT_IMAGES images (None: enough)."""
+    if not 0 < n < FEW_FIT_IMAGES:
+        return None
+    return (
+        f"warning: the softmax temperature was fitted on only {n:,} validation images (under "
+        f"{FEW_FIT_IMAGES}), so it is uncertain and the calibrated probabilities may be no better than the "
+        "raw ones; hold out more with --val-size N"
+    )
+
+
 NO_VALIDATION = (
     "The run has no validation split (val_size 0), so no temperature was fitted: the test set "
     "is never used for fitting. Probabilities are the model's own."

@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
 import time
 import zlib
@@ -31,7 +30,6 @@ from . import readers as R
 from .errors import DataError, first_line
 from .runs import write_atomic
 from .sources import CACHE_ENV, Dataset, resolve_data_dir
-from .stages import make_stage
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -73,6 +71,7 @@ def load_cifar100(
     url: str = URL,
     md5: str = MD5,
     cache_dir: str | os.PathLike | None = None,
+    size: int = ARCHIVE_LIMIT,
 ) -> CIFAR100:
     """CIFAR-100 from data_dir: the archive (downloaded there if missing), or an extracted cifar-100-python/.
 
@@ -88,7 +87,7 @@ def load_cifar100(
     if not archive.is_file() and not folder.is_dir():
         if not download:
             raise DataError(f"no CIFAR-100 found in {root}; put {ARCHIVE} there or allow the download")
-        fetch(root, url=url, md5=md5, progress=progress)
+        fetch(root, url=url, md5=md5, progress=progress, size=size)
     paths = [archive] if archive.is_file() else [folder / name for name in MEMBER_LIMITS]
     cache = _cache_path(paths, f"{labels}\0{md5}", cache_dir)
     data = _read_cache(cache) if cache else None
@@ -136,17 +135,6 @@ def _md5(path: Path) -> str:
 # --- reading: the archive's three members (or the extracted folder's files), each within its cap ------------
 
 
-class _Capped(A._Capped):
-    """CIFAR-10's capped stream, worded for this archive."""
-
-    def readinto(self, b) -> int:
-        n = self._f.readinto(b)
-        self._left -= n
-        if self._left < 0:
-            raise DataError(f"{self._archive} unpacks to more than {UNPACKED_LIMIT:,} bytes; refusing it")
-        return n
-
-
 def read_archive(archive: Path) -> dict[str, bytes]:
     """The bytes of train, test and meta from the archive; anything unexpected in it is refused."""
     members: dict[str, bytes] = {}
@@ -154,7 +142,7 @@ def read_archive(archive: Path) -> dict[str, bytes]:
         with (
             R.open_regular(archive, "the CIFAR-100 python archive is needed") as raw,
             gzip.GzipFile(fileobj=raw) as gz,
-            tarfile.open(fileobj=_Capped(gz, UNPACKED_LIMIT, archive), mode="r|") as tar,
+            tarfile.open(fileobj=A.CappedStream(gz, UNPACKED_LIMIT, archive, "CIFAR-100"), mode="r|") as tar,
         ):
             for member in tar:
                 name = _member_name(member, archive)
@@ -190,7 +178,7 @@ def _member_name(member: tarfile.TarInfo, archive: Path) -> str | None:
         )
     if not member.isfile():
         raise DataError(
-            f"archive member {member.name!r} of {archive} is {A._member_kind(member)}; the CIFAR-100 archive "
+            f"archive member {member.name!r} of {archive} is {A.member_kind(member)}; the CIFAR-100 archive "
             "holds only regular files; refusing it"
         )
     if name in IGNORED:
@@ -211,8 +199,8 @@ def read_folder(folder: Path) -> dict[str, bytes]:
 
 def _unpickle(payload: bytes, where: str) -> dict:
     try:
-        obj = R._SafeUnpickler(io.BytesIO(payload), encoding="bytes").load()
-    except R._UNPICKLE_ERRORS as e:
+        obj = R.SafeUnpickler(io.BytesIO(payload), encoding="bytes").load()
+    except R.UNPICKLE_ERRORS as e:
         raise DataError(f"{where} is not a CIFAR-100 file ({first_line(e)})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where} is not a CIFAR-100 file (no dict)")
@@ -251,44 +239,17 @@ def _parse(
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), np.array(y, dtype=np.int64)
 
 
-def fetch(root: Path, *, url: str = URL, md5: str = MD5, progress: bool = True) -> Path:
+def fetch(
+    root: Path, *, url: str = URL, md5: str = MD5, progress: bool = True, size: int = ARCHIVE_LIMIT
+) -> Path:
     """Download the archive into root, checking its md5; the file appears only when complete and right.
 
-    As CIFAR-10's (download.py): written in a stage of ours, cut off beyond ARCHIVE_LIMIT bytes.
+    CIFAR-10's download (download.py): written in a stage of ours, cut off beyond size bytes.
     """
-    import pooch  # only the download needs it
-    import requests
-
-    pooch.get_logger().setLevel("WARNING")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        DL.remove_stale_downloads(root)
-        stage = make_stage(root, "download")
-        try:
-            downloader = DL._CappedDownloader(pooch.HTTPDownloader(progressbar=progress), ARCHIVE_LIMIT)
-            staged = pooch.retrieve(
-                url, known_hash=f"md5:{md5}", fname=ARCHIVE, path=stage, downloader=downloader
-            )
-            if not (root / ARCHIVE).exists():  # else another process brought it meanwhile: that one stays
-                os.rename(staged, root / ARCHIVE)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)  # our own stage
-    except ValueError as e:  # pooch's hash mismatch
-        raise DataError(
-            f"download of {url} failed its md5 check ({first_line(e)}); nothing was kept"
-        ) from None
-    except (requests.RequestException, OSError) as e:
-        cause = DL._root_cause(e)
-        if isinstance(cause, OSError) and cause.errno in DL._WRITE_ERRNOS:
-            raise DataError(
-                f"cannot download into {root} ({first_line(cause)}); the archive needs 169 MB there: free some "
-                "space or pass --data-dir to a writable folder"
-            ) from None
-        raise DataError(
-            f"cannot download {url} ({first_line(cause)}); check the network, or put {ARCHIVE} in {root} "
-            "(or pass --data-dir)"
-        ) from None
-    return root / ARCHIVE
+    DL.remove_stale_downloads(root, ARCHIVE)
+    return DL.fetch_archive(
+        root, url=url, md5=md5, progress=progress, size=size, fname=ARCHIVE, name="CIFAR-100"
+    )
 
 
 # --- the cache: as CIFAR-10's (sources.py), with the class names and the md5's verdict ------------------------

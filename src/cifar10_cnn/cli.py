@@ -13,7 +13,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import DEFAULT_RECIPE, RECIPES, TrainConfig, recipe_config
+from .config import DEFAULT_RECIPE, RECIPES, TrainConfig, recipe_config, with_options
 from .errors import UserError
 
 DESCRIPTION = "Train, evaluate, explain and serve convolutional image classifiers for CIFAR-10."
@@ -192,7 +192,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.config is not None:
         if args.recipe:
             raise UserError("give either --recipe or --config, not both")
-        return TrainConfig(**{**TrainConfig.load(args.config).to_dict(), **given})
+        return with_options(TrainConfig.load(args.config).to_dict(), given)
     return recipe_config(args.recipe or DEFAULT_RECIPE, **given)
 
 

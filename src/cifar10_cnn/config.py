@@ -83,6 +83,8 @@ class TrainConfig:
     val_size: int | None = opt(None, "images held out for validation (default 5000, or a tenth of --subset)")
     folds: int = opt(0, cli=False)  # cross-validation: validate on fold `fold` of this many folds (0: off)
     fold: int = opt(0, cli=False)
+    # val_size is the recipe's (e.g. quick's 1,000), not the user's: sized_for makes it a tenth of a small set.
+    val_size_by_recipe: bool = opt(False, cli=False)
     subset: int | None = opt(None, "train on the first N training images only")
     patience: int | None = opt(None, "stop after N epochs without a better validation accuracy")
     # The two test-time augmentation options, declared here once: `cifar10 evaluate` takes them too.
@@ -207,11 +209,19 @@ class TrainConfig:
             fold=self.fold,
         )
 
-    def sized_for(self, n_train: int) -> TrainConfig:
-        """This config for a dataset of n_train training images: the default validation split (5,000 of
-        CIFAR's 50,000) becomes a tenth of a smaller set, written into the config so that evaluate rebuilds it."""
-        if self.val_size is None and self.subset is None and not self.folds and n_train < 50_000:
+    def sized_for(self, n_train: int, n_classes: int = 1) -> TrainConfig:
+        """This config for a dataset of n_train training images (of n_classes), written into the config so
+        that evaluate rebuilds the same split: the default validation split (5,000 of CIFAR's 50,000) becomes
+        a tenth of a smaller set, and so does a recipe's fixed one that would leave less than 90% of the
+        images (of --subset) to train on (then at least one per class, where the classes can spare one). A
+        --val-size the user gave is kept as it is: one too large is make_splits' one-line error."""
+        if self.folds:
+            return self
+        if self.val_size is None and self.subset is None and n_train < 50_000:
             return dataclasses.replace(self, val_size=n_train // 10)
+        n = min(self.subset, n_train) if self.subset is not None else n_train
+        if self.val_size_by_recipe and self.val_size is not None and self.val_size * 10 > n:
+            return dataclasses.replace(self, val_size=held_out_tenth(n, n_classes))
         return self
 
     def data_args(self) -> dict[str, Any]:
@@ -235,6 +245,11 @@ class TrainConfig:
     def load(cls, path: Path) -> TrainConfig:
         """A config file (a run's config.json, a --config): bounded, a regular file, a JSON object."""
         return cls.from_dict(read_json_object(path, required=True))
+
+
+def held_out_tenth(n: int, n_classes: int) -> int:
+    """A tenth of n images for validation, and at least one per class where each class can spare one."""
+    return max(n // 10, n_classes) if 2 * n_classes <= n else n // 10
 
 
 def check_tta(level: int, margin: float) -> None:
@@ -317,4 +332,12 @@ def recipe_config(name: str, **overrides: Any) -> TrainConfig:
     """The config of a named recipe, with the given fields replaced."""
     if name not in RECIPES:
         raise UserError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
-    return TrainConfig(**{**RECIPES[name], "recipe": name, **overrides})
+    recipe = {**RECIPES[name], "recipe": name, "val_size_by_recipe": "val_size" in RECIPES[name]}
+    return with_options(recipe, overrides)
+
+
+def with_options(base: dict[str, Any], options: dict[str, Any]) -> TrainConfig:
+    """base (a recipe's or a config file's fields) with the options given: a val_size given is the user's."""
+    return TrainConfig(
+        **{**base, **options, **({"val_size_by_recipe": False} if "val_size" in options else {})}
+    )

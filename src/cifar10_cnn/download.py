@@ -1,4 +1,4 @@
-"""The download of the CIFAR-10 python archive: md5-checked by pooch, and bounded by the archive's known size.
+"""The download of the CIFAR-10 (and CIFAR-100) python archive: md5-checked by pooch, bounded by its known size.
 
 The archive appears in the data folder only when it is complete and right: pooch writes it in a stage of
 ours (<data>/.download-XXXXXXXX, see stages.py), removed when the download fails, is too large or has the
@@ -8,6 +8,7 @@ wrong md5; a stage that a kill left behind is removed by the next load (remove_s
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import shutil
@@ -25,11 +26,20 @@ DATA_ENV = "CIFAR10_DATA"
 
 
 def fetch_archive(
-    root: Path, *, url: str = URL, md5: str = MD5, progress: bool = True, size: int = ARCHIVE_SIZE
+    root: Path,
+    *,
+    url: str = URL,
+    md5: str = MD5,
+    progress: bool = True,
+    size: int = ARCHIVE_SIZE,
+    fname: str = ARCHIVE,
+    name: str = "CIFAR-10",
 ) -> Path:
-    """Download the archive into root, checking its md5; the file appears only when complete and right.
+    """Download the archive of dataset `name` into root as fname, checking its md5; the file appears only when
+    complete and right (CIFAR-100's download is this one too, with its own url, md5, size and names).
 
-    A server that sends more than size bytes (the archive's known size) is cut off, and nothing is kept.
+    A server that sends more than size bytes (the archive's known size, or a bound above it) is cut off, and
+    nothing is kept. Every failure is one line that names the dataset.
     """
     import pooch  # imported here: only the download needs it
     import requests
@@ -42,57 +52,58 @@ def fetch_archive(
             staged = pooch.retrieve(
                 url,
                 known_hash=f"md5:{md5}",
-                fname=ARCHIVE,
+                fname=fname,
                 path=stage,
-                downloader=_CappedDownloader(pooch.HTTPDownloader(progressbar=progress), size),
+                downloader=CappedDownloader(pooch.HTTPDownloader(progressbar=progress), size, name),
             )
-            if not (root / ARCHIVE).exists():  # else another process brought it meanwhile: that one stays
-                os.rename(staged, root / ARCHIVE)
+            if not (root / fname).exists():  # else another process brought it meanwhile: that one stays
+                os.rename(staged, root / fname)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     except ValueError as e:  # pooch's hash mismatch
         raise DataError(
-            f"download of {url} failed its md5 check ({first_line(e)}); nothing was kept"
+            f"the download of the {name} archive {url} failed its md5 check ({first_line(e)}); nothing was kept"
         ) from None
     except (requests.RequestException, OSError) as e:
-        cause = _root_cause(e)
-        if isinstance(cause, OSError) and cause.errno in _WRITE_ERRNOS:
+        cause = root_cause(e)
+        if isinstance(cause, OSError) and cause.errno in WRITE_ERRNOS:
             raise DataError(
-                f"cannot download into {root} ({first_line(cause)}); the archive needs 163 MB there: "
-                f"free some space or pass --data-dir (or set {DATA_ENV}) to a writable folder"
+                f"cannot download the {name} archive into {root} ({first_line(cause)}); it needs "
+                f"{math.ceil(size / 2**20)} MB there: free some space or pass --data-dir (or set {DATA_ENV}) "
+                "to a writable folder"
             ) from None
         raise DataError(
-            f"cannot download {url} ({first_line(cause)}); check the network, or put the data in {root} "
-            f"(or pass --data-dir / set {DATA_ENV})"
+            f"cannot download the {name} archive {url} ({first_line(cause)}); check the network, or put "
+            f"{fname} in {root} (or pass --data-dir / set {DATA_ENV})"
         ) from None
-    return root / ARCHIVE
+    return root / fname
 
 
-class _CappedDownloader:
+class CappedDownloader:
     """pooch's HTTP downloader writing through _CappedFile; pooch removes its temporary file when we raise."""
 
-    def __init__(self, http, size: int) -> None:
-        self._http, self._size = http, size
+    def __init__(self, http, size: int, name: str = "CIFAR-10") -> None:
+        self._http, self._size, self._name = http, size, name
 
     def __call__(self, url: str, output_file: str, pooch, check_only: bool = False):
         if check_only:
             return self._http(url, output_file, pooch, check_only=True)
         with open(output_file, "w+b") as f:
-            return self._http(url, _CappedFile(f, self._size, url), pooch)
+            return self._http(url, _CappedFile(f, self._size, url, self._name), pooch)
 
 
 class _CappedFile:
     """A file that refuses to grow beyond limit bytes (a server sending more than the archive is)."""
 
-    def __init__(self, f: BinaryIO, limit: int, url: str) -> None:
-        self._f, self._left, self._limit, self._url = f, limit, limit, url
+    def __init__(self, f: BinaryIO, limit: int, url: str, name: str) -> None:
+        self._f, self._left, self._limit, self._url, self._name = f, limit, limit, url, name
 
     def write(self, chunk: bytes) -> int:
         self._left -= len(chunk)
         if self._left < 0:
             raise DataError(
-                f"{self._url} sent more than {self._limit:,} bytes, the size of the CIFAR-10 python archive; "
-                "cut off, nothing was kept"
+                f"{self._url} sent more than {self._limit:,} bytes, more than the {self._name} python archive "
+                "is; cut off, nothing was kept"
             )
         return self._f.write(chunk)
 
@@ -100,10 +111,10 @@ class _CappedFile:
         self._f.flush()
 
 
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
 
 
-def _root_cause(e: BaseException) -> BaseException:
+def root_cause(e: BaseException) -> BaseException:
     """The innermost exception of a chain (a refused connection rather than the retry wrapper around it)."""
     while e.__cause__ or e.__context__:
         e = e.__cause__ or e.__context__
@@ -113,12 +124,12 @@ def _root_cause(e: BaseException) -> BaseException:
 _POOCH_TEMPORARY = re.compile(r"tmp[a-z0-9_]{8}")  # tempfile.NamedTemporaryFile's names, as pooch makes them
 
 
-def remove_stale_downloads(root: Path) -> list[Path]:
-    """Remove what killed downloads left in root (only stages of ours; see stages.py)."""
+def remove_stale_downloads(root: Path, archive: str = ARCHIVE) -> list[Path]:
+    """Remove what killed downloads of archive left in root (only stages of ours; see stages.py)."""
 
     def holds_only_ours(folder: Path) -> bool:
         return only_files(
-            folder, lambda name: name in (MARKER, ARCHIVE) or bool(_POOCH_TEMPORARY.fullmatch(name))
+            folder, lambda name: name in (MARKER, archive) or bool(_POOCH_TEMPORARY.fullmatch(name))
         )
 
     return remove_stale_stages(root, "download", holds_only_ours)

@@ -62,6 +62,7 @@ def served_fields(ev: Evaluation) -> dict[str, Any]:
     return {
         "temperature": ev.served_temperature,
         "temperature_stored": ev.served["temperature"] is not None,
+        "temperature_warning": ev.calibration.get("warning"),  # fitted on few images (None: enough)
         "tta": 0,
         "accuracy": before["accuracy"],
         **{f"{k}_raw": before[k] for k in ("ece", "mce", "nll")},
@@ -86,6 +87,7 @@ def evaluation_record(ev: Evaluation, weights: Path) -> dict[str, Any]:
             **ev.served,
             "temperature": ev.served_temperature,
             "temperature_stored": ev.served["temperature"] is not None,
+            "temperature_warning": ev.calibration.get("warning"),
             "note": SERVED_NOTE,
         },
         "confident_errors": [

@@ -79,7 +79,7 @@ class Evaluation:
     labels: np.ndarray  # (N,)
     images: np.ndarray  # (N, H, W, 3) uint8, for the plots
     metrics: dict[str, Any]  # metrics.classification_metrics (keys "test_...")
-    calibration: dict[str, Any]  # calibration.calibration_at the stored temperature, with val_size and note
+    calibration: dict[str, Any]  # calibration.calibration_at the stored temperature, val_size, note, warning
     errors: np.ndarray  # indices of the most confidently wrong predictions, most confident first
     fingerprint: str  # weights.model_fingerprint
     tta: int
@@ -206,7 +206,9 @@ def _calibration(
         )
         if tta:
             note += " Here it divides this evaluation's TTA logits; 'served' has the single-view figures."
-    return {**C.calibration_at(logits, labels, temperature), "val_size": val_size, "note": note}
+    warning = C.few_images_warning(val_size) if temperature is not None else None
+    return {**C.calibration_at(logits, labels, temperature), "val_size": val_size, "note": note,
+            "warning": warning}  # fmt: skip
 
 
 NO_STORED_TEMPERATURE = (
@@ -252,13 +254,16 @@ def evaluate_model(
             **evaluate_corruptions(model, images[:n], labels[:n], seed=o.corruption_seed, echo=echo),
             "model_fingerprint": fingerprint,
         }
+    calibration = _calibration(logits, labels, stored, len(val) if val is not None else 0, tta)
+    if calibration["warning"]:
+        echo(calibration["warning"])
     errors = confident_errors(C.softmax(logits), labels, N_CONFIDENT_ERRORS)
     return Evaluation(
         logits=logits,
         labels=labels,
         images=images,
         metrics=classification_metrics(logits, labels, classes),
-        calibration=_calibration(logits, labels, stored, len(val) if val is not None else 0, tta),
+        calibration=calibration,
         errors=errors,
         fingerprint=fingerprint,
         tta=tta,

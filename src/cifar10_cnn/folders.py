@@ -39,8 +39,9 @@ SPLIT_SEED = 0  # fixed: the same folder always gives the same test files
 class FolderData(Dataset):
     """The arrays of a folder (as every Dataset holds them), which files are test files, and what was skipped.
 
-    verified: there is nothing to check a folder against; the arrays are those of its files (or of a cache
-    that matched them).
+    verified is False: there is no published checksum of your images to check them against. What was checked
+    is check(): the files' bytes hashed as they were read, or a cache whose key (every file's name, size and
+    mtime) matched and whose arrays were re-hashed.
     """
 
     root: str = ""
@@ -49,6 +50,15 @@ class FolderData(Dataset):
     duplicates: int = 0  # test images equal (decoded) to a training image
     seconds: float = 0.0
     cached: bool = False
+    files: int = 0  # the image files scanned (those read, or matched by the cache's key)
+    cache: str = ""  # the cache's key (its first 12 hex digits), "" without a cache
+
+    def check(self) -> str:
+        """What was checked of the arrays (never "verified": nothing published to check them against)."""
+        cache = f", cache {self.cache}" if self.cache else ""
+        if self.cached:
+            return f"cache hit, re-hashed: {self.files:,} files unchanged in name, size and mtime{cache}"
+        return f"read from the folder: {self.files:,} files hashed{cache}"
 
     def provenance(self) -> dict:
         return {
@@ -56,6 +66,7 @@ class FolderData(Dataset):
             "kind": "folder",
             "root": self.root,
             "verified": self.verified,
+            "checked": self.check(),
             "sha256": self.sha256,
             "classes": list(self.classes),
             "skipped": len(self.skipped),
@@ -119,6 +130,7 @@ def load_folder(
             write_cache(path, key, decoded)
     data = _split(s, decoded, test_files)
     data.seconds, data.cached = time.perf_counter() - started, cached
+    data.files, data.cache = len(s.files), key[:12] if path else ""
     return data
 
 
@@ -151,7 +163,7 @@ def _split(s: Scan, d: Decoded, test_files: Sequence[str] | None) -> FolderData:
         **arrays,
         classes=s.classes,
         source=f"folder:{s.root}",
-        verified=True,
+        verified=False,  # nothing published to verify your images against (check() says what was checked)
         root=str(s.root.resolve()),
         sha256={"files": d.files_sha256, **d.sha256},  # the source bytes, and the decoded arrays
         test_files=[r for r, t in zip(d.rels, test, strict=True) if t],

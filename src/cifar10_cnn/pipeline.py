@@ -109,7 +109,7 @@ def run_job(
     if not world.main:
         job = replace(job, echo=_silent, progress=False)
     data = job.load_data(cfg, resume)
-    cfg = cfg.sized_for(len(data.train_labels)) if resume is None else cfg  # a resumed run keeps its own
+    cfg = sized(cfg, data, job.echo) if resume is None else cfg  # a resumed run keeps its own
     device = distributed.local_device(select_device(cfg.device))
     splits = make_splits(data, **cfg.split_args(), device=device)
     # The run directory is made only now, once the data loaded: a failed start leaves nothing to block a rerun.
@@ -140,6 +140,18 @@ def run_job(
             f"{r['headline_seconds']:.0f} s, then calibration, plots and report"
         )
     return run.path
+
+
+def sized(cfg: TrainConfig, data: CIFAR10, echo: Callable[[str], None]) -> TrainConfig:
+    """cfg.sized_for the data; a recipe's validation split made smaller is said in one line."""
+    new = cfg.sized_for(len(data.train_labels), len(data.classes))
+    if cfg.val_size_by_recipe and new.val_size != cfg.val_size:
+        n = min(cfg.subset or len(data.train_labels), len(data.train_labels))
+        echo(
+            f"recipe {cfg.recipe} holds out {cfg.val_size:,} images for validation, more than a tenth of the "
+            f"{n:,} training images here: holding out {new.val_size:,} instead (--val-size N to choose)"
+        )
+    return new
 
 
 def resumed_config(resume: str | os.PathLike, cfg: TrainConfig | None) -> TrainConfig:
@@ -181,7 +193,7 @@ def run_header(cfg: TrainConfig, t: Trainer, data: CIFAR10, splits: Splits) -> s
     """The line (two under torchrun) that says what this run computes, and where."""
     line = (
         f"model {cfg.model} ({count_params(t.model):,} params) | device {t.device}, {precision_name(t.amp_dtype)} "
-        f"| data {data.source} ({'verified' if data.verified else 'UNVERIFIED'}) | train {len(splits.train)} / "
+        f"| data {data.source} ({data.check()}) | train {len(splits.train)} / "
         f"val {len(splits.val)} / test {len(splits.test)} | recipe {cfg.recipe}: {cfg.epochs} epochs, "
         f"batch {cfg.batch_size}, lr {cfg.lr}"
     )

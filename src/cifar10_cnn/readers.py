@@ -69,7 +69,7 @@ def read_capped(path: Path, limit: int, what: str) -> bytes:
 # --- batch files: safe unpickling, every field checked ---------------------------------------------------
 
 
-class _SafeUnpickler(pickle.Unpickler):
+class SafeUnpickler(pickle.Unpickler):
     """Unpickles the CIFAR-10 batch dicts and nothing else: no arbitrary classes or functions."""
 
     ALLOWED = frozenset(
@@ -88,7 +88,7 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-_UNPICKLE_ERRORS = (
+UNPICKLE_ERRORS = (
     pickle.UnpicklingError, EOFError, KeyError, IndexError, TypeError, ValueError, AttributeError,
     MemoryError, OverflowError, RecursionError, UnicodeError,
 )  # fmt: skip
@@ -104,8 +104,8 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def parse_batch(payload: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     """The bytes of one batch file -> (images NHWC uint8, labels int64); where names it in errors."""
     try:
-        batch = _SafeUnpickler(io.BytesIO(payload), encoding="bytes").load()
-    except _UNPICKLE_ERRORS as e:
+        batch = SafeUnpickler(io.BytesIO(payload), encoding="bytes").load()
+    except UNPICKLE_ERRORS as e:
         raise DataError(f"{where} is not a CIFAR-10 batch file ({first_line(e)})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise DataError(f"{where} is not a CIFAR-10 batch file (no dict with b'data' and b'labels')")

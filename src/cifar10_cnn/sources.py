@@ -64,6 +64,10 @@ class Dataset:
         """Source, verified, and the sha256 of each array, for a run's records."""
         return {"source": self.source, "verified": self.verified, "sha256": self.sha256}
 
+    def check(self) -> str:
+        """What was checked, for the run's header: "verified" only if the checksum is the published one."""
+        return "verified" if self.verified else "UNVERIFIED"
+
 
 CIFAR10 = Dataset  # the name it had when CIFAR-10 was the only dataset
 

@@ -126,7 +126,7 @@ RESULTS = {
 }
 EVALUATION = {
     "model_fingerprint": STR,
-    "calibration": {"uncalibrated": OBJ, "calibrated": OBJ, "temperature": NUM, "note": STR},
+    "calibration": {"uncalibrated": OBJ, "calibrated": OBJ, "temperature": NUM, "note": STR, "warning": STR},
     "explanations": {"images": LIST, "method": STR, "layer": STR, "seconds": NUM, "note": STR},
 }
 ROBUSTNESS = {

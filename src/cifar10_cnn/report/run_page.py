@@ -72,9 +72,11 @@ SKIPPED_NAMED = 10  # at most this many skipped files named (training records 3;
 
 
 def _folder_notes(data: dict) -> str:
-    """What a folder of images gave: its classes, the files skipped (the first named), leakage."""
+    """What a folder of images gave: its classes, what was checked, the files skipped (the first named), leakage."""
     classes = data.get("classes") if isinstance(data.get("classes"), list) else []
     parts = [f"your own images, {len(classes)} classes"]
+    if isinstance(data.get("checked"), str):  # never "verified": nothing published to check them against
+        parts.append(data["checked"][:200])
     skipped, first = number(data.get("skipped")) or 0, data.get("skipped_first")
     if skipped:
         names = "; ".join(str(x) for x in first[:SKIPPED_NAMED]) if isinstance(first, list) else ""
@@ -157,6 +159,8 @@ def _figures(run: RunData, section: str) -> list[Figure]:
 def _calibration(run: RunData) -> Section:
     cal = run.evaluation.get("calibration")
     section = Section("Calibration", [str(cal.get("note") or "")] if isinstance(cal, dict) and cal else [])
+    if isinstance(cal, dict) and isinstance(cal.get("warning"), str):  # fitted on few validation images
+        section.blocks.append(cal["warning"][:300])
     section.blocks += [calibration_table(run) or "Not measured yet: `cifar10 evaluate RUN` adds it."]
     return Section(section.heading, [*section.blocks, *_figures(run, "calibration"), ECE_NOTE])
 
