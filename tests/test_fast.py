@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from cifar10_cnn import augment
@@ -11,6 +13,8 @@ from cifar10_cnn.inference import evaluate_logits
 from cifar10_cnn.models import create_model
 from cifar10_cnn.optim import Muon, build_optimizer, orthogonalize
 from cifar10_cnn.train import fit
+
+from .conftest import error_line, in_process, on
 
 
 def test_whitening_layer_decorrelates_real_patches(cifar):
@@ -164,3 +168,17 @@ def test_train_sizes_downscale_the_first_epochs_and_nothing_else(cifar, tmp_path
             assert words in str(e) and "\n" not in str(e)
         else:
             raise AssertionError(bad)
+
+
+def test_sprint_recipe_runs_end_to_end_and_says_its_sizes(small_data, tmp_path):
+    """`--recipe sprint` (2 epochs at 16x16, then 28x28): the header says so, the run completes and learns;
+    a malformed --train-sizes is one line and writes nothing."""
+    run = tmp_path / "run"
+    small = ["--subset", "2000", "--val-size", "200", "--no-progress"]
+    done = in_process("train", "--recipe", "sprint", *on(small_data), *small, "--out", str(run))
+    assert done.returncode == 0, done.stderr
+    assert "epochs 1-2 at 16x16/28x28 pixels (progressive resizing)" in done.stdout
+    assert json.loads((run / "results.json").read_text())["test_accuracy"] > 0.25
+    bad = in_process("train", "--train-sizes", "16,24", *on(small_data), *small, "--out", str(tmp_path / "b"))
+    assert bad.returncode != 0 and "--train-sizes must be sides" in error_line(bad)
+    assert not (tmp_path / "b").exists()

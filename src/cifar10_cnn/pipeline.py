@@ -197,6 +197,9 @@ def run_header(cfg: TrainConfig, t: Trainer, data: CIFAR10, splits: Splits) -> s
         f"val {len(splits.val)} / test {len(splits.test)} | recipe {cfg.recipe}: {cfg.epochs} epochs, "
         f"batch {cfg.batch_size}, lr {cfg.lr}"
     )
+    if sizes := cfg.sizes_of_epochs:
+        first = "epoch 1" if len(sizes) == 1 else f"epochs 1-{len(sizes)}"
+        line += f", {first} at {'/'.join(f'{s}x{s}' for s in sizes)} pixels (progressive resizing)"
     w = t.world
     if w.size > 1:
         line += (
