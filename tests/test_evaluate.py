@@ -255,7 +255,9 @@ def test_evaluate_model_computes_without_writing(trained_run, cifar, tmp_path, m
     assert ev.calibration["temperature"] == C.fit_temperature(val_logits, val.labels.numpy())
     assert len(ev.errors) == 24 and all(ev.probs[i].argmax() != ev.labels[i] for i in ev.errors)
     assert ev.robustness["images"] == 40 and set(ev.robustness["accuracy"]) == set(K.CORRUPTIONS)
-    assert len(lines) == 2 + len(K.CORRUPTIONS) and lines[0].startswith("test accuracy ")
+    assert lines[0].startswith("test accuracy ")
+    assert C.few_images_warning(200) in lines  # the temperature of 200 validation images is warned about
+    assert len(lines) == 3 + len(K.CORRUPTIONS)
     # Grad-CAM of 4 images per group: the true class's map, then the predicted (or runner-up) class's.
     x = ev.explanations
     assert list(x.groups) == ["correct", "confidently_wrong", "least_confident"]
