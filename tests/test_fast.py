@@ -178,7 +178,7 @@ def test_sprint_recipe_runs_end_to_end_and_says_its_sizes(small_data, tmp_path):
     done = in_process("train", "--recipe", "sprint", *on(small_data), *small, "--out", str(run))
     assert done.returncode == 0, done.stderr
     assert "epochs 1-2 at 16x16/28x28 pixels (progressive resizing)" in done.stdout
-    assert json.loads((run / "results.json").read_text())["test_accuracy"] > 0.25
+    assert json.loads((run / "results.json").read_text())["test_accuracy"] > 0.15  # chance: 10%
     bad = in_process("train", "--train-sizes", "16,24", *on(small_data), *small, "--out", str(tmp_path / "b"))
     assert bad.returncode != 0 and "--train-sizes must be sides" in error_line(bad)
     assert not (tmp_path / "b").exists()
