@@ -42,7 +42,8 @@ from cifar10_cnn.tune import parse_grid
 
 # Named variants: earlier versions of a recipe, kept runnable as baselines (`--variants base airbench94_muon`).
 NAMED = {
-    # `fast` before progressive resizing: airbench94_muon's 8 epochs, every one at 32x32.
+    # `fast` as published: airbench94_muon's 8 epochs, every one at 32x32 (the baseline if fast's epochs or
+    # --train-sizes change; today it is fast itself).
     "airbench94_muon": dict(epochs=8, train_sizes=""),
 }
 

@@ -78,10 +78,9 @@ def model_rates(
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)
         train_step(trainer, augment.augment_batch(images[idx], gen), labels[idx], size)
 
-    eval_x = augment.normalize(images[:500])
-    if size != eval_x.shape[-1]:
-        eval_x = torch.nn.functional.interpolate(eval_x, size=(size, size), mode="bilinear", antialias=True)
-    eval_x = eval_x.contiguous(memory_format=torch.channels_last)
+    eval_x = augment.downscale(augment.normalize(images[:500]), size).contiguous(
+        memory_format=torch.channels_last
+    )
 
     def infer_step():
         model.eval()

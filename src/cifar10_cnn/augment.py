@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.nn import functional as F
 
 from .constants import MEAN, STD
 
@@ -24,6 +25,13 @@ def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32, norm: Norm = 
     mean = torch.tensor(norm[0], device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255
     inv_std = 1 / (torch.tensor(norm[1], device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255)
     return (x.to(dtype) - mean) * inv_std
+
+
+def downscale(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Normalised images (B, 3, H, W) shrunk to size x size (antialiased bilinear); unchanged if no smaller."""
+    if size is None or size >= x.shape[-1]:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 def _randint(high: int, size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:

@@ -44,6 +44,11 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to dtype on the device's type; dtype None: off (fp32)."""
+    return torch.autocast(device.type, dtype or torch.float32, enabled=dtype is not None)
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
     """bfloat16, float16 or float32: how the run header and results.json name the training precision."""
     return str(dtype or torch.float32).removeprefix("torch.")

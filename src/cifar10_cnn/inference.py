@@ -15,6 +15,7 @@ from torch import nn
 
 from .augment import CIFAR10_NORM, Norm, normalize
 from .data import Split
+from .device import autocast
 
 
 def _views(model: nn.Module, x: torch.Tensor, tta: int) -> torch.Tensor:
@@ -45,7 +46,7 @@ def predict_logits(
     out = []
     with (
         torch.inference_mode(),
-        torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None),
+        autocast(device, amp_dtype),
     ):
         for start in range(0, len(images), batch_size):
             x = normalize(images[start : start + batch_size].to(device, non_blocking=True), norm=norm)

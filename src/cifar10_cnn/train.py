@@ -21,14 +21,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from . import distributed
-from .augment import alternating_flips, augment_batch, normalize
+from .augment import alternating_flips, augment_batch, downscale, normalize
 from .checkpoint import TrainState, load_checkpoint
 from .config import TrainConfig
 from .data import Split, Splits, batch_indices
-from .device import autocast_dtype, select_device
+from .device import autocast, autocast_dtype, select_device
 from .errors import CheckpointError, TrainingDiverged
 from .inference import evaluate_logits, loss_and_accuracy
 from .logs import EpochLog, SilentLog
@@ -105,14 +104,11 @@ def train_step(
     correct = torch.zeros((), device=t.device, dtype=torch.long)
     parts = torch.arange(len(y)).split(cfg.micro_batch or len(y))
     for k, part in enumerate(parts):
-        xb = normalize(x[part.to(x.device)])
-        if size is not None and size < xb.shape[-1]:
-            xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        xb = xb.contiguous(memory_format=t.memory_format)
+        xb = downscale(normalize(x[part.to(x.device)]), size).contiguous(memory_format=t.memory_format)
         yb = y[part.to(y.device)]
         sync = world.size == 1 or k == len(parts) - 1
         with contextlib.nullcontext() if sync else t.net.no_sync():
-            with torch.autocast(t.device.type, t.amp_dtype or torch.float32, enabled=t.amp_dtype is not None):
+            with autocast(t.device, t.amp_dtype):
                 out = t.net(xb)
                 loss = t.criterion(out, yb)
             # mean: each rank's share of its mean, and DDP's average over ranks is the batch mean.
@@ -152,11 +148,12 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=t.device)
     correct = torch.zeros((), device=t.device, dtype=torch.long)
     seen = 0
+    size = t.cfg.train_size(epoch)  # progressive resizing: None is full size
     bar = log.epoch_bar(epoch, t.cfg.epochs, t.steps_per_epoch)
     for step, idx in enumerate(batch_indices(len(train), t.cfg.batch_size, gen, drop_last=True), 1):
         flip_mask = None if base_flips is None else base_flips[idx] ^ (epoch % 2 == 0)
         x, y = rank_batch(t, train, idx, gen, flip_mask)
-        step_loss, step_correct = train_step(t, x, y, t.cfg.train_size(epoch))
+        step_loss, step_correct = train_step(t, x, y, size)
         loss_sum, correct, seen = loss_sum + step_loss, correct + step_correct, seen + len(y)
         if step % 25 == 0 or step == t.steps_per_epoch:
             mean_loss = check_finite(t, loss_sum, seen, epoch, step)
@@ -167,7 +164,7 @@ def train_one_epoch(
                 )
                 bar.update(step - bar.n)
     bar.close()
-    if t.cfg.train_size(epoch) is not None:
+    if size is not None:
         recalibrate_norms(t, train)
     t.world.share_buffers(t.model)
     loss_sum, correct, total = t.world.sum(loss_sum, correct, torch.tensor(seen))
@@ -193,7 +190,7 @@ def recalibrate_norms(t: Trainer, train: Split, images: int = 4000) -> None:
         m.momentum = None  # a cumulative average over the passes below
     for x in train.images[:images].split(t.cfg.micro_batch or t.cfg.batch_size):
         xb = normalize(x.to(t.device)).contiguous(memory_format=t.memory_format)
-        with torch.autocast(t.device.type, t.amp_dtype or torch.float32, enabled=t.amp_dtype is not None):
+        with autocast(t.device, t.amp_dtype):
             t.model(xb)
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
