@@ -93,14 +93,14 @@ def test_two_processes_share_one_study_without_lost_or_duplicated_trials(tmp_pat
 def test_interrupted_search_leaves_a_consistent_study_and_continues(tmp_path, small_data):
     db = tmp_path / "tune.db"
     args = cli("tune", "--grid", "lr=0.003,0.03", "--storage", f"sqlite:///{db}", "--study", "g", *TINY)
-    args += on(small_data)
+    args += [*on(small_data), "--epochs", "3"]  # the second trial is still training after its first checkpoint
     proc = subprocess.Popen(
         args, env=one_thread_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("tune/g/trial-0001/checkpoints/*")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C in the middle of the second trial
+    proc.send_signal(signal.SIGINT)  # Ctrl-C in the middle of the second trial (epoch 2 of 3)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted; the study is intact" in err
     states = [t.state for t in trials_of(db, "g")]
