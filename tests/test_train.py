@@ -259,10 +259,13 @@ def test_divergence_stops_with_the_last_good_checkpoint_intact(cifar, tmp_path):
 def test_refuses_to_overwrite_a_run_unless_forced(tmp_path, trained_run, small_data):
     run = copy_run(trained_run, tmp_path / "run", checkpoints=True)
     before = (run / "model.safetensors").read_bytes()
-    line = error_line(run_cli("train", "--epochs", "1", *SMALL, "--out", str(run), check=False))
+    line = error_line(in_process("train", "--epochs", "1", *SMALL, "--out", str(run)))
     assert "already holds a run" in line and "--force" in line
     assert (run / "model.safetensors").read_bytes() == before
-    run_cli("train", "--epochs", "1", *SMALL, "--lr", "0.02", "--out", str(run), "--force", *on(small_data))
+    forced = in_process(
+        "train", "--epochs", "1", *SMALL, "--lr", "0.02", "--out", str(run), "--force", *on(small_data)
+    )
+    assert forced.returncode == 0, forced.stderr
     assert json.loads((run / "config.json").read_text())["lr"] == 0.02
 
 
