@@ -252,10 +252,11 @@ def test_labels_outside_the_classes_are_one_clear_error(cifar, tmp_path):
 
 
 def test_train_and_evaluate_cifar100_through_the_cli(archive, cache_dir, tmp_path):
-    """100 classes from the data to the weights, the report (most frequent confusions) and predict."""
+    """100 classes from the data to the weights, the report (most frequent confusions) and predict. The first
+    train is a real `python -m cifar10_cnn`; evaluate and the coarse run call its main() in this process."""
     from cifar10_cnn.weights import load_model
 
-    from .conftest import run_cli
+    from .conftest import in_process, run_cli
 
     root = tmp_path / "data"
     root.mkdir()
@@ -270,9 +271,10 @@ def test_train_and_evaluate_cifar100_through_the_cli(archive, cache_dir, tmp_pat
     assert "The 20 most frequent confusions" in report and "| fine_99 |" in report
     results = json.loads((run / "results.json").read_text())
     assert len(results["confusion_matrix"]) == 100 and results["data"]["labels"] == "fine"
-    run_cli("evaluate", str(run), "--allow-unverified", "--no-progress")  # the data where the run found it
-    coarse = run_cli("train", *args, "--labels", "coarse", "--subset", "100", "--out", str(tmp_path / "c"))
-    assert coarse.returncode == 0
+    done = in_process("evaluate", str(run), "--allow-unverified", "--no-progress")  # the data the run found
+    assert done.returncode == 0, done.stderr
+    coarse = in_process("train", *args, "--labels", "coarse", "--subset", "100", "--out", str(tmp_path / "c"))
+    assert coarse.returncode == 0, coarse.stderr
     _, meta = load_model(tmp_path / "c" / "model.safetensors")
     assert meta.classes == COARSE
     assert "Confusion matrix, counts" in (tmp_path / "c" / "report.md").read_text()  # 20 classes: the matrix

@@ -308,14 +308,15 @@ def test_training_stores_calibration_and_the_temperature(trained_run):
 
 
 def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path, small_data):
-    """Every evaluation here reads the smaller copy of the data (the first 1,000 real test images)."""
+    """Every evaluation here reads the smaller copy of the data (the first 1,000 real test images); the
+    first is a real `python -m cifar10_cnn evaluate`, the others run its main() in this process."""
     run = copy_run(trained_run, tmp_path / "run")
     weights_sha = hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()
     data = on(small_data)
-    proc = run_cli("evaluate", str(run), "--corruption-images", "300", "--no-progress", *data)
+    proc = run_cli("evaluate", str(run), "--corruption-images", "100", "--no-progress", *data)
     assert "gaussian_noise" in proc.stdout and "mean corruption accuracy" in proc.stdout
     rob = json.loads((run / "eval" / "robustness.json").read_text())
-    assert rob["images"] == 300 and set(rob["accuracy"]) == set(K.CORRUPTIONS)
+    assert rob["images"] == 100 and set(rob["accuracy"]) == set(K.CORRUPTIONS)
     assert all(len(v) == 5 and all(0 <= a <= 1 for a in v) for v in rob["accuracy"].values())
     assert rob["mean_corruption_accuracy"] == pytest.approx(np.mean(list(rob["accuracy"].values())))
     assert "regenerated approximation, not the official CIFAR-10-C files" in rob["note"]
@@ -327,7 +328,7 @@ def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path,
     assert "](eval/corruptions.png)" in report and "| mean over corruptions |" in report.replace("**", "")
 
     # A plain re-evaluation keeps the robustness results of the same weights, and reproduces the figures.
-    run_cli("evaluate", str(run), "--no-progress", *data)
+    assert in_process("evaluate", str(run), "--no-progress", *data).returncode == 0
     again = json.loads((run / "results.json").read_text())
     assert again["mean_corruption_accuracy"] == rob["mean_corruption_accuracy"]
     assert again["test_accuracy"] == results["test_accuracy"]
@@ -337,10 +338,11 @@ def test_evaluate_cli_with_corruptions_and_a_weights_file(trained_run, tmp_path,
     weights = tmp_path / "weights" / "model.safetensors"
     weights.parent.mkdir()
     shutil.copy(run / "model.safetensors", weights)
-    run_cli("evaluate", str(weights), "--no-progress", *data)
+    assert in_process("evaluate", str(weights), "--no-progress", *data).returncode == 0
     # Selective TTA: the headline line comes first and says on how many images TTA ran (the mix: test_fast.py).
-    proc = run_cli("evaluate", str(weights), "--no-progress", "--tta", "2", "--tta-margin", "0.5",
-                   "--out", str(tmp_path / "selective"), *data)  # fmt: skip
+    proc = in_process("evaluate", str(weights), "--no-progress", "--tta", "2", "--tta-margin", "0.5",
+                      "--out", str(tmp_path / "selective"), *data)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
     selective = json.loads((tmp_path / "selective" / "results.json").read_text())
     assert selective["tta"] == 2 and selective["tta_margin"] == 0.5 and 0 < selective["tta_share"] <= 1
     first = proc.stdout.splitlines()[0]

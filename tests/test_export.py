@@ -56,7 +56,8 @@ def onnx_session(path: Path):
 
 def test_onnx_export_round_trips_with_a_dynamic_batch(trained_run, tmp_path, held_out):
     out = tmp_path / "model.onnx"
-    proc = run_cli("export", str(trained_run), "--format", "onnx", "--out", str(out))
+    proc = in_process("export", str(trained_run), "--format", "onnx", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
     assert "verified on 256 CIFAR-10 test images" in proc.stdout and out.is_file()
     session = onnx_session(out)
     (inp,) = session.get_inputs()
@@ -77,7 +78,8 @@ def test_onnx_export_round_trips_with_a_dynamic_batch(trained_run, tmp_path, hel
 
 def test_safetensors_export_keeps_weights_and_adds_metadata(trained_run, tmp_path, held_out):
     out = tmp_path / "model.safetensors"
-    run_cli("export", str(trained_run), "--out", str(out))  # safetensors is the default format
+    done = in_process("export", str(trained_run), "--out", str(out))  # safetensors is the default format
+    assert done.returncode == 0, done.stderr
     meta = read_metadata(out)
     assert {"architecture", "classes", "mean", "std", "temperature", "name", "version", "params"} <= set(meta)
     assert np.array_equal(torch_reference(out, held_out), torch_reference(trained_run, held_out))
@@ -86,7 +88,8 @@ def test_safetensors_export_keeps_weights_and_adds_metadata(trained_run, tmp_pat
 @pytest.mark.filterwarnings("ignore:.*is deprecated:DeprecationWarning")  # TorchScript is, in torch 2.13
 def test_torchscript_export_round_trips(trained_run, tmp_path, held_out):
     out = tmp_path / "model.pt"
-    run_cli("export", str(trained_run), "--format", "torchscript", "--out", str(out))
+    done = in_process("export", str(trained_run), "--format", "torchscript", "--out", str(out))
+    assert done.returncode == 0, done.stderr
     extra = {"cifar10_cnn.json": ""}
     scripted = torch.jit.load(str(out), _extra_files=extra)  # our own file, just written
     assert json.loads(extra["cifar10_cnn.json"])["architecture"] == "seed_cnn"

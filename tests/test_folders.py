@@ -375,7 +375,7 @@ def test_train_evaluate_predict_export_and_serve_a_folder_through_the_cli(cifar,
 
     from cifar10_cnn.weights import load_model
 
-    from .conftest import run_cli
+    from .conftest import in_process, run_cli
 
     root = make_folder(tmp_path / "my images", cifar, classes=(2, 3, 8), per_class=40)
     (root / "cat" / "notes.txt").write_text("not an image")
@@ -400,12 +400,13 @@ def test_train_evaluate_predict_export_and_serve_a_folder_through_the_cli(cifar,
     assert recorded["root"] == str(root) and len(recorded["test_files"]) == 24
     # The folder grows; evaluate still uses the run's 24 test files.
     write_images(root / "bird", cifar.test_images[:6], start=70000)
-    run_cli("evaluate", str(run), "--no-progress")
+    # train and serve are real processes; evaluate, predict and export call main() in this one.
+    assert in_process("evaluate", str(run), "--no-progress").returncode == 0
     results = json.loads((run / "results.json").read_text())
     assert results["test_size"] == 24 and results["class_names"] == ["bird", "cat", "ship"]
-    out = run_cli("predict", str(run), str(root / "ship")).stdout
+    out = in_process("predict", str(run), str(root / "ship")).stdout
     assert "ship/" in out and not any(c in out for c in ("airplane", "truck", "automobile"))
-    exported = run_cli(
+    exported = in_process(
         "export", str(run), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")
     )
     assert "verified on 24 test images of the run" in exported.stdout

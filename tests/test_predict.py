@@ -295,10 +295,14 @@ def test_cli_predict_json_and_csv(trained_run, image_tree, test_images):
 
 
 def test_cli_predict_accepts_onnx_and_safetensors(trained_run, image_tree, tmp_path, data_dir):
-    run_cli("export", str(trained_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    """A run, its weights file and its ONNX export give the same predictions through the command line's
+    main() (in this process; a fresh interpreter only where the claim is what that interpreter imports)."""
+    exported = in_process("export", str(trained_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    assert exported.returncode == 0, exported.stderr
     outputs = []
     for model in (trained_run, trained_run / "model.safetensors", tmp_path / "m.onnx"):
-        proc = run_cli("predict", str(model), str(image_tree / "img00.png"), "--json", "--top-k", "10")
+        proc = in_process("predict", str(model), str(image_tree / "img00.png"), "--json", "--top-k", "10")
+        assert proc.returncode == 0, proc.stderr
         outputs.append(json.loads(proc.stdout)["results"][0]["predictions"])
     for other in outputs[1:]:
         assert [p["class"] for p in other] == [p["class"] for p in outputs[0]]

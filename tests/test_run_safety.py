@@ -51,7 +51,8 @@ def test_force_replaces_our_run_and_keeps_the_users_files(tmp_path, trained_run,
     (run / "plots" / "mine.png").write_text("a user's figure")
     (run / "notes.txt").write_text("a user's notes")
     (run / "tb" / "my-events.txt").write_text("not an event file of ours")
-    run_cli("train", *TINY, "--lr", "0.02", "--out", str(run), "--force", *on(small_data))
+    forced = in_process("train", *TINY, "--lr", "0.02", "--out", str(run), "--force", *on(small_data))
+    assert forced.returncode == 0, forced.stderr
     assert json.loads((run / "config.json").read_text())["lr"] == 0.02
     assert (run / "plots" / "mine.png").read_text() == "a user's figure"
     assert (run / "notes.txt").read_text() == "a user's notes"
@@ -132,19 +133,17 @@ def test_sigkill_during_checkpoint_writes_then_resume_is_exact(tmp_path, small_d
 
 def test_a_failed_start_does_not_block_the_same_command(tmp_path, small_data):
     """The data is missing (and no network), then it is there: the same command now trains. The data folder
-    is given by --data-dir both times (the second time a copy of a real subset, so --allow-unverified too)."""
+    is given by --data-dir both times (the second time a copy of a real subset, so --allow-unverified too).
+    Both commands call the command line's main() in this process: the claim is about the files they leave."""
     run, data = tmp_path / "run", tmp_path / "data"
     data.mkdir()
     args = ["train", *TINY, *on(data), "--out", str(run)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "cifar10_cnn", *args], capture_output=True, text=True, timeout=120,
-        env={**os.environ, "CIFAR10_DATA": "", "HTTPS_PROXY": "http://127.0.0.1:9"},
-    )  # fmt: skip
+    proc = in_process(*args, env={"CIFAR10_DATA": "", "HTTPS_PROXY": "http://127.0.0.1:9"})
     assert "cannot download" in error_line(proc)
     assert not run.exists()
     for name in ("train.npz", "test.npz"):
         shutil.copy(small_data / name, data / name)
-    run_cli(*args)
+    assert in_process(*args).returncode == 0
     assert (run / "model.safetensors").is_file()
 
 

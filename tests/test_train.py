@@ -170,19 +170,12 @@ def test_train_cli_writes_a_complete_run(cli_run, tmp_path):
 def test_config_file_reproduces_a_run_and_seeds_are_deterministic(cli_run, small_data, tmp_path):
     """--config run/config.json repeats the run exactly; --seed 4 on top of it does not. Both train on the same
     1,000 images as the first run, the first of the file, here read from the smaller copy of the data (so the
-    weights are the same, bit for bit, whatever else the folder holds)."""
+    weights are the same, bit for bit, whatever else the folder holds). The first run was a real process; the
+    repeats call the command line's main() in this one (the same arithmetic, without another torch import)."""
     first, second, other = cli_run[0], tmp_path / "b", tmp_path / "c"
-    run_cli(
-        "train",
-        "--config",
-        str(first / "config.json"),
-        "--no-progress",
-        "--out",
-        str(second),
-        *on(small_data),
-    )
-    run_cli("train", "--config", str(first / "config.json"), "--seed", "4", "--no-progress",
-            "--out", str(other), *on(small_data))  # fmt: skip
+    config = ["train", "--config", str(first / "config.json"), "--no-progress", *on(small_data)]
+    assert in_process(*config, "--out", str(second)).returncode == 0
+    assert in_process(*config, "--seed", "4", "--out", str(other)).returncode == 0
 
     def numbers(run):
         return [{k: v for k, v in row.items() if k != "seconds"} for row in metrics(run)]
@@ -194,7 +187,8 @@ def test_config_file_reproduces_a_run_and_seeds_are_deterministic(cli_run, small
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(small_data, tmp_path):
-    """A 3-epoch run killed mid-way (SIGKILL) and resumed ends with the same weights as one never stopped."""
+    """A 3-epoch run killed mid-way (SIGKILL) and resumed ends with the same weights as one never stopped.
+    The killed run is a real process; the resume and the straight run call main() in this one."""
     args = ["train", "--epochs", "3", "--subset", "1500", "--val-size", "200", "--no-progress", "--seed", "1"]
     args += on(small_data)
     killed, straight = tmp_path / "killed", tmp_path / "straight"
@@ -217,8 +211,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(small_data, tmp_path)
     done = load_checkpoint(killed / "checkpoints" / "last.pt")["epoch"]
     assert 1 <= done < 3
 
-    run_cli("train", "--resume", str(killed), "--no-progress", *on(small_data))
-    run_cli(*args, "--out", str(straight))
+    assert in_process("train", "--resume", str(killed), "--no-progress", *on(small_data)).returncode == 0
+    assert in_process(*args, "--out", str(straight)).returncode == 0
     a, b = load_file(killed / "model.safetensors"), load_file(straight / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(metrics(killed)) == 3
@@ -265,10 +259,13 @@ def test_divergence_stops_with_the_last_good_checkpoint_intact(cifar, tmp_path):
 def test_refuses_to_overwrite_a_run_unless_forced(tmp_path, trained_run, small_data):
     run = copy_run(trained_run, tmp_path / "run", checkpoints=True)
     before = (run / "model.safetensors").read_bytes()
-    line = error_line(run_cli("train", "--epochs", "1", *SMALL, "--out", str(run), check=False))
+    line = error_line(in_process("train", "--epochs", "1", *SMALL, "--out", str(run)))
     assert "already holds a run" in line and "--force" in line
     assert (run / "model.safetensors").read_bytes() == before
-    run_cli("train", "--epochs", "1", *SMALL, "--lr", "0.02", "--out", str(run), "--force", *on(small_data))
+    forced = in_process(
+        "train", "--epochs", "1", *SMALL, "--lr", "0.02", "--out", str(run), "--force", *on(small_data)
+    )
+    assert forced.returncode == 0, forced.stderr
     assert json.loads((run / "config.json").read_text())["lr"] == 0.02
 
 

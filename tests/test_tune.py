@@ -37,9 +37,10 @@ def trials_of(db, study: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=study, storage=f"sqlite:///{db}").get_trials()
 
 
-def test_two_processes_share_one_study_without_lost_or_duplicated_trials(tmp_path, small_data):
+def test_two_processes_share_one_study_without_lost_or_duplicated_trials(tmp_path, small_data, monkeypatch):
     """Two processes on one SQLite study, each trial a whole run (trained on a real 600-image subset and
-    evaluated on the 1,000 test images of the smaller copy of the data: the search scores validation only)."""
+    evaluated on the 1,000 test images of the smaller copy of the data: the search scores validation only).
+    The report and the refused search then run the command line's main() in this process, from tmp_path."""
     db, out = tmp_path / "tune.db", tmp_path / "trials"
     args = ["tune", "--sampler", "random", "--trials", "4", "--storage", f"sqlite:///{db}", "--study", "s"]
     args += ["--out", str(out), "--space", "lr=log:0.003:0.1", *on(small_data), *TINY]
@@ -74,8 +75,10 @@ def test_two_processes_share_one_study_without_lost_or_duplicated_trials(tmp_pat
     assert sum(both.count(f"trial {t.number}:") for t in complete) == len(complete)  # each ran exactly once
 
     # The report: a table, the best config as a file `train --config` accepts, and three PNG plots.
-    report = run_cli("tune", "--study", "s", "--storage", f"sqlite:///{db}", "--out", str(out), "--report",
-                     "--best-config", str(tmp_path / "best.json"), cwd=tmp_path)  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # where the processes ran: the trials' run_dir are relative to it
+    report = in_process("tune", "--study", "s", "--storage", f"sqlite:///{db}", "--out", str(out), "--report",
+                        "--best-config", str(tmp_path / "best.json"))  # fmt: skip
+    assert report.returncode == 0, report.stderr
     best = max(complete, key=lambda t: t.value)
     assert f"best: trial {best.number}, val_acc {best.value:.2%}" in report.stdout
     cfg = TrainConfig.load(tmp_path / "best.json")
@@ -85,7 +88,7 @@ def test_two_processes_share_one_study_without_lost_or_duplicated_trials(tmp_pat
     assert len((out / "trials.csv").read_text().splitlines()) == len(trials) + 1
 
     # The same study with another space is refused, and left as it was.
-    proc = run_cli(*args[: -len(TINY)], "--space", "lr=log:0.001:0.1", *TINY, check=False, cwd=tmp_path)
+    proc = in_process(*args[: -len(TINY)], "--space", "lr=log:0.001:0.1", *TINY)
     assert "was created with another search space (differs in space)" in error_line(proc)
     assert len(trials_of(db, "s")) == len(trials)
 
@@ -281,10 +284,11 @@ def test_stratified_folds_partition_the_images_and_keep_class_shares(cifar):
 
 def test_cross_validation_runs_every_fold_and_summarises(tmp_path, small_data):
     out = tmp_path / "cv"
-    proc = run_cli(
+    proc = in_process(
         "train", "--cv", "2", "--subset", "600", "--epochs", "1", "--out", str(out), "--no-progress",
         *on(small_data),
     )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "cv.json").read_text())
     folds = [json.loads((out / f"fold{k}" / "results.json").read_text()) for k in range(2)]
     assert [f["val_size"] for f in folds] == [300, 300] and [f["train_size"] for f in folds] == [300, 300]
