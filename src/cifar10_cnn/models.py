@@ -50,7 +50,7 @@ def check_image_size(name: str, image_size: int) -> None:
         fits = [m for m in list_models() if min_image_size(m) <= image_size]
         raise UserError(
             f"{name} takes images of at least {min_image_size(name)}x{min_image_size(name)} pixels, not "
-            f"{image_size}x{image_size}; at that size use --model {' or '.join(fits)} (or a larger --image-size)"
+            f"{image_size}x{image_size}; at that size use --model {', '.join(fits)} (or a larger --image-size)"
         )
 
 
