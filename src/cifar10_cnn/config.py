@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .constants import IMAGE_SIZE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from .errors import UserError
 from .files import read_json_object
 
@@ -44,6 +45,11 @@ class TrainConfig:
         "fine", "CIFAR-100's labels: fine (100 classes) or coarse (20 superclasses)", choices=LABELS
     )
     max_classes: int = opt(1000, "the most class folders a --data-dir of your own images may hold")
+    image_size: int = opt(
+        IMAGE_SIZE,
+        f"the side images of a --data-dir of your own are resized to ({MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}; "
+        "CIFAR's are 32); every net takes any size from its minimum (airbench 9, vgg11 32, the others 8)",
+    )
     model: str = opt(
         "seed_cnn", "architecture by name: seed_cnn, resnet18, airbench, ... (a wrong name lists all)"
     )
@@ -133,6 +139,7 @@ class TrainConfig:
             raise UserError("--labels coarse is for --dataset cifar100 (its 20 superclasses)")
         if self.max_classes < 2:
             raise UserError("--max-classes must be at least 2")
+        self._check_image_size()
         check_tta(self.tta, self.tta_margin)
         if self.amp not in AMP_MODES:
             raise UserError(f"unknown amp mode {self.amp!r}; choose one of {', '.join(AMP_MODES)}")
@@ -156,10 +163,26 @@ class TrainConfig:
         sizes = self.sizes_of_epochs  # a bad list raises here
         if len(sizes) > self.epochs:
             raise UserError(f"--train-sizes lists {len(sizes)} epochs but the run has {self.epochs}")
+        if any(s > self.image_size for s in sizes):
+            raise UserError(f"--train-sizes {self.train_sizes[:40]} downscales the images, so its sides must be "
+                            f"at most the image size, {self.image_size}")  # fmt: skip
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, not {value}")
+
+    def _check_image_size(self) -> None:
+        """A bounded side (memory: the whole set is held as uint8), and only for a folder: CIFAR's are 32x32."""
+        if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+            raise UserError(
+                f"--image-size must be {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels (the whole training set is held "
+                f"in memory), not {self.image_size}"
+            )
+        if self.image_size != IMAGE_SIZE and self.dataset in ("cifar10", "cifar100"):
+            raise UserError(
+                f"--image-size {self.image_size} is for a --data-dir of your own images; {self.dataset}'s images "
+                f"are {IMAGE_SIZE}x{IMAGE_SIZE} (leave --image-size out)"
+            )
 
     @property
     def resolved_val_size(self) -> int:
@@ -226,7 +249,9 @@ class TrainConfig:
 
     def data_args(self) -> dict[str, Any]:
         """The arguments of datasets.load_data that choose this run's dataset (data_dir aside)."""
-        return dict(dataset=self.dataset, labels=self.labels, max_classes=self.max_classes)
+        return dict(
+            dataset=self.dataset, labels=self.labels, max_classes=self.max_classes, image_size=self.image_size
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

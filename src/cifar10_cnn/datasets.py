@@ -28,9 +28,17 @@ def _cifar100(
     )
 
 
-def _folder(data_dir=None, *, max_classes: int = 1000, test_files=None, progress: bool = True, **_):
-    return folders.load_folder(resolve_data_dir(data_dir), max_classes=max_classes, test_files=test_files,
-                               progress=progress)  # fmt: skip
+def _folder(
+    data_dir=None,
+    *,
+    max_classes: int = 1000,
+    image_size: int = 32,
+    test_files=None,
+    progress: bool = True,
+    **_,
+):
+    return folders.load_folder(resolve_data_dir(data_dir), max_classes=max_classes, image_size=image_size,
+                               test_files=test_files, progress=progress)  # fmt: skip
 
 
 def _cifar10(data_dir=None, *, allow_unverified: bool = False, progress: bool = True, **_):
@@ -56,20 +64,27 @@ def load_data(
     dataset: str = "auto",
     labels: str = "fine",
     max_classes: int = folder_scan.DEFAULT_MAX_CLASSES,
+    image_size: int = 32,
     allow_unverified: bool = False,
     progress: bool = True,
     test_files: Sequence[str] | None = None,
 ) -> Dataset:
-    """The dataset in data_dir (dataset auto: whatever it holds), as the same arrays for every kind."""
+    """The dataset in data_dir (dataset auto: whatever it holds), as the same arrays for every kind; a folder's
+    images resized to image_size (CIFAR's are 32x32: another size for them is refused)."""
     root = resolve_data_dir(data_dir)
     kind = detect(root) if dataset == "auto" else dataset
     if kind not in SOURCES:
         raise UserError(f"unknown dataset {dataset!r}; choose one of auto, {', '.join(SOURCES)}")
     if labels != "fine" and kind != "cifar100":
         raise UserError(f"--labels {labels} is for CIFAR-100; {root} holds {kind} data")
+    if image_size != 32 and kind != "folder":
+        raise UserError(
+            f"--image-size {image_size} is for a folder of your own images; {root} holds {kind} data, whose "
+            "images are 32x32 (leave --image-size out)"
+        )
     loader = {"cifar10": _cifar10, "cifar100": _cifar100, "folder": _folder}.get(kind, SOURCES[kind].load)
-    return loader(root, labels=labels, max_classes=max_classes, allow_unverified=allow_unverified,
-                  progress=progress, test_files=test_files)  # fmt: skip
+    return loader(root, labels=labels, max_classes=max_classes, image_size=image_size,
+                  allow_unverified=allow_unverified, progress=progress, test_files=test_files)  # fmt: skip
 
 
 def notes(data: Dataset) -> list[str]:

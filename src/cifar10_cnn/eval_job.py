@@ -145,7 +145,7 @@ def evaluate_saved(
     if data is None:
         data = load_run_data(
             run_dir_of(path),
-            cfg.data_args() if cfg else {},
+            cfg.data_args() if cfg else {"image_size": metadata.image_size},
             data_dir,
             allow_unverified=allow_unverified,
             progress=progress,
@@ -173,7 +173,13 @@ def evaluate_saved(
 
 
 def _check_classes(weights: Path, metadata: ModelMeta, data: D.Dataset) -> None:
-    """The model's classes must be the data's, in the same order (before anything is written)."""
+    """The model's input size and classes must be the data's, in the same order (before anything is written)."""
+    side = tuple(data.test_images.shape[1:3])
+    if side != (metadata.image_size,) * 2:
+        raise UserError(
+            f"{weights} takes {metadata.image_size}x{metadata.image_size} images, and the test images of "
+            f"{data.source} are {side[0]}x{side[1]}; pass --data-dir the data it was trained on"
+        )
     classes, theirs = list(metadata.classes), list(data.classes)
     if classes != theirs:
         raise UserError(

@@ -66,7 +66,7 @@ class Explanations:
 
     groups: dict[str, np.ndarray]  # EXPLAINED_GROUPS key -> test indices
     classes: np.ndarray  # (n, 2): the true class, then the predicted one (the runner-up when they agree)
-    maps: np.ndarray  # (n, 2, 32, 32) in [0, 1], in the order of the groups
+    maps: np.ndarray  # (n, 2, S, S) in [0, 1], in the order of the groups (S: the images' side)
     layer: str  # the layer Grad-CAM reads
     seconds: float
 
@@ -173,8 +173,9 @@ def explain_examples(
     classes = np.stack([labels[idx], shown], 1)
     # Both classes' maps in one batch: one forward and backward pass.
     maps = X.explain(model, np.concatenate([images[idx]] * 2), target=classes.T.ravel())
-    maps = maps.reshape(2, len(idx), 32, 32).transpose(1, 0, 2, 3)
-    layer = X.gradcam_layer(model)[0]
+    size = images.shape[1]
+    maps = maps.reshape(2, len(idx), size, size).transpose(1, 0, 2, 3)
+    layer = X.gradcam_layer(model, size)[0]
     return Explanations(groups, classes, maps, layer, time.perf_counter() - t0)
 
 

@@ -1,6 +1,7 @@
 """Where in the image the evidence is: Grad-CAM and Integrated Gradients maps (Captum), overlays, figures.
 
-`explain(model, images)` returns one map per image in [0, 1] at the image's 32x32 resolution:
+`explain(model, images)` returns one map per image in [0, 1] at the image's resolution (the model's input
+size: 32x32 for CIFAR):
 
 - "gradcam": Captum's LayerGradCam on the feature map the classifier head reads (see `gradcam_layer`),
   rectified and upsampled bilinearly; each map divided by its maximum (an all-zero map means the layer holds
@@ -69,19 +70,20 @@ def require_captum() -> Any:
     return captum.attr
 
 
-def gradcam_layer(model: nn.Module) -> tuple[str, nn.Module]:
-    """The name and module of the layer Grad-CAM reads (see `_probe`)."""
-    name, layer, _ = _probe(model)
+def gradcam_layer(model: nn.Module, size: int = 32) -> tuple[str, nn.Module]:
+    """The name and module of the layer Grad-CAM reads (see `_probe`) for images of size x size."""
+    name, layer, _ = _probe(model, size)
     return name, layer
 
 
-def _probe(model: nn.Module) -> tuple[str, nn.Module, int]:
+def _probe(model: nn.Module, size: int = 32) -> tuple[str, nn.Module, int]:
     """The module whose output is the last spatial feature map (larger than 1x1) of a forward pass.
 
     That is the map the classifier head pools or flattens: the last convolutional stage's output after its
     normalisation, activation and residual addition (the last Conv2d's raw output would miss the skip path
     of a residual block and the activation). Modules called more than once per forward (a shared activation)
-    are skipped: their hooked output would be ambiguous.
+    are skipped: their hooked output would be ambiguous. The probe is a black image of the model's input size
+    (the first size asked for is the one remembered: a model takes one size).
     """
     if model in _PROBES:
         return _PROBES[model]
@@ -98,7 +100,7 @@ def _probe(model: nn.Module) -> tuple[str, nn.Module, int]:
     device = next(model.parameters()).device
     try:
         with torch.inference_mode(), _eval(model):
-            logits = model(torch.zeros(1, 3, 32, 32, device=device))
+            logits = model(torch.zeros(1, 3, size, size, device=device))
     finally:
         for h in handles:
             h.remove()
@@ -133,8 +135,9 @@ def _targets(target: int | Sequence[int] | np.ndarray | None, n: int, classes: i
 
 
 def _check_images(images: np.ndarray) -> None:
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-        raise ValueError(f"expected uint8 images (N, 32, 32, 3), got {images.dtype} {images.shape}")
+    square = images.ndim == 4 and images.shape[1] == images.shape[2] and images.shape[3] == 3
+    if images.dtype != np.uint8 or not square:
+        raise ValueError(f"expected square uint8 images (N, S, S, 3), got {images.dtype} {images.shape}")
 
 
 def _top_logit(model: nn.Module) -> Any:
@@ -151,7 +154,7 @@ def _gradcam(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None) -> 
     attr = require_captum()
     # The predicted class in the same forward pass as its gradient: one forward instead of two.
     forward, target = (model, target) if target is not None else (_top_logit(model), 0)
-    layer = gradcam_layer(model)[1]
+    layer = gradcam_layer(model, x.shape[-1])[1]
     cam = attr.LayerGradCam(forward, layer).attribute(x, target=target, relu_attributions=True)
     cam = nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
@@ -186,16 +189,17 @@ def explain(
     method: str = "gradcam",
     target: int | Sequence[int] | np.ndarray | None = None,
 ) -> np.ndarray:
-    """Maps (N, 32, 32) float32 in [0, 1] of uint8 images (N, 32, 32, 3): where the evidence for a class is.
+    """Maps (N, S, S) float32 in [0, 1] of uint8 images (N, S, S, 3): where the evidence for a class is.
 
     target: one class index for all images, one per image, or None for each image's predicted class.
     """
     if method not in METHODS:
         raise UserError(f"unknown explanation method {method!r}; use one of: {', '.join(METHODS)}")
     _check_images(images)
-    targets = _targets(target, len(images), _probe(model)[2])
+    size = images.shape[1]
+    targets = _targets(target, len(images), _probe(model, size)[2])
     device = next(model.parameters()).device
-    out = np.zeros((len(images), 32, 32), np.float32)
+    out = np.zeros((len(images), size, size), np.float32)
     fn = _gradcam if method == "gradcam" else _integrated_gradients
     with torch.inference_mode(False), _eval(model):
         for start in range(0, len(images), CHUNK):
@@ -221,9 +225,9 @@ def overlay(
 
     The colour's weight is alpha times the map, so where there is no evidence the image shows unchanged.
     """
-    if image.shape != (32, 32, 3) or heatmap.shape != (32, 32):
+    if image.ndim != 3 or image.shape[2] != 3 or heatmap.shape != image.shape[:2]:
         raise ValueError(
-            f"expected a (32, 32, 3) image and a (32, 32) map, got {image.shape} and {heatmap.shape}"
+            f"expected an (H, W, 3) image and an (H, W) map, got {image.shape} and {heatmap.shape}"
         )
     img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
     img = nn.functional.interpolate(img, size=(size, size), mode="bicubic", align_corners=False)
@@ -258,10 +262,10 @@ def _panel(ax: Any, picture: np.ndarray, title: str, fontsize: float = 9) -> Non
 def explanation_figure(
     image: np.ndarray, maps: np.ndarray, captions: Sequence[str], title: str = ""
 ) -> Figure:
-    """The input beside one overlay per map (maps (K, 32, 32), one caption each, e.g. "cat 83.1%")."""
+    """The input beside one overlay per map (maps (K, S, S), one caption each, e.g. "cat 83.1%")."""
     fig = Figure(figsize=(1.9 * (len(maps) + 1), 2.35))
     axes = fig.subplots(1, len(maps) + 1, squeeze=False)[0]
-    _panel(axes[0], overlay(image, np.zeros((32, 32), np.float32)), "input")
+    _panel(axes[0], overlay(image, np.zeros(image.shape[:2], np.float32)), "input")
     for ax, heat, caption in zip(axes[1:], maps, captions, strict=True):
         _panel(ax, overlay(image, heat), caption)
     if title:
@@ -288,7 +292,7 @@ def contact_sheet(images: np.ndarray, maps: np.ndarray, captions: Sequence[str],
 def explanation_rows(
     rows: Sequence[tuple[str, np.ndarray, np.ndarray, Sequence[Sequence[str]]]], per_line: int = 4
 ) -> Figure:
-    """Groups of images, one band each: (title, images (N, 32, 32, 3), maps (N, K, 32, 32), captions).
+    """Groups of images, one band each: (title, images (N, S, S, 3), maps (N, K, S, S), captions).
 
     Each image takes K + 1 panels, the input then its K overlays; captions hold K + 1 strings per image.
     Each band is one canvas (plots.captioned_grid): a 36-panel figure draws in well under a second.
@@ -300,7 +304,8 @@ def explanation_rows(
     for r, (title, images, maps, captions) in enumerate(rows):
         pictures, texts = [], []
         for image, heat, caption in zip(images[:per_line], maps, captions, strict=False):
-            pictures += [overlay(image, np.zeros((32, 32), np.float32))] + [overlay(image, h) for h in heat]
+            blank = np.zeros(image.shape[:2], np.float32)
+            pictures += [overlay(image, blank)] + [overlay(image, h) for h in heat]
             texts += list(caption)
         bottom = 1 - (r + 1) / len(rows)
         ax = fig.add_axes((0, bottom, 1, band_height / (band_height + title_height) / len(rows)))
@@ -328,9 +333,10 @@ def resolve_class(value: str | int, classes: Sequence[str]) -> int:
 
 
 def read_images(
-    inputs: Sequence[str | os.PathLike],
+    inputs: Sequence[str | os.PathLike], size: int = 32
 ) -> tuple[list[int], list[Path], np.ndarray, list[tuple[int, Path, str]]]:
-    """Image files and folders -> the readable ones (input positions, paths, uint8 (N, 32, 32, 3)) and the rest.
+    """Image files and folders -> the readable ones (input positions, paths, uint8 (N, size, size, 3)) and the
+    rest.
 
     As in predict, a file that cannot be read is listed with why (position, path, reason) and the others go on;
     a UserError only when no file could be read (it names the first one).
@@ -343,7 +349,7 @@ def read_images(
     positions, good, images, failed = [], [], [], []
     for i, path in enumerate(paths):
         try:
-            images.append(read_image_file(path))
+            images.append(read_image_file(path, size=size))
         except ImageError as e:
             failed.append((i, path, str(e)))
             continue
@@ -393,7 +399,7 @@ def explain_command(
     model, meta = load_model(run)
     classes = list(meta.classes)
     wanted = None if target is None else resolve_class(target, classes)
-    positions, paths, images, failed = read_images(inputs)
+    positions, paths, images, failed = read_images(inputs, meta.image_size)
     out = _output_dir(out)
     logits = predict_logits(model, torch.from_numpy(images).permute(0, 3, 1, 2))
     probs = softmax(logits.numpy(), meta.temperature)

@@ -2,7 +2,8 @@
 
     cifar10 export runs/<run> --format onnx        # ./<run>.onnx, checked on 256 CIFAR-10 test images
 
-ONNX and TorchScript exports take what images.preprocess returns: uint8 RGB images (N, 32, 32, 3), N any.
+ONNX and TorchScript exports take what images.preprocess returns: uint8 RGB images (N, S, S, 3), N any, S the
+model's input size (its metadata's `image_size`: 32 for CIFAR, a folder run's --image-size).
 The model's stored normalisation (its metadata's mean and std, applied by augment.normalize as predict's
 PyTorch path applies it) is inside the graph; the output is raw logits (N, C), C the classes the metadata
 names. Divide them by the metadata's `temperature` before the softmax. An export is written to a temporary
@@ -40,11 +41,15 @@ from .weights import ModelMeta, default_name, load_model, save_weights, weights_
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "torchscript": ".pt"}
 ATOL = 1e-4
 VERIFY_IMAGES = 256
-INPUT_DOC = (
-    "images: uint8 RGB (N, 32, 32, 3), preprocessed as cifar10_cnn.images.preprocess does "
-    "(EXIF orientation, RGB on white, centre square crop, antialiased bicubic resize to 32x32); "
-    "output logits: float32 (N, C); probabilities = softmax(logits / temperature)"
-)
+
+
+def input_doc(size: int = 32) -> str:
+    """The contract of an exported model, in its metadata and doc string."""
+    return (
+        f"images: uint8 RGB (N, {size}, {size}, 3), preprocessed as cifar10_cnn.images.preprocess does "
+        f"(EXIF orientation, RGB on white, centre square crop, antialiased bicubic resize to {size}x{size}); "
+        "output logits: float32 (N, C); probabilities = softmax(logits / temperature)"
+    )
 
 
 class ExportError(UserError):
@@ -52,7 +57,7 @@ class ExportError(UserError):
 
 
 class UInt8Classifier(nn.Module):
-    """The model behind the preprocessing contract: uint8 RGB images (N, 32, 32, 3) in, logits out."""
+    """The model behind the preprocessing contract: uint8 RGB images (N, S, S, 3) in, logits out."""
 
     def __init__(self, model: nn.Module, norm: Norm):
         super().__init__()
@@ -80,7 +85,12 @@ def torch_logits(
 
 def export_metadata(meta: ModelMeta) -> dict[str, Any]:
     """What a deployed model needs to be used and identified, for every format's metadata."""
-    return {**meta.to_dict(), "input": INPUT_DOC, "producer": f"cifar10-cnn {__version__}"}
+    return {**meta.to_dict(), "input": input_doc(meta.image_size), "producer": f"cifar10-cnn {__version__}"}
+
+
+def example_input(meta: ModelMeta) -> torch.Tensor:
+    """What the exporters trace: two black images of the model's input size."""
+    return torch.zeros(2, meta.image_size, meta.image_size, 3, dtype=torch.uint8)
 
 
 @contextlib.contextmanager
@@ -100,7 +110,7 @@ def _quiet() -> Iterator[None]:
 def onnx_bytes(model: nn.Module, meta: ModelMeta) -> bytes:
     """The model as an ONNX graph (opset 20) with a dynamic batch dimension and the metadata as properties."""
     wrapper = wrap(model, meta)
-    example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    example = example_input(meta)
     try:
         with _quiet():
             program = torch.onnx.export(
@@ -116,7 +126,7 @@ def onnx_bytes(model: nn.Module, meta: ModelMeta) -> bytes:
             proto = program.model_proto
     except Exception as e:  # the exporter's errors are many and internal; one line says which model failed
         raise ExportError(f"ONNX export of {meta.architecture} failed ({first_line(e)})") from None
-    proto.doc_string = INPUT_DOC
+    proto.doc_string = input_doc(meta.image_size)
     for key, value in export_metadata(meta).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
@@ -124,14 +134,26 @@ def onnx_bytes(model: nn.Module, meta: ModelMeta) -> bytes:
 
 
 def verification_images(
-    data_dir: str | os.PathLike | None = None, *, required: bool = True, n: int = VERIFY_IMAGES
+    data_dir: str | os.PathLike | None = None,
+    *,
+    required: bool = True,
+    n: int = VERIFY_IMAGES,
+    size: int = 32,
 ) -> tuple[np.ndarray, str]:
-    """The first n CIFAR-10 test images (never downloaded here); random images when not required."""
+    """The first n CIFAR-10 test images (never downloaded here), resized to size x size as images.preprocess
+    resizes; random images when not required."""
     from .data import load_cifar10, resolve_data_dir
 
     try:
         data = load_cifar10(data_dir, download=False, progress=False)
-        return data.test_images[:n], "CIFAR-10 test images"
+        if size == 32:
+            return data.test_images[:n], "CIFAR-10 test images"
+        from PIL import Image
+
+        from .images import preprocess
+
+        resized = [preprocess(Image.fromarray(img), size) for img in data.test_images[:n]]
+        return np.stack(resized), f"CIFAR-10 test images resized to {size}x{size}"
     except DataError:
         if required:
             raise UserError(
@@ -139,11 +161,11 @@ def verification_images(
                 f"{resolve_data_dir(data_dir)}; pass --data-dir (or set CIFAR10_DATA)"
             ) from None
     rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), "random images (CIFAR-10 not found)"
+    return rng.integers(0, 256, (64, size, size, 3), dtype=np.uint8), "random images (CIFAR-10 not found)"
 
 
 def run_test_images(
-    source: Path, data_dir: str | os.PathLike | None, n: int = VERIFY_IMAGES
+    source: Path, data_dir: str | os.PathLike | None, n: int = VERIFY_IMAGES, size: int = 32
 ) -> tuple[np.ndarray, str] | None:
     """The first n test images of a run trained on a folder of images (its test_files.json), if it is one;
     read from data_dir when given (the folder moved), else from where the run recorded it."""
@@ -157,7 +179,8 @@ def run_test_images(
     if files is None or root is None:
         return None
     try:
-        return np.stack([read_image_file(Path(root) / str(f)) for f in files[:n]]), "test images of the run"
+        images = [read_image_file(Path(root) / str(f), size=size) for f in files[:n]]
+        return np.stack(images), "test images of the run"
     except (ImageError, ValueError) as e:
         raise UserError(
             f"export checks the exported model on the run's test images, and {root} does not hold them "
@@ -236,18 +259,17 @@ def verify_safetensors(
 def _write(fmt: str, tmp: Path, model: nn.Module, meta: ModelMeta) -> None:
     data = export_metadata(meta)
     if fmt == "safetensors":
-        extra = {
-            k: v for k, v in data.items() if k not in ("architecture", "classes", "mean", "std", "config")
-        }
+        saved = ("architecture", "classes", "mean", "std", "config", "image_size")
+        extra = {k: v for k, v in data.items() if k not in saved}
         save_weights(
             model, tmp, architecture=meta.architecture, config=meta.config, classes=meta.classes,
-            norm=meta.norm, extra=extra,
+            norm=meta.norm, image_size=meta.image_size, extra=extra,
         )  # fmt: skip
     elif fmt == "onnx":
         write_atomic(tmp, onnx_bytes(model, meta))
     else:
         with _quiet():
-            traced = torch.jit.trace(wrap(model, meta), torch.zeros(2, 32, 32, 3, dtype=torch.uint8))
+            traced = torch.jit.trace(wrap(model, meta), example_input(meta))
             buf = io.BytesIO()
             torch.jit.save(traced, buf, _extra_files={"cifar10_cnn.json": json.dumps(data)})
         write_atomic(tmp, buf.getvalue())
@@ -297,7 +319,10 @@ def export_model(
     _check_out(out, weights, fmt, force)
     what = "given images"
     if images is None:
-        images, what = run_test_images(source, data_dir) or verification_images(data_dir)
+        size = meta.image_size
+        images, what = run_test_images(source, data_dir, size=size) or verification_images(
+            data_dir, size=size
+        )
     t0 = time.perf_counter()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:

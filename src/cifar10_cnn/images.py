@@ -6,7 +6,7 @@
 3. centre-crop to a square (the short side);
 4. convert to 8-bit RGB: 16-bit and float samples are scaled to 8 bits, palettes expanded, and any
    transparency is composited onto white;
-5. resize to 32x32 with Pillow's antialiased bicubic filter.
+5. resize to 32x32 (or the model's input size: `size`) with Pillow's antialiased bicubic filter.
 
 The result is a uint8 (32, 32, 3) RGB array, exactly what CIFAR-10 holds; a 32x32 RGB image passes unchanged.
 Samples of more than 8 bits are resized before they are scaled (steps 4 and 5 swap), in their own mode, so a
@@ -33,7 +33,9 @@ from .files import FileTooLarge, NotRegularFile, read_regular
 IMAGE_SIZE = 32
 MAX_PIXELS = 60_000_000  # above a 50-megapixel photo; a decoded RGBA image this size is 240 MB
 MAX_FILE_BYTES = 256 * 2**20  # no image we accept is this large on disk
-DRAFT_SIZE = 128  # JPEG draft decoding keeps at least 4x the output resolution for the antialiased resize
+DRAFT_SIZE = (
+    128  # JPEG draft decoding keeps at least 4x the output resolution (of 32) for the antialiased resize
+)
 RESAMPLE = Image.Resampling.BICUBIC
 DECODE_BUDGET = 512 * 2**20  # bytes of decoded pixels in flight, all decodes together
 # Raster formats Pillow decodes by itself. Left out on purpose: EPS (runs Ghostscript on the file), and the
@@ -105,8 +107,9 @@ def decode_cost(img: Image.Image) -> int:
     return 2 * per_pixel * img.size[0] * img.size[1]
 
 
-def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open untrusted image bytes (header only: the first frame), refusing empty and oversized images."""
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS, size: int = IMAGE_SIZE) -> Image.Image:
+    """Open untrusted image bytes (header only: the first frame), refusing empty and oversized images; a JPEG
+    is then decoded at a reduced scale that keeps 4x the output side `size` (at least DRAFT_SIZE)."""
     if not data:
         raise ImageError("the file is empty", 400)
     try:
@@ -126,7 +129,8 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ImageError(
             f"the image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels", 413
         )
-    img.draft(None, (DRAFT_SIZE, DRAFT_SIZE))  # JPEG only; a no-op for other formats
+    draft = max(DRAFT_SIZE, 4 * size)
+    img.draft(None, (draft, draft))  # JPEG only; a no-op for other formats
     return img
 
 
@@ -134,7 +138,7 @@ def to_rgb(img: Image.Image, scale: float | None = None) -> Image.Image:
     """8-bit RGB: 16-bit and float samples scaled (by scale, default eight_bit_scale), palettes expanded,
     transparency composited on white."""
     if img.mode in HIGH_BIT_MODES:
-        a = np.asarray(img, dtype=np.float64)  # preprocess calls this on 32x32 images only
+        a = np.asarray(img, dtype=np.float64)  # preprocess calls this on resized (size x size) images only
         scale = eight_bit_scale(img) if scale is None else scale
         img = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "La", "RGBa", "PA", "P") or "transparency" in img.info:
@@ -167,7 +171,7 @@ def preprocess(img: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
     scale = None
     if (
         square.mode in HIGH_BIT_MODES
-    ):  # resized in its own mode first: the conversion then copies 32x32 pixels
+    ):  # resized in its own mode first: the conversion then copies size x size pixels
         scale = eight_bit_scale(square)
         square = square.resize((size, size), RESAMPLE)
     return np.asarray(to_rgb(square, scale).resize((size, size), RESAMPLE), dtype=np.uint8).copy()
@@ -180,7 +184,7 @@ def load_image(
 
     The decode waits for its share of the budget (default: one shared by the whole process).
     """
-    return decode(open_image(data, max_pixels), budget, size)
+    return decode(open_image(data, max_pixels, size), budget, size)
 
 
 def decode(img: Image.Image, budget: DecodeBudget | None = None, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -214,9 +218,11 @@ def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes
         raise ImageError(f"cannot read the file ({e.strerror or first_line(e)})", 400) from None
 
 
-def read_image_file(path: str | os.PathLike, budget: DecodeBudget | None = None) -> np.ndarray:
-    """An image file on disk -> uint8 (32, 32, 3); ImageError for a missing, unreadable, special or bad file."""
-    return load_image(read_file(path), budget=budget)
+def read_image_file(
+    path: str | os.PathLike, budget: DecodeBudget | None = None, size: int = IMAGE_SIZE
+) -> np.ndarray:
+    """An image file on disk -> uint8 (size, size, 3); ImageError for a missing, unreadable, special or bad file."""
+    return load_image(read_file(path), budget=budget, size=size)
 
 
 def image_extensions() -> set[str]:

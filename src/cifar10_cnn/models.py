@@ -1,6 +1,9 @@
 """CIFAR-10 architectures and a small registry: create_model("seed_cnn"), create_model("resnet18"), ...
 
-Every model takes normalised float images (B, 3, 32, 32) and returns logits (B, num_classes).
+Every model takes normalised float images (B, 3, S, S) and returns logits (B, num_classes). S is 32 for
+CIFAR, or a folder's --image-size: the nets that end in adaptive pooling (airbench, airbench_small, resnet9,
+resnet18) run on any side from their minimum; seed_cnn and vgg11 flatten their last feature map into a linear
+layer, which create_model sizes for image_size (so a model file holds the size it was built for).
 """
 
 from __future__ import annotations
@@ -10,9 +13,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .constants import IMAGE_SIZE, MIN_IMAGE_SIZE
 from .errors import UserError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+# The smallest side each net runs on, where it is above MIN_IMAGE_SIZE (measured: tests/test_image_size.py):
+# airbench's 2x2 whitening conv takes a pixel before three 2x2 max-pools; vgg11 pools five times.
+_MIN_SIZE = {"airbench": 9, "airbench_small": 9, "vgg11": 32}
 
 
 def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -31,10 +38,26 @@ def check_model_name(name: str) -> None:
         raise UserError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
 
 
-def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
-    """Build a registered architecture by name."""
+def min_image_size(name: str) -> int:
+    """The smallest side of the images a registered net runs on."""
+    return _MIN_SIZE.get(name, MIN_IMAGE_SIZE)
+
+
+def check_image_size(name: str, image_size: int) -> None:
+    """A UserError naming the nets that take this size, unless model name runs on image_size x image_size."""
     check_model_name(name)
-    return _REGISTRY[name](num_classes=num_classes, **kwargs)
+    if image_size < min_image_size(name):
+        fits = [m for m in list_models() if min_image_size(m) <= image_size]
+        raise UserError(
+            f"{name} takes images of at least {min_image_size(name)}x{min_image_size(name)} pixels, not "
+            f"{image_size}x{image_size}; at that size use --model {', '.join(fits)} (or a larger --image-size)"
+        )
+
+
+def create_model(name: str, num_classes: int = 10, image_size: int = IMAGE_SIZE, **kwargs) -> nn.Module:
+    """Build a registered architecture by name, for square images of image_size (see check_image_size)."""
+    check_image_size(name, image_size)
+    return _REGISTRY[name](num_classes=num_classes, image_size=image_size, **kwargs)
 
 
 def count_params(model: nn.Module) -> int:
@@ -45,9 +68,10 @@ def count_params(model: nn.Module) -> int:
 
 
 class SeedCNN(nn.Module):
-    """Three conv 3x3 layers (32/64/128), each ReLU + 2x2 max-pool, then FC 2048->512->10."""
+    """Three conv 3x3 layers (32/64/128), each ReLU + 2x2 max-pool, then FC 2048->512->10 (at 32x32: the FC
+    layer reads the 128 (S/8)x(S/8) maps of S x S images)."""
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, image_size: int = IMAGE_SIZE):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(3, 32, 3, padding=1),
@@ -62,7 +86,7 @@ class SeedCNN(nn.Module):
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(128 * 4 * 4, 512),
+            nn.Linear(128 * (image_size // 8) ** 2, 512),
             nn.ReLU(inplace=True),
             nn.Linear(512, num_classes),
         )
@@ -72,9 +96,9 @@ class SeedCNN(nn.Module):
 
 
 @register
-def seed_cnn(num_classes: int = 10) -> nn.Module:
-    """The classic CIFAR-10 CNN: 3 conv layers 32/64/128 with max-pool, FC 512, FC 10 (1.1M params)."""
-    return SeedCNN(num_classes)
+def seed_cnn(num_classes: int = 10, image_size: int = IMAGE_SIZE) -> nn.Module:
+    """The classic CIFAR-10 CNN: 3 conv layers 32/64/128 with max-pool, FC 512, FC 10 (1.1M params at 32x32)."""
+    return SeedCNN(num_classes, image_size)
 
 
 # --- VGG ---------------------------------------------------------------------------------------------------
@@ -88,9 +112,10 @@ def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class VGG(nn.Module):
-    """VGG with batch norm for 32x32 inputs: the conv stages of the config, then one linear layer."""
+    """VGG with batch norm: the conv stages of the config, then one linear layer on the flattened last map
+    (1x1 at 32x32; (S/32)x(S/32) for S x S images)."""
 
-    def __init__(self, cfg: list[int | str], num_classes: int = 10):
+    def __init__(self, cfg: list[int | str], num_classes: int = 10, image_size: int = IMAGE_SIZE):
         super().__init__()
         layers: list[nn.Module] = []
         c = 3
@@ -101,16 +126,17 @@ class VGG(nn.Module):
                 layers.append(conv_bn(c, int(v)))
                 c = int(v)
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c, num_classes))
+        side = image_size // 2 ** cfg.count("M")
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * side * side, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
 
 @register
-def vgg11(num_classes: int = 10) -> nn.Module:
-    """VGG-11 with batch norm, CIFAR variant (one linear head; 9.2M params)."""
-    return VGG([64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], num_classes)
+def vgg11(num_classes: int = 10, image_size: int = IMAGE_SIZE) -> nn.Module:
+    """VGG-11 with batch norm, CIFAR variant (one linear head; 9.2M params at 32x32)."""
+    return VGG([64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], num_classes, image_size)
 
 
 # --- ResNets -------------------------------------------------------------------------------------------------
@@ -157,7 +183,7 @@ class ResNet(nn.Module):
 
 
 @register
-def resnet18(num_classes: int = 10) -> nn.Module:
+def resnet18(num_classes: int = 10, image_size: int = IMAGE_SIZE) -> nn.Module:
     """ResNet-18, CIFAR variant: 3x3 stem, no initial max-pool (11.2M params)."""
     return ResNet((2, 2, 2, 2), num_classes)
 
@@ -185,7 +211,7 @@ class Scale(nn.Module):
 
 
 @register
-def resnet9(num_classes: int = 10) -> nn.Module:
+def resnet9(num_classes: int = 10, image_size: int = IMAGE_SIZE) -> nn.Module:
     """ResNet-9, the DAWNBench-style residual net: 64-128-256-512 with two residual blocks (6.6M params)."""
 
     def down(c_in: int, c_out: int) -> nn.Sequential:
@@ -278,12 +304,12 @@ class FastNet(nn.Module):
 
 
 @register
-def airbench(num_classes: int = 10) -> nn.Module:
+def airbench(num_classes: int = 10, image_size: int = IMAGE_SIZE) -> nn.Module:
     """The fast net of airbench94: whitening conv, conv groups 64/256/256, GELU, frozen-scale BN (2.0M params)."""
     return FastNet(num_classes, (64, 256, 256))
 
 
 @register
-def airbench_small(num_classes: int = 10) -> nn.Module:
+def airbench_small(num_classes: int = 10, image_size: int = IMAGE_SIZE) -> nn.Module:
     """A narrower fast net, conv groups 32/64/128, for quick CPU runs."""
     return FastNet(num_classes, (32, 64, 128))

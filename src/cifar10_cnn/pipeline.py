@@ -29,7 +29,7 @@ from .eval_files import augmentation_preview
 from .eval_job import evaluate_into_run, evaluate_saved
 from .evaluate import EvalOptions, fit_served_temperature
 from .metrics import summarize
-from .models import check_model_name, count_params
+from .models import check_image_size, count_params
 from .report import write_report
 from .runs import CV_SUMMARY, SEEDS_SUMMARY, Run, create_run, default_run_dir, open_run, write_json
 from .train import EpochHook, FitResult, Trainer, fit, setup
@@ -105,10 +105,11 @@ def run_job(
     world = distributed.current()
     cfg = resumed_config(resume, cfg) if resume is not None else cfg or TrainConfig()
     check_world(cfg, world)
-    check_model_name(cfg.model)  # before anything is written: a failed start leaves nothing
+    check_image_size(cfg.model, cfg.image_size)  # before anything is written: a failed start leaves nothing
     if not world.main:
         job = replace(job, echo=_silent, progress=False)
     data = job.load_data(cfg, resume)
+    check_data_size(cfg, data)
     cfg = sized(cfg, data, job.echo) if resume is None else cfg  # a resumed run keeps its own
     device = distributed.local_device(select_device(cfg.device))
     splits = make_splits(data, **cfg.split_args(), device=device)
@@ -140,6 +141,16 @@ def run_job(
             f"{r['headline_seconds']:.0f} s, then calibration, plots and report"
         )
     return run.path
+
+
+def check_data_size(cfg: TrainConfig, data: CIFAR10) -> None:
+    """The images must be cfg.image_size square (data given in memory may hold any size)."""
+    shape = tuple(data.train_images.shape[1:])
+    if shape != (cfg.image_size, cfg.image_size, 3):
+        raise UserError(
+            f"the training images are {'x'.join(map(str, shape))}, not {cfg.image_size}x{cfg.image_size}x3 as "
+            f"--image-size {cfg.image_size} says"
+        )
 
 
 def sized(cfg: TrainConfig, data: CIFAR10, echo: Callable[[str], None]) -> TrainConfig:
@@ -191,9 +202,10 @@ def start_run(
 
 def run_header(cfg: TrainConfig, t: Trainer, data: CIFAR10, splits: Splits) -> str:
     """The line (two under torchrun) that says what this run computes, and where."""
+    size = f" at {cfg.image_size}x{cfg.image_size}" if cfg.image_size != 32 else ""
     line = (
         f"model {cfg.model} ({count_params(t.model):,} params) | device {t.device}, {precision_name(t.amp_dtype)} "
-        f"| data {data.source} ({data.check()}) | train {len(splits.train)} / "
+        f"| data {data.source} ({data.check()}){size} | train {len(splits.train)} / "
         f"val {len(splits.val)} / test {len(splits.test)} | recipe {cfg.recipe}: {cfg.epochs} epochs, "
         f"batch {cfg.batch_size}, lr {cfg.lr}"
     )
@@ -222,6 +234,7 @@ def save_final_weights(
         config=cfg.to_dict(),
         temperature=fit_served_temperature(result.model, val),
         classes=classes,
+        image_size=cfg.image_size,
     )
 
 

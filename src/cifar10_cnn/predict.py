@@ -1,7 +1,8 @@
 """Predictors for every model format (PyTorch, ONNX), predictions for files, and their output formats.
 
 Images are decoded and preprocessed by images.py, the one preprocessing of predict, serve and the exported
-model's users. A predictor takes uint8 (N, 32, 32, 3) RGB arrays and holds the model's validated ModelMeta;
+model's users. A predictor takes uint8 (N, S, S, 3) RGB arrays, S its ModelMeta's image_size (32 for CIFAR),
+and holds the model's validated ModelMeta;
 every predictor is checked on a probe batch at load (outputs of the right shape, all finite).
 """
 
@@ -22,7 +23,7 @@ import torch
 from .calibration import softmax
 from .errors import UserError, first_line
 from .export import onnx_session
-from .images import IMAGE_SIZE, DecodeBudget, ImageError, find_images, read_image_file
+from .images import DecodeBudget, ImageError, find_images, read_image_file
 from .inference import predict_logits
 from .weights import ModelMeta, decode_metadata, default_name, load_model, probe_images
 
@@ -48,7 +49,7 @@ def finite_rows(probs: np.ndarray) -> np.ndarray:
 
 
 class Predictor:
-    """Logits and probabilities for batches of preprocessed images (uint8 N x 32 x 32 x 3 RGB)."""
+    """Logits and probabilities for batches of preprocessed images (uint8 N x S x S x 3 RGB, S meta.image_size)."""
 
     meta: ModelMeta
     backend: str
@@ -60,14 +61,20 @@ class Predictor:
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Raw logits (N, C) as float32, computed in batches of batch_size."""
         images = np.ascontiguousarray(images, dtype=np.uint8)
-        if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-            raise ValueError(f"expected uint8 images (N, 32, 32, 3), got {images.shape}")
+        if images.ndim != 4 or images.shape[1:] != self.input_shape:
+            shape = ", ".join(map(str, self.input_shape))
+            raise ValueError(f"expected uint8 images (N, {shape}), got {images.shape}")
         if len(images) == 0:
             return np.zeros((0, len(self.meta.classes)), np.float32)
         parts = [
             self._logits(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)
         ]
         return np.concatenate(parts).astype(np.float32, copy=False)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """The shape of one image the model takes: (S, S, 3)."""
+        return (self.meta.image_size, self.meta.image_size, 3)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities: softmax(logits / temperature); rows may be NaN (see finite_rows)."""
@@ -79,12 +86,13 @@ class Predictor:
 
     def check(self, source: str | os.PathLike) -> None:
         """Refuse (one line) a model whose logits on a probe batch have the wrong shape or are not finite."""
-        probe = probe_images()
+        probe = probe_images(self.meta.image_size)
         try:
             logits = self.logits(probe)
         except Exception as e:  # e.g. ONNX Runtime refusing a graph whose input is not what we feed
+            shape = ", ".join(map(str, self.input_shape))
             raise UserError(
-                f"{source}: the model cannot run on uint8 images (N, 32, 32, 3) ({first_line(e)})"
+                f"{source}: the model cannot run on uint8 images (N, {shape}) ({first_line(e)})"
             ) from None
         n = len(self.meta.classes)
         if logits.shape != (len(probe), n):
@@ -113,7 +121,8 @@ class TorchPredictor(Predictor):
 
 
 class OnnxPredictor(Predictor):
-    """An exported ONNX model (input: uint8 images N x 32 x 32 x 3) on ONNX Runtime's CPU provider."""
+    """An exported ONNX model (input: uint8 images N x S x S x 3, S its metadata's image_size) on ONNX Runtime's
+    CPU provider."""
 
     backend = "onnx"
 
@@ -173,7 +182,7 @@ def load_predictor(
             from .export import onnx_bytes, verification_images, verify_onnx
 
             data = onnx_bytes(model, meta)
-            images, _ = verification_images(data_dir, required=False)
+            images, _ = verification_images(data_dir, required=False, size=meta.image_size)
             verify_onnx(data, model, images, norm=meta.norm)
             predictor = OnnxPredictor(data, meta, batch_size=batch_size)
     predictor.check(path)
@@ -197,11 +206,11 @@ def predict_files(
 ) -> Iterator[FileResult]:
     """Top-k of every file, in order: files decoded in parallel threads (memory bounded), inference batched."""
     workers = workers or min(8, os.cpu_count() or 1)
-    budget = DecodeBudget()
+    budget, size = DecodeBudget(), predictor.meta.image_size
 
     def decode(path: Path) -> np.ndarray | ImageError:
         try:
-            return read_image_file(path, budget)
+            return read_image_file(path, budget, size)
         except ImageError as e:
             return e
 

@@ -66,7 +66,8 @@ def setup(cfg: TrainConfig, train: Split, device: torch.device, num_classes: int
         torch.backends.cudnn.benchmark = True
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=num_classes).to(device, memory_format=memory_format)
+    model = create_model(cfg.model, num_classes=num_classes, image_size=cfg.image_size)
+    model = model.to(device, memory_format=memory_format)
     if world.size > 1 and cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     steps_per_epoch = max(1, len(train) // cfg.batch_size)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
 from .augment import CIFAR10_NORM, Norm
-from .constants import CLASSES, MEAN, STD
+from .constants import CLASSES, IMAGE_SIZE, MAX_IMAGE_SIZE, MEAN, MIN_IMAGE_SIZE, STD
 from .errors import CheckpointError, UserError, first_line
 from .inference import predict_logits
 from .models import count_params, create_model, list_models
@@ -35,20 +35,22 @@ MAX_TEXT = 200  # characters of a name, a class name, an architecture or a versi
 PROBE_IMAGES = 8
 
 
-def probe_images() -> np.ndarray:
+def probe_images(size: int = IMAGE_SIZE) -> np.ndarray:
     """The probe batch every loaded model must pass (finite outputs of the right shape): load_model's check,
-    each predictor's and the service's readiness. uint8 (PROBE_IMAGES, 32, 32, 3): black, white, then noise."""
-    probe = np.random.default_rng(0).integers(0, 256, (PROBE_IMAGES, 32, 32, 3), dtype=np.uint8)
+    each predictor's and the service's readiness. uint8 (PROBE_IMAGES, size, size, 3): black, white, noise."""
+    probe = np.random.default_rng(0).integers(0, 256, (PROBE_IMAGES, size, size, 3), dtype=np.uint8)
     probe[0], probe[1] = 0, 255
     return probe
 
 
 @dataclass(frozen=True)
 class ModelMeta:
-    """What a model is and how to use it, validated: identity, architecture, classes, normalisation, calibration."""
+    """What a model is and how to use it, validated: identity, architecture, classes, input size, normalisation,
+    calibration."""
 
     architecture: str
     classes: tuple[str, ...] = CLASSES
+    image_size: int = IMAGE_SIZE  # the side of the square uint8 images it takes (files without it: 32)
     mean: tuple[float, ...] = MEAN
     std: tuple[float, ...] = STD
     temperature: float = 1.0
@@ -65,6 +67,7 @@ class ModelMeta:
         return cls(
             architecture=v.text("architecture", required=True),
             classes=v.classes(),
+            image_size=v.side("image_size"),
             mean=v.triple("mean", MEAN, 0.0, 1.0, low_open=False),
             std=v.triple("std", STD, 0.0, 1.0, low_open=True),
             temperature=v.number("temperature", 1.0, 0.0, 1e4, low_open=True),
@@ -148,6 +151,13 @@ class _Validator:
             raise self.fail(key, "a whole number of parameters, 0 or more")
         return value
 
+    def side(self, key: str) -> int:
+        value = self.raw.get(key, IMAGE_SIZE)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if not ok or not MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE:
+            raise self.fail(key, f"a whole number of pixels, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}")
+        return value
+
     def mapping(self, key: str) -> dict[str, Any]:
         value = self.raw.get(key) or {}
         if not isinstance(value, dict):
@@ -184,13 +194,15 @@ def save_weights(
     classes: tuple[str, ...] = CLASSES,
     temperature: float | None = None,
     norm: Norm = CIFAR10_NORM,
+    image_size: int = IMAGE_SIZE,
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Final weights as safetensors, with what is needed to use them in the metadata (norm: the input
-    normalisation the model was trained with; training's is CIFAR-10's)."""
+    normalisation the model was trained with; training's is CIFAR-10's; image_size: the side of its input)."""
     metadata = {
         "architecture": architecture,
         "classes": json.dumps(list(classes)),
+        "image_size": json.dumps(image_size),
         "mean": json.dumps(list(norm[0])),
         "std": json.dumps(list(norm[1])),
         "config": json.dumps(config or {}),
@@ -259,12 +271,14 @@ def default_name(path: str | os.PathLike) -> str:
     return name[:MAX_TEXT]
 
 
-def check_finite(model: nn.Module, source: str | os.PathLike, norm: Norm = CIFAR10_NORM) -> None:
+def check_finite(
+    model: nn.Module, source: str | os.PathLike, norm: Norm = CIFAR10_NORM, size: int = IMAGE_SIZE
+) -> None:
     """Refuse a model whose tensors, or whose logits on a probe batch, are not all finite (NaN or infinite)."""
     bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise CheckpointError(f"{source}: tensor {bad[0]} holds NaN or infinite values; the model is broken")
-    probe = torch.from_numpy(probe_images()).permute(0, 3, 1, 2)
+    probe = torch.from_numpy(probe_images(size)).permute(0, 3, 1, 2)
     if not torch.isfinite(predict_logits(model, probe, norm=norm)).all():
         raise CheckpointError(
             f"{source}: the model's outputs are NaN or infinite on test inputs; the model is broken"
@@ -285,15 +299,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
             f"{weights} is for architecture {meta.architecture!r}, which this version does not know "
             f"(known: {', '.join(list_models())})"
         )
-    model = create_model(meta.architecture, num_classes=len(meta.classes))
+    try:
+        model = create_model(meta.architecture, num_classes=len(meta.classes), image_size=meta.image_size)
+    except UserError as e:  # a size the net does not run on
+        raise CheckpointError(f"{weights}: metadata 'image_size' does not fit ({e})") from None
     try:
         model.load_state_dict(load_file(str(weights)))
     except (SafetensorError, RuntimeError) as e:
         raise CheckpointError(
             f"{weights} does not fit architecture {meta.architecture} with the {len(meta.classes)} classes "
-            f"its metadata 'classes' names ({first_line(e)})"
+            f"its metadata 'classes' names at its {meta.image_size}x{meta.image_size} input ({first_line(e)})"
         ) from None
-    check_finite(model, weights, meta.norm)
+    check_finite(model, weights, meta.norm, meta.image_size)
     run = run_dir_of(path)
     results = _run_results(run, weights) if run is not None else {}
     meta = replace(

@@ -69,7 +69,6 @@ _EXPORTS = {
     "Decoder": "workers",
     "Explainer": "workers",
     "make_explainer": "workers",
-    "PROBE": "workers",
     "MAX_EXPLAIN_IMAGES": "workers",
     "BodyLimit": "limits",
     "GracefulServer": "limits",

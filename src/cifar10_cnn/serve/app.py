@@ -103,7 +103,7 @@ def add_docs(app: FastAPI, assets: Path | None) -> None:
 
 def add_routes(app: FastAPI, service: Service) -> None:
     """/health, /ready, /metrics, /model, /predict, the page and its static files."""
-    n_classes = len(service.predictor.meta.classes)
+    n_classes, size = len(service.predictor.meta.classes), service.predictor.meta.image_size
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -132,7 +132,8 @@ def add_routes(app: FastAPI, service: Service) -> None:
             service.limits.top_k_default, alias="top_k", ge=1, le=n_classes, description="classes per image"
         ),
         include_input: bool = Query(
-            False, description="also return the 32x32 image the model saw (PNG data URL)"
+            False,
+            description=f"also return the {size}x{size} image the model saw (PNG data URL)",
         ),
         explain_: bool = Query(
             False,
@@ -197,7 +198,12 @@ def create_app(
     limits.check(max_batch)
     predictor = load_predictor(model_path, backend, data_dir=data_dir)
     metrics = Metrics()
-    decoder = Decoder(max_pixels, DecodeBudget(decode_memory), on_decoded=metrics.decoded.inc)
+    decoder = Decoder(
+        max_pixels,
+        DecodeBudget(decode_memory),
+        on_decoded=metrics.decoded.inc,
+        size=predictor.meta.image_size,
+    )
     batcher = Batcher(predictor, max_batch, on_batch=metrics.batch_size.observe)
     explainer, no_explain = make_explainer(predictor, metrics)
     service = Service(predictor, limits, batcher, decoder, metrics, timeouts, explainer, no_explain)

@@ -17,14 +17,21 @@ from starlette.responses import JSONResponse
 
 from ..errors import first_line
 from ..predict import NOT_FINITE, Predictor, finite_rows, identity, top_k
+from ..weights import probe_images
 from .errors import ApiError, clip
 from .limits import Limits, Timeouts
 from .observe import Metrics
-from .workers import DECODE_THREADS, PROBE, Batcher, Decoder, Explainer, png_data_url
+from .workers import DECODE_THREADS, Batcher, Decoder, Explainer, png_data_url
 
-INPUT = (
-    "any image Pillow reads; EXIF orientation, RGB on white, centre square crop, antialiased resize to 32x32"
-)
+
+def input_text(size: int) -> str:
+    """What /model says the service does with an upload."""
+    return (
+        "any image Pillow reads; EXIF orientation, RGB on white, centre square crop, antialiased resize to "
+        f"{size}x{size}"
+    )
+
+
 uvicorn_log = logging.getLogger("uvicorn.error")
 
 
@@ -116,7 +123,7 @@ class Service:
     async def warm_up(self) -> None:
         """Readiness: a probe batch through the inference thread must give finite probabilities."""
         try:
-            probs = await self.batcher.probabilities(PROBE)
+            probs = await self.batcher.probabilities(probe_images(self.predictor.meta.image_size))
             if not finite_rows(probs).all():
                 raise ValueError(NOT_FINITE)
             if self.explainer:
@@ -144,7 +151,7 @@ class Service:
         return {
             **self.predictor.meta.to_dict(),
             "backend": self.predictor.backend,
-            "input": INPUT,
+            "input": input_text(self.predictor.meta.image_size),
             "top_k_default": self.limits.top_k_default,
             "explain": {
                 "available": self.explainer is not None,

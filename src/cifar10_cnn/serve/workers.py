@@ -36,8 +36,9 @@ MAX_EXPLAIN_IMAGES = (
     4  # images explained per request: a Grad-CAM map costs about a forward and a backward pass
 )
 EXPLAIN_BACKLOG = 8  # requests with explanations queued or running; beyond that a 503
-EXPLAIN_OVERLAY = 128  # pixels of the overlay's side: the 32x32 input enlarged, the map coloured on top
-PROBE = probe_images()  # the readiness probe: the batch every loaded model passed at load
+EXPLAIN_OVERLAY = (
+    128  # pixels of the overlay's side: the model's input (32x32 for CIFAR) enlarged, the map on top
+)
 # An ImageError's status says why an image was refused: the `reason` label of the refusal counter.
 IMAGE_REFUSALS = {400: "empty", 413: "too_many_pixels", 415: "not_an_image", 422: "corrupt"}
 
@@ -77,7 +78,7 @@ class Batcher:
         return self._queue.qsize()
 
     async def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities of uint8 images (N, 32, 32, 3), computed in the inference thread."""
+        """Calibrated probabilities of uint8 images (N, S, S, 3), computed in the inference thread."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         self._queue.put((images, loop, future))
@@ -138,12 +139,14 @@ class Explainer:
         self,
         model: Any,
         classes: list[str],
+        image_size: int = 32,
         max_images: int = MAX_EXPLAIN_IMAGES,
         backlog: int = EXPLAIN_BACKLOG,
         on_explained: Callable[[int, float], None] = lambda n, seconds: None,
     ):
         self.model = copy.deepcopy(model).eval()
         self.classes = classes
+        self.image_size = image_size  # the side of the model's input
         self.max_images = max_images
         self.backlog = backlog
         self.on_explained = on_explained  # images explained and seconds taken, per request
@@ -195,7 +198,8 @@ class Explainer:
 
     def warm_up(self) -> None:
         """One explanation, uncounted: the first imports Captum's modules (about a second)."""
-        self._thread.submit(self._overlays, PROBE[:1], np.zeros(1, np.int64), False).result()
+        probe = probe_images(self.image_size)[:1]
+        self._thread.submit(self._overlays, probe, np.zeros(1, np.int64), False).result()
 
     def stop(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=True)
@@ -221,7 +225,8 @@ def make_explainer(predictor: Predictor, metrics: Metrics) -> tuple[Explainer | 
         metrics.explained.inc(n)
         metrics.explain_latency.observe(seconds)
 
-    return Explainer(predictor.model, list(predictor.meta.classes), on_explained=record), ""
+    meta = predictor.meta
+    return Explainer(predictor.model, list(meta.classes), meta.image_size, on_explained=record), ""
 
 
 def _lower_priority() -> None:
@@ -231,8 +236,9 @@ def _lower_priority() -> None:
 
 
 class Decoder:
-    """Uploads -> uint8 (32, 32, 3) arrays: large images in low-priority threads, so that a decode-heavy upload
-    takes the CPU that normal requests leave, and the memory the budget allows."""
+    """Uploads -> uint8 (size, size, 3) arrays (size: the model's input side): large images in low-priority
+    threads, so that a decode-heavy upload takes the CPU that normal requests leave, and the memory the budget
+    allows."""
 
     def __init__(
         self,
@@ -240,8 +246,10 @@ class Decoder:
         budget: DecodeBudget,
         heavy_threads: int = HEAVY_DECODE_THREADS,
         on_decoded: Callable[[], None] = lambda: None,
+        size: int = 32,
     ):
         self.max_pixels = max_pixels
+        self.size = size
         self.budget = budget
         self.heavy_threads = heavy_threads
         self.heavy = ThreadPoolExecutor(heavy_threads, "decode-heavy", initializer=_lower_priority)
@@ -252,11 +260,11 @@ class Decoder:
         out = []
         for name, data in uploads:
             try:
-                img = open_image(data, self.max_pixels)
+                img = open_image(data, self.max_pixels, self.size)
                 if decode_cost(img) > self.budget.small:
-                    out.append(self.heavy.submit(decode, img, self.budget).result())
+                    out.append(self.heavy.submit(decode, img, self.budget, self.size).result())
                 else:
-                    out.append(decode(img, self.budget))
+                    out.append(decode(img, self.budget, self.size))
             except ImageError as e:
                 raise ApiError(
                     e.status, f"{clip(name)}: {e}", IMAGE_REFUSALS.get(e.status, "other")

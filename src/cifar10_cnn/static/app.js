@@ -27,6 +27,8 @@ async function loadModel() {
     $("#model-info").textContent =
       `${model.name} · ${model.architecture}${params}${accuracy} · ${model.backend} backend`;
     $("#classes").textContent = `The model knows ${model.classes.length} classes: ${model.classes.join(", ")}.`;
+    const side = model.image_size || 32;
+    $("#input-size").textContent = `${side}×${side}`;
     if (model.classes.join(",") !== CIFAR10_CLASSES) {  // trained on other images: the title says so
       document.title = $("h1").textContent = `Image classifier (${model.classes.length} classes)`;
     }
