@@ -56,7 +56,8 @@ def pytest_configure(config) -> None:
 # file collected last (test_train.py, alphabetically) would leave the other worker idle for minutes.
 HEAVY_FIRST = (
     "test_train.py", "test_distributed.py", "test_run_safety.py", "test_fast.py", "test_tune.py",
-    "test_evaluate_notebook.py", "test_evaluate.py", "test_predict.py", "test_folders.py", "test_cifar100.py",
+    "test_evaluate_notebook.py", "test_evaluate.py", "test_predict.py", "test_folders.py", "test_image_size.py",
+    "test_cifar100.py",
 )  # fmt: skip
 
 

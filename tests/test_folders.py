@@ -385,8 +385,7 @@ def test_train_evaluate_predict_export_and_serve_a_folder_through_the_cli(cifar,
     assert f"data folder:{root} (read from the folder: 120 files hashed, cache " in header
     assert ") | train 87 / val 9 / test 24" in header and "verified" not in header.lower()
     assert (
-        "skipped 1 files that are not readable images (first: cat/notes.txt: not an image file)"
-        in proc.stdout
+        "skipped 1 file that is not a readable image (first: cat/notes.txt: not an image file)" in proc.stdout
     )
     assert "120 images of 3 classes read in" in proc.stdout
     _, meta = load_model(run / "model.safetensors")

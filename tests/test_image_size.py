@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +121,13 @@ def test_serve_explain_and_evaluate_work_at_48(run48, folder48, tmp_path):
     from cifar10_cnn.serve import create_app
 
     with TestClient(create_app(run48)) as client:
-        assert client.get("/ready").status_code == 200  # the probe batch at 48x48 passed
+        for _ in range(600):  # the probe batch at 48x48 (and an explanation) runs as the service starts
+            ready = client.get("/ready")
+            if ready.status_code == 200:
+                break
+            assert "failed" not in ready.json().get("detail", ""), ready.json()
+            time.sleep(0.1)
+        assert ready.status_code == 200, ready.json()
         model = client.get("/model").json()
         assert model["image_size"] == SIZE and "resize to 48x48" in model["input"]
         photo = a_photo(folder48, tmp_path).read_bytes()

@@ -96,7 +96,11 @@ def test_two_processes_share_one_study_without_lost_or_duplicated_trials(tmp_pat
 def test_interrupted_search_leaves_a_consistent_study_and_continues(tmp_path, small_data):
     db = tmp_path / "tune.db"
     args = cli("tune", "--grid", "lr=0.003,0.03", "--storage", f"sqlite:///{db}", "--study", "g", *TINY)
-    args += [*on(small_data), "--epochs", "3"]  # the second trial is still training after its first checkpoint
+    args += [
+        *on(small_data),
+        "--epochs",
+        "3",
+    ]  # the second trial is still training after its first checkpoint
     proc = subprocess.Popen(
         args, env=one_thread_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -85,7 +85,13 @@ class FolderData(Dataset):
         out = []
         if self.skipped:
             first = "; ".join(f"{shown(n)}: {why}" for n, why in self.skipped[:SHOWN])
-            out.append(f"skipped {len(self.skipped):,} files that are not readable images (first: {first})")
+            k = len(self.skipped)
+            files = (
+                "1 file that is not a readable image"
+                if k == 1
+                else f"{k:,} files that are not readable images"
+            )
+            out.append(f"skipped {files} (first: {first})")
         if self.duplicates:
             out.append(
                 f"warning: {self.duplicates:,} test images are identical to training images (leakage: the "
