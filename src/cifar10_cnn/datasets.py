@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cifar100, folder_scan, folders
+from .constants import IMAGE_SIZE
 from .errors import DataError, UserError
 from .files import read_json_object
 from .runs import Run, write_json
@@ -32,7 +33,7 @@ def _folder(
     data_dir=None,
     *,
     max_classes: int = 1000,
-    image_size: int = 32,
+    image_size: int = IMAGE_SIZE,
     test_files=None,
     progress: bool = True,
     **_,
@@ -64,7 +65,7 @@ def load_data(
     dataset: str = "auto",
     labels: str = "fine",
     max_classes: int = folder_scan.DEFAULT_MAX_CLASSES,
-    image_size: int = 32,
+    image_size: int = IMAGE_SIZE,
     allow_unverified: bool = False,
     progress: bool = True,
     test_files: Sequence[str] | None = None,
@@ -77,10 +78,10 @@ def load_data(
         raise UserError(f"unknown dataset {dataset!r}; choose one of auto, {', '.join(SOURCES)}")
     if labels != "fine" and kind != "cifar100":
         raise UserError(f"--labels {labels} is for CIFAR-100; {root} holds {kind} data")
-    if image_size != 32 and kind != "folder":
+    if image_size != IMAGE_SIZE and kind != "folder":
         raise UserError(
             f"--image-size {image_size} is for a folder of your own images; {root} holds {kind} data, whose "
-            "images are 32x32 (leave --image-size out)"
+            f"images are {IMAGE_SIZE}x{IMAGE_SIZE} (leave --image-size out)"
         )
     loader = {"cifar10": _cifar10, "cifar100": _cifar100, "folder": _folder}.get(kind, SOURCES[kind].load)
     return loader(root, labels=labels, max_classes=max_classes, image_size=image_size,

@@ -40,7 +40,7 @@ from . import plots
 from .augment import normalize
 from .calibration import softmax
 from .errors import UserError
-from .images import ImageError, find_images, read_image_file
+from .images import IMAGE_SIZE, ImageError, find_images, read_image_file
 from .inference import predict_logits
 from .runs import check_writable_dir, write_atomic
 from .weights import load_model
@@ -70,13 +70,13 @@ def require_captum() -> Any:
     return captum.attr
 
 
-def gradcam_layer(model: nn.Module, size: int = 32) -> tuple[str, nn.Module]:
+def gradcam_layer(model: nn.Module, size: int = IMAGE_SIZE) -> tuple[str, nn.Module]:
     """The name and module of the layer Grad-CAM reads (see `_probe`) for images of size x size."""
     name, layer, _ = _probe(model, size)
     return name, layer
 
 
-def _probe(model: nn.Module, size: int = 32) -> tuple[str, nn.Module, int]:
+def _probe(model: nn.Module, size: int = IMAGE_SIZE) -> tuple[str, nn.Module, int]:
     """The module whose output is the last spatial feature map (larger than 1x1) of a forward pass.
 
     That is the map the classifier head pools or flattens: the last convolutional stage's output after its
@@ -333,7 +333,7 @@ def resolve_class(value: str | int, classes: Sequence[str]) -> int:
 
 
 def read_images(
-    inputs: Sequence[str | os.PathLike], size: int = 32
+    inputs: Sequence[str | os.PathLike], size: int = IMAGE_SIZE
 ) -> tuple[list[int], list[Path], np.ndarray, list[tuple[int, Path, str]]]:
     """Image files and folders -> the readable ones (input positions, paths, uint8 (N, size, size, 3)) and the
     rest.

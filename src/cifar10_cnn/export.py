@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .augment import CIFAR10_NORM, Norm, normalize
+from .constants import IMAGE_SIZE
 from .errors import DataError, UserError, first_line
 from .inference import predict_logits
 from .runs import check_writable_dir, write_atomic
@@ -43,7 +44,7 @@ ATOL = 1e-4
 VERIFY_IMAGES = 256
 
 
-def input_doc(size: int = 32) -> str:
+def input_doc(size: int = IMAGE_SIZE) -> str:
     """The contract of an exported model, in its metadata and doc string."""
     return (
         f"images: uint8 RGB (N, {size}, {size}, 3), preprocessed as cifar10_cnn.images.preprocess does "
@@ -138,7 +139,7 @@ def verification_images(
     *,
     required: bool = True,
     n: int = VERIFY_IMAGES,
-    size: int = 32,
+    size: int = IMAGE_SIZE,
 ) -> tuple[np.ndarray, str]:
     """The first n CIFAR-10 test images (never downloaded here), resized to size x size as images.preprocess
     resizes; random images when not required."""
@@ -146,7 +147,7 @@ def verification_images(
 
     try:
         data = load_cifar10(data_dir, download=False, progress=False)
-        if size == 32:
+        if size == IMAGE_SIZE:
             return data.test_images[:n], "CIFAR-10 test images"
         from PIL import Image
 
@@ -165,7 +166,7 @@ def verification_images(
 
 
 def run_test_images(
-    source: Path, data_dir: str | os.PathLike | None, n: int = VERIFY_IMAGES, size: int = 32
+    source: Path, data_dir: str | os.PathLike | None, n: int = VERIFY_IMAGES, size: int = IMAGE_SIZE
 ) -> tuple[np.ndarray, str] | None:
     """The first n test images of a run trained on a folder of images (its test_files.json), if it is one;
     read from data_dir when given (the folder moved), else from where the run recorded it."""

@@ -27,15 +27,14 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from .constants import IMAGE_SIZE
 from .errors import UserError, first_line
 from .files import FileTooLarge, NotRegularFile, read_regular
 
-IMAGE_SIZE = 32
 MAX_PIXELS = 60_000_000  # above a 50-megapixel photo; a decoded RGBA image this size is 240 MB
 MAX_FILE_BYTES = 256 * 2**20  # no image we accept is this large on disk
-DRAFT_SIZE = (
-    128  # JPEG draft decoding keeps at least 4x the output resolution (of 32) for the antialiased resize
-)
+# JPEG draft decoding keeps at least 4x the output side (of 32 here; open_image takes 4x a larger one)
+DRAFT_SIZE = 128
 RESAMPLE = Image.Resampling.BICUBIC
 DECODE_BUDGET = 512 * 2**20  # bytes of decoded pixels in flight, all decodes together
 # Raster formats Pillow decodes by itself. Left out on purpose: EPS (runs Ghostscript on the file), and the

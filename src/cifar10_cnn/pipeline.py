@@ -21,6 +21,7 @@ from typing import Any
 
 from . import distributed
 from .config import TrainConfig
+from .constants import IMAGE_SIZE
 from .data import CIFAR10, Split, Splits, make_splits
 from .datasets import load_run_data, notes, record_test_files
 from .device import precision_name, select_device
@@ -202,7 +203,7 @@ def start_run(
 
 def run_header(cfg: TrainConfig, t: Trainer, data: CIFAR10, splits: Splits) -> str:
     """The line (two under torchrun) that says what this run computes, and where."""
-    size = f" at {cfg.image_size}x{cfg.image_size}" if cfg.image_size != 32 else ""
+    size = f" at {cfg.image_size}x{cfg.image_size}" if cfg.image_size != IMAGE_SIZE else ""
     line = (
         f"model {cfg.model} ({count_params(t.model):,} params) | device {t.device}, {precision_name(t.amp_dtype)} "
         f"| data {data.source} ({data.check()}){size} | train {len(splits.train)} / "

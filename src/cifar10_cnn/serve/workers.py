@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
-from ..images import DecodeBudget, ImageError, decode, decode_cost, open_image
+from ..images import IMAGE_SIZE, DecodeBudget, ImageError, decode, decode_cost, open_image
 from ..predict import Predictor, TorchPredictor
 from ..weights import probe_images
 from .errors import ApiError, clip
@@ -139,7 +139,7 @@ class Explainer:
         self,
         model: Any,
         classes: list[str],
-        image_size: int = 32,
+        image_size: int = IMAGE_SIZE,
         max_images: int = MAX_EXPLAIN_IMAGES,
         backlog: int = EXPLAIN_BACKLOG,
         on_explained: Callable[[int, float], None] = lambda n, seconds: None,
@@ -246,7 +246,7 @@ class Decoder:
         budget: DecodeBudget,
         heavy_threads: int = HEAVY_DECODE_THREADS,
         on_decoded: Callable[[], None] = lambda: None,
-        size: int = 32,
+        size: int = IMAGE_SIZE,
     ):
         self.max_pixels = max_pixels
         self.size = size
