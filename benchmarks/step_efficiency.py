@@ -12,8 +12,9 @@ on a CPU with native bf16, else fp32), the library's own training step (train.tr
     no-onednn    torch.backends.mkldnn off: PyTorch's own convolution kernels
     compiled     torch.compile (inductor) on the net; its compile time is printed apart from the step time
 
-then the evaluation's forward pass (inference_mode, batches of 500) eager and compiled, and what the test set costs
-with the recipe's test-time augmentation. Every figure is a ratio against `default` measured in the same run: the
+then the evaluation's forward pass (inference_mode) as the product runs it (fp32, batches of 250 on a CPU), in
+batches of 1,000 (the earlier default), in bf16 autocast, and compiled, and what the test set costs with the
+recipe's test-time augmentation. Every figure is a ratio against `default` measured in the same run: the
 machine is shared and noisy.
 """
 
@@ -37,6 +38,7 @@ from cifar10_cnn import data as D
 from cifar10_cnn.config import recipe_config
 from cifar10_cnn.data import Split
 from cifar10_cnn.device import autocast, autocast_dtype
+from cifar10_cnn.inference import eval_batch_size
 from cifar10_cnn.train import setup, train_step
 
 VARIANTS = ("default", "contiguous", "1-thread", "no-onednn", "compiled")
@@ -96,15 +98,18 @@ def train_rate(recipe: str, images, labels, variant: str, seconds: float) -> tup
         return rate(step, batch, seconds, warmup=1 if variant == "compiled" else 0), first
 
 
-def eval_rate(recipe: str, images, labels, compiled: bool, seconds: float) -> tuple[float, float]:
-    """(images/s of one forward pass in eval mode over batches of 500, the first call's seconds)."""
+def eval_rate(
+    recipe: str, images, labels, seconds: float, *, batch: int, bf16: bool = False, compiled: bool = False
+) -> tuple[float, float]:
+    """(images/s of one forward pass in eval mode over batches of `batch`, the first call's seconds); fp32 as
+    inference.predict_logits runs it, or bf16 autocast."""
     t = trainer_for(recipe, images, labels, "default")
     model = t.model.eval()
     net = torch.compile(model) if compiled else model
-    x = augment.normalize(images[:500]).contiguous(memory_format=t.memory_format)
+    x = augment.normalize(images[:batch]).contiguous(memory_format=t.memory_format)
 
     def forward() -> None:
-        with torch.inference_mode(), autocast(t.device, t.amp_dtype):
+        with torch.inference_mode(), autocast(t.device, torch.bfloat16 if bf16 else None):
             net(x)
 
     t0 = time.perf_counter()
@@ -138,11 +143,17 @@ def main() -> None:
             r, first = train_rate(recipe, images, labels, variant, args.seconds)
             base = base or r
             print(f"{recipe:<8} {net:<15} {variant:<11} {r:>11.0f} {r / base:>8.2f}x {first:>9.1f}s")
-        eager, _ = eval_rate(recipe, images, labels, False, args.seconds)
-        line = f"{recipe:<8} {net:<15} {'eval eager':<11} {eager:>11.0f}"
+        batch = eval_batch_size(torch.device("cpu"))
+        eager, _ = eval_rate(recipe, images, labels, args.seconds, batch=batch)
+        line = f"{recipe:<8} {net:<15} {'eval fp32':<11} {eager:>11.0f} img/s in batches of {batch}"
+        thousand, _ = eval_rate(recipe, images, labels, args.seconds, batch=1000)
+        line += f"; of 1000: {thousand / eager:.2f}x"
+        if dtype == torch.bfloat16:
+            bf16, _ = eval_rate(recipe, images, labels, args.seconds, batch=batch, bf16=True)
+            line += f"; bf16 autocast: {bf16 / eager:.2f}x"
         if "compiled" in args.variants:
-            comp, first = eval_rate(recipe, images, labels, True, args.seconds)
-            line += f"   compiled {comp:.0f} img/s ({comp / eager:.2f}x, first call {first:.1f}s)"
+            comp, first = eval_rate(recipe, images, labels, args.seconds, batch=batch, compiled=True)
+            line += f"; compiled {comp / eager:.2f}x (first call {first:.1f}s)"
         print(line)
         cfg = recipe_config(recipe)
         views = TTA_VIEWS[cfg.tta]
