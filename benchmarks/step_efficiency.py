@@ -136,6 +136,7 @@ def main() -> None:
     print(
         f"{'recipe':<8} {'net':<15} {'variant':<11} {'train img/s':>11} {'x default':>9} {'first step':>10}"
     )
+    eval_batch = eval_batch_size(torch.device("cpu"))
     for recipe in args.recipes:
         net = recipe_config(recipe).model
         base = None
@@ -143,16 +144,15 @@ def main() -> None:
             r, first = train_rate(recipe, images, labels, variant, args.seconds)
             base = base or r
             print(f"{recipe:<8} {net:<15} {variant:<11} {r:>11.0f} {r / base:>8.2f}x {first:>9.1f}s")
-        batch = eval_batch_size(torch.device("cpu"))
-        eager, _ = eval_rate(recipe, images, labels, args.seconds, batch=batch)
-        line = f"{recipe:<8} {net:<15} {'eval fp32':<11} {eager:>11.0f} img/s in batches of {batch}"
+        eager, _ = eval_rate(recipe, images, labels, args.seconds, batch=eval_batch)
+        line = f"{recipe:<8} {net:<15} {'eval fp32':<11} {eager:>11.0f} img/s in batches of {eval_batch}"
         thousand, _ = eval_rate(recipe, images, labels, args.seconds, batch=1000)
         line += f"; of 1000: {thousand / eager:.2f}x"
         if dtype == torch.bfloat16:
-            bf16, _ = eval_rate(recipe, images, labels, args.seconds, batch=batch, bf16=True)
+            bf16, _ = eval_rate(recipe, images, labels, args.seconds, batch=eval_batch, bf16=True)
             line += f"; bf16 autocast: {bf16 / eager:.2f}x"
         if "compiled" in args.variants:
-            comp, first = eval_rate(recipe, images, labels, args.seconds, batch=batch, compiled=True)
+            comp, first = eval_rate(recipe, images, labels, args.seconds, batch=eval_batch, compiled=True)
             line += f"; compiled {comp / eager:.2f}x (first call {first:.1f}s)"
         print(line)
         cfg = recipe_config(recipe)
