@@ -104,6 +104,10 @@ class TrainConfig:
         "auto", "mixed precision (auto: on for CUDA and for CPUs with native bf16)", choices=AMP_MODES
     )
     channels_last: bool = opt(True, "channels-last memory format (faster convolutions on CPU and GPU)")
+    compile: bool = opt(False, "torch.compile the training steps (compile time counts; measured in README)")
+    deterministic: bool = opt(
+        False, "deterministic kernels (torch.use_deterministic_algorithms): a resumed CUDA run bit-identical"
+    )
     sync_bn: bool = opt(False, "under torchrun: batch-norm statistics over the global batch (SyncBatchNorm)")
 
     def __post_init__(self) -> None:

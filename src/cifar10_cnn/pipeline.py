@@ -37,7 +37,7 @@ from .train import EpochHook, FitResult, Trainer, fit, setup
 from .weights import save_weights
 
 # Options that may differ on --resume without changing what training computes.
-RESUME_FREE = ("device", "tta", "tta_margin")
+RESUME_FREE = ("device", "tta", "tta_margin", "compile")
 
 
 def _silent(*_: Any) -> None:
@@ -205,7 +205,8 @@ def run_header(cfg: TrainConfig, t: Trainer, data: CIFAR10, splits: Splits) -> s
     """The line (two under torchrun) that says what this run computes, and where."""
     size = f" at {cfg.image_size}x{cfg.image_size}" if cfg.image_size != IMAGE_SIZE else ""
     line = (
-        f"model {cfg.model} ({count_params(t.model):,} params) | device {t.device}, {precision_name(t.amp_dtype)} "
+        f"model {cfg.model} ({count_params(t.model):,} params) | device {t.device}, {precision_name(t.amp_dtype)}"
+        f"{', compiled' if cfg.compile else ''}{', deterministic' if cfg.deterministic else ''} "
         f"| data {data.source} ({data.check()}){size} | train {len(splits.train)} / "
         f"val {len(splits.val)} / test {len(splits.test)} | recipe {cfg.recipe}: {cfg.epochs} epochs, "
         f"batch {cfg.batch_size}, lr {cfg.lr}"

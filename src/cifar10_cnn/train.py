@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,8 +63,7 @@ class Trainer:
 def setup(cfg: TrainConfig, train: Split, device: torch.device, num_classes: int = 10) -> Trainer:
     """The model (seeded by cfg.seed, whitened from the training images), optimizer, schedule and loss."""
     world = distributed.current()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    set_determinism(cfg.deterministic, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, num_classes=num_classes, image_size=cfg.image_size)
@@ -80,6 +80,8 @@ def setup(cfg: TrainConfig, train: Split, device: torch.device, num_classes: int
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None
         )
+    if cfg.compile:  # the steps run the compiled graph; evaluation and checkpoints use `model`, eager
+        net = torch.compile(net)
     return Trainer(
         cfg=cfg, model=model, net=net, optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
@@ -87,6 +89,19 @@ def setup(cfg: TrainConfig, train: Split, device: torch.device, num_classes: int
         device=device, amp_dtype=amp_dtype, memory_format=memory_format, world=world,
         steps_per_epoch=steps_per_epoch,
     )  # fmt: skip
+
+
+def set_determinism(deterministic: bool, device: torch.device) -> None:
+    """Deterministic kernels, or the fastest ones (cuDNN's autotuner picks per shape on CUDA).
+
+    CPU kernels here are deterministic either way; on CUDA, cuDNN's and cuBLAS's fastest ones may sum in any
+    order, so a resumed run matches an uninterrupted one bit for bit only with deterministic=True."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)  # ops without one warn, not fail
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
 
 
 def train_step(
