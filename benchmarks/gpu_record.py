@@ -1,6 +1,6 @@
 """Recipes on a GPU, timed the way the public record (airbench94_muon.py) times itself, to run beside it.
 
-    python benchmarks/gpu_record.py --recipes fast:5 fast+micro_batch=none:5 seed:1 --data-dir DATA
+    python benchmarks/gpu_record.py --recipes fast:5 fast+micro_batch=500:5 seed:1 --data-dir DATA
     ../shared/anchors/run-airbench94-muon DATA 5          # the record, on the same GPU, right after
     python benchmarks/gpu_record.py --profile fast --data-dir DATA     # where one epoch's time goes
 

@@ -97,7 +97,10 @@ class TrainState:
 
     def restore(self, path: Path) -> None:
         """Load a checkpoint into the live objects; one that does not fit this run is a one-line error."""
-        state = load_checkpoint(path, map_location=self.device)
+        # Read onto the CPU: the RNG states must stay CPU tensors (torch.set_rng_state refuses others, so a
+        # CUDA map_location failed every resume on a GPU: tests/test_cuda.py on an H200); load_state_dict
+        # moves the weights and the optimizer's state to the live parameters' device.
+        state = load_checkpoint(path, map_location="cpu")
         missing = [k for k in (*CHECKPOINT_KEYS, *PROGRESS_KEYS) if k not in state]
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; it cannot be resumed")

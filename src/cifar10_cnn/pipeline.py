@@ -209,7 +209,7 @@ def run_header(cfg: TrainConfig, t: Trainer, data: CIFAR10, splits: Splits) -> s
         f"{', compiled' if cfg.compile else ''}{', deterministic' if cfg.deterministic else ''} "
         f"| data {data.source} ({data.check()}){size} | train {len(splits.train)} / "
         f"val {len(splits.val)} / test {len(splits.test)} | recipe {cfg.recipe}: {cfg.epochs} epochs, "
-        f"batch {cfg.batch_size}, lr {cfg.lr}"
+        f"batch {cfg.batch_size}{f' in micro-batches of {t.micro_batch}' if t.micro_batch else ''}, lr {cfg.lr}"
     )
     if sizes := cfg.sizes_of_epochs:
         first = "epoch 1" if len(sizes) == 1 else f"epochs 1-{len(sizes)}"

@@ -58,6 +58,7 @@ class Trainer:
     memory_format: torch.memory_format
     world: distributed.World
     steps_per_epoch: int
+    micro_batch: int | None  # what the steps run in on this device (TrainConfig.micro_batch_on)
 
 
 def setup(cfg: TrainConfig, train: Split, device: torch.device, num_classes: int = 10) -> Trainer:
@@ -87,7 +88,7 @@ def setup(cfg: TrainConfig, train: Split, device: torch.device, num_classes: int
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction=cfg.loss_reduction),
         device=device, amp_dtype=amp_dtype, memory_format=memory_format, world=world,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=steps_per_epoch, micro_batch=cfg.micro_batch_on(device),
     )  # fmt: skip
 
 
@@ -118,7 +119,7 @@ def train_step(
     t.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=t.device)
     correct = torch.zeros((), device=t.device, dtype=torch.long)
-    parts = torch.arange(len(y)).split(cfg.micro_batch or len(y))
+    parts = torch.arange(len(y)).split(t.micro_batch or len(y))
     for k, part in enumerate(parts):
         xb = downscale(normalize(x[part.to(x.device)]), size).contiguous(memory_format=t.memory_format)
         yb = y[part.to(y.device)]
@@ -204,7 +205,7 @@ def recalibrate_norms(t: Trainer, train: Split, images: int = 4000) -> None:
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the passes below
-    for x in train.images[:images].split(t.cfg.micro_batch or t.cfg.batch_size):
+    for x in train.images[:images].split(t.micro_batch or t.cfg.batch_size):
         xb = normalize(x.to(t.device)).contiguous(memory_format=t.memory_format)
         with autocast(t.device, t.amp_dtype):
             t.model(xb)
