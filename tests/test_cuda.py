@@ -8,7 +8,9 @@ Every run here is a real `python -m cifar10_cnn` process on the real data subset
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -67,9 +69,13 @@ def test_training_learns_in_mixed_precision(small_data, tmp_path, amp, dtype):
     assert f"| device {ACCEL}" in proc.stdout and dtype in proc.stdout
     res = results(run)
     assert res["test_accuracy"] > 0.25, res["test_accuracy"]  # chance is 10%; 1,000 test images
+    losses = [float(r["train_loss"]) for r in csv.DictReader((run / "metrics.csv").open())]
+    assert len(losses) == 3 and losses[-1] < losses[0]
     scaler = load_checkpoint(run / "checkpoints" / "last.pt", map_location="cpu")["scaler"]
-    if amp == "fp16":  # the scaler ran: its scale is a power of two that training moved from 2**16
-        assert scaler and scaler["scale"] > 0
+    if amp == "fp16":  # the grad scaler was on: its saved state holds a power-of-two loss scale
+        assert scaler and math.log2(scaler["scale"]).is_integer()
+    else:
+        assert scaler == {}  # bf16 needs no scaler: it stays off
 
 
 def _kill_after_first_epoch(args: list[str], run: Path, epochs: int) -> None:
