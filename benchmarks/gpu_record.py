@@ -6,7 +6,8 @@
 
 Per run: test accuracy with the recipe's own (selective) TTA, on all 10,000 test images; "record s": the
 whitening, the training epochs (with their validation of the held-out images) and the final TTA evaluation,
-each ending in a host synchronisation, as the anchor's timer counts; "wall s": everything from the data in
+each ending in a host synchronisation, as the anchor's timer counts (with --compile, compiling happens in
+the first step, so it counts here too, unless the warm-up run did it); "wall s": everything from the data in
 host memory on (the copy to the GPU, the model, compilation, checkpoints, evaluation); peak GPU memory
 (torch.cuda.max_memory_allocated). Before the timed runs of a recipe, one run of one epoch on the same
 shapes warms the CUDA context, cuDNN's autotuner and compilation, as the anchor's warm-up run does; its wall

@@ -44,7 +44,7 @@ def random_crop(
     """Pad every image by `padding` (zeros or reflection) and take a random crop of the original size.
 
     Images that share an offset are cropped together, one slice copy per offset present ((2p+1)^2 at most):
-    2.5-2.8x faster on a CPU than gathering every pixel by its index, and the same pixels for the same draws.
+    1.5-2.8x faster on a 2-core CPU than gathering every pixel by its index, and the same pixels for the same draws.
     """
     b, _, h, w = x.shape
     side = 2 * padding + 1
@@ -52,13 +52,14 @@ def random_crop(
     dy = torch.randint(0, side, (b,), generator=generator)  # drawn on the generator's CPU, dy then dx
     dx = torch.randint(0, side, (b,), generator=generator)
     offset = dy * side + dx
-    order = torch.argsort(offset, stable=True)
+    counts = torch.bincount(offset, minlength=side * side).tolist()  # on the CPU: no device sync
+    order = torch.argsort(offset, stable=True).to(x.device, non_blocking=True)  # one copy, sliced there
     out = torch.empty_like(x, memory_format=torch.channels_last)
     start = 0
-    for k, n in enumerate(torch.bincount(offset, minlength=side * side).tolist()):
+    for k, n in enumerate(counts):
         if n:
             i, j = divmod(k, side)
-            chosen = order[start : start + n].to(x.device, non_blocking=True)
+            chosen = order[start : start + n]
             out[chosen] = padded[chosen, :, i : i + h, j : j + w]
             start += n
     return out

@@ -59,9 +59,9 @@ class TrainConfig:
     epochs: int = opt(20, "passes over the training images")
     batch_size: int = opt(64, "images per optimisation step (the global batch under torchrun)")
     micro_batch: int | None = opt(
-        None, "accumulate each batch from micro-batches of this size (a recipe's: on a CPU only)"
+        None, "accumulate each batch from micro-batches of this size (a recipe's: not on CUDA)"
     )
-    # The micro-batch is the recipe's, not the user's: a CPU choice (faster there), so a GPU steps whole batches.
+    # The micro-batch is the recipe's, not the user's: a CPU choice (faster there); CUDA steps whole batches.
     micro_batch_by_recipe: bool = opt(False, cli=False)
     optimizer: str = opt("sgd", "sgd, or muon (Muon on conv filters, SGD on the rest)", choices=OPTIMIZERS)
     lr: float = opt(0.01, "peak learning rate")
@@ -113,14 +113,17 @@ class TrainConfig:
     channels_last: bool = opt(True, "channels-last memory format (faster convolutions on CPU and GPU)")
     compile: bool = opt(False, "torch.compile the training steps (compile time counts; measured in README)")
     deterministic: bool = opt(
-        False, "deterministic kernels (torch.use_deterministic_algorithms): a resumed CUDA run bit-identical"
+        False,
+        "deterministic kernels where PyTorch has them (torch.use_deterministic_algorithms): a resumed CUDA run "
+        "is then bit-identical unless a layer has none (airbench's global max-pool: a warning says so)",
     )
     sync_bn: bool = opt(False, "under torchrun: batch-norm statistics over the global batch (SyncBatchNorm)")
 
     def micro_batch_on(self, device: torch.device) -> int | None:
-        """The micro-batch that steps run in on device: a recipe's only on a CPU (measured on an H200, fast's
-        batches of 2,000 ran 2.1x faster whole than as four of 500: docs/RESULTS.md "On a GPU")."""
-        return None if self.micro_batch_by_recipe and device.type != "cpu" else self.micro_batch
+        """The micro-batch that steps run in on device: none of a recipe's on CUDA (measured on an H200, fast's
+        batches of 2,000 ran 2.1x faster whole than as four of 500: docs/RESULTS.md "On a GPU"); a user's
+        everywhere. MPS keeps the recipe's (not measured)."""
+        return None if self.micro_batch_by_recipe and device.type == "cuda" else self.micro_batch
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -379,6 +382,11 @@ def recipe_config(name: str, **overrides: Any) -> TrainConfig:
 
 
 def with_options(base: dict[str, Any], options: dict[str, Any]) -> TrainConfig:
-    """base (a recipe's or a config file's fields) with the options given: a val_size given is the user's."""
-    mine = {f"{k}_by_recipe": False for k in ("val_size", "micro_batch") if k in options}
-    return TrainConfig(**{**base, **options, **mine})
+    """base (a recipe's or a config file's fields) with the options given: a val_size or micro_batch given
+    is the user's (see users())."""
+    return TrainConfig(**{**base, **options, **users(options)})
+
+
+def users(options: dict[str, Any]) -> dict[str, bool]:
+    """The *_by_recipe flags that options given by the user (command line, tuner) turn off."""
+    return {f"{k}_by_recipe": False for k in ("val_size", "micro_batch") if k in options}

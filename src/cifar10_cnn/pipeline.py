@@ -36,7 +36,9 @@ from .runs import CV_SUMMARY, SEEDS_SUMMARY, Run, create_run, default_run_dir, o
 from .train import EpochHook, FitResult, Trainer, fit, setup
 from .weights import save_weights
 
-# Options that may differ on --resume without changing what training computes.
+# Options that may differ on --resume: how the test is evaluated, and where and how the steps run. The last two
+# can change the arithmetic a little (float rounding; a recipe's micro-batch applies on a CPU and MPS only, so
+# a fast run moved to CUDA continues in whole batches: TrainConfig.micro_batch_on), not what is trained.
 RESUME_FREE = ("device", "tta", "tta_margin", "compile")
 
 
@@ -174,7 +176,8 @@ def resumed_config(resume: str | os.PathLike, cfg: TrainConfig | None) -> TrainC
     conflicts = [
         f"--{k.replace('_', '-')} {v} (run has {getattr(saved, k)})"
         for k, v in cfg.to_dict().items()
-        if k not in RESUME_FREE and v != getattr(saved, k)
+        # *_by_recipe: whose a value was, not what it is (a library caller's cfg need not match the run's)
+        if k not in RESUME_FREE and not k.endswith("_by_recipe") and v != getattr(saved, k)
     ]
     if conflicts:
         raise UserError(f"--resume {resume} conflicts with {', '.join(conflicts)}; drop those options")

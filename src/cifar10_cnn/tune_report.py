@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
+from .config import TrainConfig, users
 from .errors import UserError, first_line
 from .runs import write_atomic
 from .tune_storage import NoDatabase, open_storage, storage_errors
@@ -100,7 +100,9 @@ def _write_best_config(study: Any, path: Path, echo: Callable[[str], None]) -> N
     space = study.user_attrs.get("space")
     fixed = space.get("fixed") if isinstance(space, dict) else None
     try:
-        cfg = TrainConfig.from_dict({**(fixed if isinstance(fixed, dict) else {}), **best.params})
+        cfg = TrainConfig.from_dict(
+            {**(fixed if isinstance(fixed, dict) else {}), **best.params, **users(best.params)}
+        )
     except (TypeError, ValueError) as e:
         raise UserError(
             f"study {study.study_name!r} holds no valid configuration ({first_line(e)})"

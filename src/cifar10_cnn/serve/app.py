@@ -105,12 +105,14 @@ def add_routes(app: FastAPI, service: Service) -> None:
     """/health, /ready, /metrics, /model, /predict, the page and its static files."""
     n_classes, size = len(service.predictor.meta.classes), service.predictor.meta.image_size
 
-    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what load balancers often probe with
+    @app.head("/health", include_in_schema=False)  # what load balancers often probe with
+    @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness: the model is loaded and the inference thread runs."""
         return service.health()
 
-    @app.api_route("/ready", methods=["GET", "HEAD"])
+    @app.head("/ready", include_in_schema=False)
+    @app.get("/ready")
     async def ready() -> JSONResponse:
         """Readiness: the model is loaded and a probe inference passed (503 until then); and the limits."""
         return service.ready()
