@@ -19,7 +19,11 @@ from urllib.parse import quote
 from .errors import UserError, first_line
 
 SQLITE_HEADER = b"SQLite format 3\x00"
-OPTUNA_TABLES = {"studies", "trials", "version_info"}  # created together, in one transaction, by Optuna
+OPTUNA_TABLES = {
+    "studies",
+    "trials",
+    "version_info",
+}  # some of the tables Optuna creates (each CREATE TABLE may commit alone)
 
 
 def _sqlite_file(url: str) -> Path | None:
@@ -61,7 +65,9 @@ def _sqlite_kind(path: Path, url: str) -> str:
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except (OSError, sqlite3.Error) as e:
         raise UserError(f"cannot read the study storage {url!r}: {first_line(e)}") from None
-    if not tables:
+    if not tables or tables < OPTUNA_TABLES:
+        # Some of Optuna's tables: another process is creating them (two searches started together on a new
+        # file); Optuna then creates the rest, which is idempotent (see _open_rdb's retries).
         return "new"
     if not tables >= OPTUNA_TABLES:
         raise UserError(
