@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from ablation import parse_variant
 from flops import training_flops
 from machine import describe
+from time_to_accuracy import parse_recipe
 
 from cifar10_cnn import data as D
 from cifar10_cnn.config import recipe_config
@@ -86,14 +87,9 @@ def one_run(spec: str, seed: int, data: D.CIFAR10, device: torch.device, epochs:
     }
 
 
-def parse_spec(text: str, seeds: int) -> tuple[str, int]:
-    label, colon, n = text.rpartition(":")
-    return (label, int(n)) if colon and n.isdigit() else (text, seeds)
-
-
 def run_recipes(specs: list[str], seeds: int, data: D.CIFAR10, device: torch.device, warmup: bool) -> None:
     rows: dict[str, list[dict]] = {}
-    for spec, n in (parse_spec(s, seeds) for s in specs):
+    for spec, n in (parse_recipe(s, seeds) for s in specs):
         if warmup:
             w = one_run(spec, 0, data, device, epochs=1)
             print(f"{spec}: warm-up (1 epoch, not counted) {w['wall']:.1f} s wall", flush=True)

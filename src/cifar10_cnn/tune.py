@@ -23,11 +23,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, users
+from .config import TrainConfig, with_options
 from .datasets import load_data
 from .errors import UserError
 from .runs import Run
@@ -86,7 +86,7 @@ class Objective:
 
         params = {name: p.suggest(trial, name) for name, p in self.searched.items()}
         try:
-            cfg = replace(self.base, **params, **users(params))  # one the trainer refuses: a failed trial
+            cfg = with_options(self.base.to_dict(), params)  # one the trainer refuses: a failed trial
             run_dir = self.out / f"trial-{trial.number:04d}"
             trial.set_user_attr("run_dir", str(run_dir))
             scores = self._run(trial, cfg, run_dir)
@@ -171,7 +171,7 @@ def tune(
     study_name = study_name or base.recipe
     out = Path(out) if out is not None else default_out(study_name)
     searched = searched_space(base, fixed, grid, space, sampler)
-    base = replace(base, **fixed, **users(fixed))
+    base = with_options(base.to_dict(), fixed)
     if base.resolved_val_size == 0 and not cv:
         raise UserError("tuning scores validation accuracy: give --val-size > 0 (or --cv K)")
     trials = _trial_count(trials, grid)

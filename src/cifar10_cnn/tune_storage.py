@@ -19,11 +19,8 @@ from urllib.parse import quote
 from .errors import UserError, first_line
 
 SQLITE_HEADER = b"SQLite format 3\x00"
-OPTUNA_TABLES = {
-    "studies",
-    "trials",
-    "version_info",
-}  # some of the tables Optuna creates (each CREATE TABLE may commit alone)
+# Some of the tables Optuna creates (under SQLite each CREATE TABLE may commit on its own).
+OPTUNA_TABLES = {"studies", "trials", "version_info"}
 
 
 def _sqlite_file(url: str) -> Path | None:
