@@ -117,6 +117,11 @@ def test_selective_tta_augments_only_the_unsure_images_each_on_its_own(trained_r
     assert torch.equal(unsure, margin < m) and 0 < int(unsure.sum()) < len(images)
     assert torch.allclose(logits[unsure], full[unsure], atol=1e-4)
     assert torch.allclose(logits[~unsure], plain[~unsure], atol=1e-4)
+    passes: list[int] = []  # images per forward pass: the unsure ones' plain view is not computed twice
+    hook = model.register_forward_hook(lambda _m, inputs, _out: passes.append(len(inputs[0])))
+    selective_tta_logits(model, images, tta=2, tta_margin=m)
+    hook.remove()
+    assert sum(passes) == len(images) + 5 * int(unsure.sum()), passes
     alone = selective_tta_logits(model, images[unsure][:5], tta=2, tta_margin=m)[0]
     assert torch.allclose(alone, logits[unsure][:5], atol=1e-4)  # batch composition does not matter
     assert torch.allclose(selective_tta_logits(model, images, tta=2, tta_margin=0)[0], plain, atol=1e-4)

@@ -18,13 +18,15 @@ from .data import Split
 from .device import autocast
 
 
-def _views(model: nn.Module, x: torch.Tensor, tta: int) -> torch.Tensor:
-    def mirrored(v: torch.Tensor) -> torch.Tensor:
+def _views(model: nn.Module, x: torch.Tensor, tta: int, plain: torch.Tensor | None = None) -> torch.Tensor:
+    """The TTA logits of a normalised batch; plain: the batch's unaugmented logits if already computed."""
+
+    def mirrored(v: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
         v = v.contiguous(memory_format=torch.channels_last)
-        logits = model(v).float()
+        logits = model(v).float() if known is None else known
         return 0.5 * (logits + model(v.flip(3)).float()) if tta else logits
 
-    logits = mirrored(x)
+    logits = mirrored(x, plain)
     if tta == 2:
         padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
         logits = 0.5 * logits + 0.25 * (mirrored(padded[:, :, :-2, :-2]) + mirrored(padded[:, :, 2:, 2:]))
@@ -39,9 +41,10 @@ def predict_logits(
     tta: int = 0,
     amp_dtype: torch.dtype | None = None,
     norm: Norm = CIFAR10_NORM,
+    plain: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (float32, on CPU) of uint8 images (N, 3, H, W), batch by batch, in eval mode (batch_size None:
-    the device's, see eval_batch_size)."""
+    the device's, see eval_batch_size). plain: the images' logits without TTA, if known (not computed again)."""
     model.eval()
     device = next(model.parameters()).device
     batch_size = eval_batch_size(device) if batch_size is None else batch_size
@@ -52,7 +55,8 @@ def predict_logits(
     ):
         for start in range(0, len(images), batch_size):
             x = normalize(images[start : start + batch_size].to(device, non_blocking=True), norm=norm)
-            out.append(_views(model, x, tta).cpu())
+            known = None if plain is None else plain[start : start + batch_size].to(device)
+            out.append(_views(model, x, tta, known).cpu())
     return torch.cat(out) if out else torch.zeros(0, 10)
 
 
@@ -91,7 +95,8 @@ def selective_tta_logits(
     top2 = logits.softmax(1).topk(2, dim=1).values
     unsure = (top2[:, 0] - top2[:, 1]) < tta_margin
     if unsure.any():
-        logits[unsure] = predict_logits(model, images[unsure.to(images.device)], tta=tta, **kw)
+        picked = images[unsure.to(images.device)]
+        logits[unsure] = predict_logits(model, picked, tta=tta, plain=logits[unsure], **kw)
     return logits, unsure
 
 
