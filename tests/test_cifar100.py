@@ -304,3 +304,15 @@ def test_the_second_load_comes_from_the_verified_cache_and_a_changed_archive_is_
     write_archive(root / C.ARCHIVE, cifar, 300, 100)  # the archive replaced: read again
     changed = C.load_cifar100(root, download=False, allow_unverified=True, cache_dir=cache)
     assert not changed.cached and len(changed.train_images) == 300
+
+
+@pytest.mark.parametrize("name", ["seed_cnn", "airbench_small", "resnet18"])
+def test_logits_of_no_images_have_the_models_number_of_classes(name):
+    import torch
+
+    from cifar10_cnn.inference import predict_logits
+    from cifar10_cnn.models import create_model
+
+    model = create_model(name, num_classes=100)
+    assert predict_logits(model, torch.zeros(0, 3, 32, 32, dtype=torch.uint8)).shape == (0, 100)
+    assert predict_logits(model, torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 100)

@@ -57,7 +57,12 @@ def predict_logits(
             x = normalize(images[start : start + batch_size].to(device, non_blocking=True), norm=norm)
             known = None if plain is None else plain[start : start + batch_size].to(device)
             out.append(_views(model, x, tta, known).cpu())
-    return torch.cat(out) if out else torch.zeros(0, 10)
+    return torch.cat(out) if out else torch.zeros(0, _num_outputs(model))
+
+
+def _num_outputs(model: nn.Module) -> int:
+    """Logits per image: the out_features of the model's last linear layer (every model here ends in one)."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
 def eval_batch_size(device: torch.device) -> int:
